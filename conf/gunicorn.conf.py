@@ -1,0 +1,29 @@
+"""gunicorn settings for MIG: `gunicorn -c conf/gunicorn.conf.py migsite.wsgi`.
+
+MIG listens where its grid publishes the app (MIG_APP_URL, set by the grid), unless
+MIG_BIND says otherwise.
+"""
+
+import os
+from urllib.parse import urlsplit
+
+
+def _bind():
+    if bind := os.environ.get("MIG_BIND"):
+        return bind
+    url = urlsplit(os.environ.get("MIG_APP_URL", ""))
+    if url.hostname:
+        return f"{url.hostname}:{url.port or (443 if url.scheme == 'https' else 80)}"
+    return "127.0.0.1:8000"
+
+
+bind = [_bind()]
+worker_class = "gthread"
+workers = int(os.environ.get("MIG_WORKERS", "2"))
+threads = int(os.environ.get("MIG_THREADS", "8"))
+timeout = 60
+graceful_timeout = 5
+# Access lines carry no query strings: nothing secret ends up in a log.
+accesslog = "-" if os.environ.get("MIG_ACCESS_LOG") else None
+access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(M)sms'
+errorlog = "-"

@@ -1,0 +1,43 @@
+"""
+MIG's grids layer: grid.info, transports and drivers.
+
+Django-free on purpose: the helper runs this package on grid hosts that have only Python.
+"""
+
+from .driver import App, AppState, Driver, open_grid
+from .errors import (
+    AppExists,
+    AppNotFound,
+    AuthError,
+    CommandFailed,
+    CommandTimeout,
+    ConfigError,
+    GridError,
+    HostKeyError,
+    InvalidName,
+    OperationFailed,
+    TransportError,
+)
+from .gridinfo import GridConfig
+from .names import helper_name, validate_name
+
+__all__ = [
+    "App",
+    "AppExists",
+    "AppNotFound",
+    "AppState",
+    "AuthError",
+    "CommandFailed",
+    "CommandTimeout",
+    "ConfigError",
+    "Driver",
+    "GridConfig",
+    "GridError",
+    "HostKeyError",
+    "InvalidName",
+    "OperationFailed",
+    "TransportError",
+    "helper_name",
+    "open_grid",
+    "validate_name",
+]

@@ -1,0 +1,186 @@
+"""
+The hostgrid driver: a grid is a directory on a POSIX host with Python.
+
+Each operation runs the agent (hostgrid_agent.py) on the grid host through the transport.
+The agent is installed on first use at <root>/.mig/agent-<version>.py, so a host needs no
+set-up beyond Python, and an upgraded MIG never talks to an old agent.
+"""
+
+import hashlib
+import io
+import json
+import posixpath
+import tarfile
+import uuid
+from pathlib import Path
+
+from .driver import App, AppState, Component, Driver, GridInfo, Volume
+from .errors import AppExists, AppNotFound, GridError, InvalidName, OperationFailed
+from .names import validate_name
+
+AGENT_SOURCE = Path(__file__).with_name("hostgrid_agent.py").read_bytes()
+AGENT_VERSION = hashlib.sha256(AGENT_SOURCE).hexdigest()[:16]
+ERRORS = {
+    "AppNotFound": AppNotFound,
+    "AppExists": AppExists,
+    "InvalidName": InvalidName,
+    "OperationFailed": OperationFailed,
+}
+
+
+def check_relpath(path):
+    norm = posixpath.normpath(path)
+    if not path or path.startswith("/") or norm != path or norm.split("/")[0] == "..":
+        raise InvalidName(f"invalid path {path!r}: must be relative and stay inside the app")
+    return path
+
+
+class HostGridDriver(Driver):
+    @property
+    def agent_path(self):
+        return f"{self.grid.root}/.mig/agent-{AGENT_VERSION}.py"
+
+    def _argv(self, op, args):
+        return [self.grid.python, self.agent_path, self.grid.root, op, *args]
+
+    def _install_agent(self):
+        self.transport.put(AGENT_SOURCE, self.agent_path, mode=0o644)
+
+    def _call(self, op, *args, timeout=None):
+        result = self.transport.run(self._argv(op, args), timeout=timeout, check=False)
+        if result.returncode == 2 and "can't open file" in result.err:
+            self._install_agent()
+            result = self.transport.run(self._argv(op, args), timeout=timeout, check=False)
+        try:
+            reply = json.loads(result.out.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            detail = result.err.strip().splitlines()[-3:] or ["no output"]
+            raise GridError(
+                f"grid {self.grid.name!r}: {op} failed (status {result.returncode}): " + "; ".join(detail)
+            ) from None
+        if not reply["ok"]:
+            raise ERRORS.get(reply["error"], OperationFailed)(f"grid {self.grid.name!r}: {reply['message']}")
+        return reply["result"]
+
+    # --- the grid ---
+
+    def info(self):
+        return GridInfo(**self._call("info"))
+
+    def init(self):
+        """Create the grid's layout and record its name; idempotent."""
+        validate_name(self.grid.name, "grid")
+        return self._call("init", "--name", self.grid.name, "--app-url", self.grid.app_url)["changed"]
+
+    # --- apps ---
+
+    def list_apps(self):
+        return [App(a["name"], AppState(a["state"])) for a in self._call("list")]
+
+    def state(self, app):
+        return AppState(self._call("state", validate_name(app)))
+
+    def exists(self, app):
+        try:
+            self.state(app)
+        except AppNotFound:
+            return False
+        return True
+
+    def describe(self, app, sizes=True):
+        args = [validate_name(app)] + (["--sizes"] if sizes else [])
+        data = self._call("describe", *args)
+        return App(
+            name=data["name"],
+            state=AppState(data["state"]),
+            path=data["path"],
+            manifest=data["manifest"],
+            volumes=[Volume(**v) for v in data["volumes"]],
+            components=[Component(**c) for c in data["components"]],
+        )
+
+    def provision(self, app, template, properties=None, secrets=None, start=True):
+        """Create an app from a catalog template, give it its secrets, then start it.
+
+        Secrets are files written with mode 0600 under the app's secrets/ directory:
+        they never appear in a command line, an environment string or a manifest.
+        """
+        validate_name(app)
+        validate_name(template, "template")
+        args = [app, "--template", template]
+        for key, value in (properties or {}).items():
+            validate_name(key, "property")
+            args += ["--property", f"{key}={value}"]
+        self._call("create", *args)
+        try:
+            for name, data in (secrets or {}).items():
+                self.put_secret(app, name, data)
+            if start:
+                self.start(app)
+        except BaseException:
+            self.destroy(app)
+            raise
+
+    def put_secret(self, app, name, data):
+        validate_name(name, "secret")
+        self.transport.put(data, f"{self.grid.root}/apps/{validate_name(app)}/secrets/{name}", 0o600)
+
+    def start(self, app):
+        return self._call("start", validate_name(app))
+
+    def stop(self, app, grace=None, force=False):
+        args = [validate_name(app)]
+        if grace is not None:
+            args += ["--grace", str(float(grace))]
+        if force:
+            args.append("--force")
+        return self._call("stop", *args)
+
+    def destroy(self, app):
+        return self._call("destroy", validate_name(app))
+
+    def define(self, app, manifest):
+        return self._call("define", validate_name(app), "--manifest", json.dumps(manifest))
+
+    # --- catalog ---
+
+    def template_version(self, template):
+        return self._call("template-version", validate_name(template, "template"))
+
+    def install_template(self, template, files, version):
+        """Install a catalog template from {relative path: bytes}, replacing any older one."""
+        validate_name(template, "template")
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            for rel, data in sorted(files.items()):
+                info = tarfile.TarInfo(check_relpath(rel))
+                info.size = len(data)
+                info.mode = 0o644
+                tar.addfile(info, io.BytesIO(data))
+        archive = f"{self.grid.root}/.mig/tmp-{uuid.uuid4().hex}.tar.gz"
+        self.transport.put(buf.getvalue(), archive, mode=0o600)
+        return self._call("install-template", template, "--archive", archive, "--version", version)
+
+    def ensure_template(self, template, files, version):
+        """Install the template unless this exact version is already there."""
+        if self.template_version(template) != version:
+            self.install_template(template, files, version)
+            return True
+        return False
+
+    # --- files inside an app ---
+
+    def read_file(self, app, path, offset=0):
+        """(text, new offset) of an app's file from `offset`; ("", offset) if absent."""
+        data = self._call("read", validate_name(app), check_relpath(path), "--offset", str(int(offset)))
+        return data["data"], data["offset"]
+
+    def follow(self, app, path, offset=0, max_time=86400):
+        """Yield the lines of an app's file as they are written, until the app stops."""
+        args = [validate_name(app), check_relpath(path), "--offset", str(int(offset))]
+        argv = self._argv("follow", [*args, "--max-time", str(max_time)])
+        self.state(app)  # installs the agent if needed, and fails early if the app is gone
+        yield from self.transport.stream(argv, timeout=max_time + 30)
+
+    def checksums(self, app, volume):
+        return self._call("checksums", validate_name(app), validate_name(volume, "volume"))

@@ -1,0 +1,810 @@
+#!/usr/bin/env python3
+"""
+The hostgrid agent: does one operation on a grid directory, on the grid's own host.
+
+MIG installs this file at <root>/.mig/agent-<version>.py and runs it through a transport:
+
+    python3 agent.py ROOT OPERATION [ARGS...]
+
+It prints one JSON object, {"ok": true, "result": ...} or {"ok": false, "error": KIND,
+"message": ...}, except `follow`, which streams the lines of a file. It uses the Python
+standard library only, so a grid host needs nothing but Python (and rsync for copies).
+
+A grid is a directory:
+    grid.json                   the grid's own name and app URL (written by `init`)
+    catalog/<template>/         manifest.json and volumes/<name>/ with initial content
+    apps/<app>/app.json         the manifest; an app exists once this file does
+    apps/<app>/state.json       the desired state: running or stopped
+    apps/<app>/volumes/<name>/  the app's data
+    apps/<app>/run/<c>.pid      "<pid> <start time>" of each running component
+    apps/<app>/logs/<c>.log     each component's output
+    apps/<app>/secrets/         files MIG puts there (mode 0600), never in a manifest
+"""
+
+import argparse
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tarfile
+import time
+import uuid
+
+NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}\Z")
+PLACEHOLDER_RE = re.compile(r"\{([a-z_]+)(?::([A-Za-z0-9_-]+))?\}")
+MANIFEST_FORMAT = 1
+DEFAULT_STOP_GRACE = 10.0
+DEFAULT_START_SETTLE = 0.5
+PASSED_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ")
+STATES = ("stopped", "starting", "running", "stopping", "failed", "unknown")
+
+
+class AgentError(Exception):
+    kind = "OperationFailed"
+
+
+class NotFound(AgentError):
+    kind = "AppNotFound"
+
+
+class Exists(AgentError):
+    kind = "AppExists"
+
+
+class Invalid(AgentError):
+    kind = "InvalidName"
+
+
+def check_name(value, kind="app"):
+    if not NAME_RE.match(value or ""):
+        raise Invalid(f"invalid {kind} name {value!r}")
+    return value
+
+
+def check_relpath(value):
+    """A path inside an app directory: relative, normalised, no way out."""
+    norm = os.path.normpath(value)
+    if not value or os.path.isabs(value) or norm != value or norm.split("/")[0] == "..":
+        raise Invalid(f"invalid path {value!r}: must be relative and stay inside the app")
+    return value
+
+
+def read_json(path, default=None):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        if default is not None:
+            return default
+        raise
+
+
+def write_json(path, data, mode=0o644):
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def ensure_dir(path, mode=0o755):
+    os.makedirs(path, mode=mode, exist_ok=True)
+    return path
+
+
+# --- processes ---------------------------------------------------------------------------
+
+
+def proc_stat(pid):
+    """(state, session id, start time) of a live process, or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except OSError:
+        return None
+    fields = data.rsplit(")", 1)[1].split()
+    return fields[0], int(fields[3]), fields[19]
+
+
+def have_proc():
+    return os.path.isdir("/proc/self")
+
+
+def pid_alive(pid, start_time=None):
+    if have_proc():
+        info = proc_stat(pid)
+        # A zombie has exited; a different start time means the pid was reused.
+        if info is None or info[0] in ("Z", "X"):
+            return False
+        return start_time is None or info[2] == start_time
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def session_members(sid):
+    """Every live process in a component's session: the component and what it spawned."""
+    if not have_proc():
+        return [sid] if pid_alive(sid) else []
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            info = proc_stat(int(entry))
+            if info and info[1] == sid and info[0] not in ("Z", "X"):
+                members.append(int(entry))
+    return members
+
+
+def signal_all(pids, sig):
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+# --- the grid ----------------------------------------------------------------------------
+
+
+class Grid:
+    def __init__(self, root):
+        if not os.path.isabs(root) or os.path.normpath(root) != root or root == "/":
+            raise Invalid(f"invalid grid root {root!r}")
+        self.root = root
+        self.apps = os.path.join(root, "apps")
+        self.catalog = os.path.join(root, "catalog")
+
+    def config(self):
+        return read_json(os.path.join(self.root, "grid.json"), {})
+
+    def app_dir(self, app):
+        return os.path.join(self.apps, check_name(app))
+
+    def exists(self, app):
+        return os.path.isfile(os.path.join(self.app_dir(app), "app.json"))
+
+    def manifest(self, app):
+        try:
+            return read_json(os.path.join(self.app_dir(app), "app.json"))
+        except FileNotFoundError:
+            raise NotFound(f"app {app!r} does not exist on this grid") from None
+
+    def lock(self, app):
+        """Serialise operations on one app: start, stop and destroy must not interleave."""
+        path = os.path.join(self.app_dir(app), ".lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
+
+    # state
+
+    def pidfile(self, app, component):
+        return os.path.join(self.app_dir(app), "run", f"{component}.pid")
+
+    def component_pid(self, app, component):
+        """The pid of a running component, or None (a stale pid file is not running)."""
+        try:
+            with open(self.pidfile(app, component)) as f:
+                pid, start_time = f.read().split()
+        except (FileNotFoundError, ValueError):
+            return None
+        return int(pid) if pid_alive(int(pid), start_time if have_proc() else None) else None
+
+    def state(self, app):
+        manifest = self.manifest(app)
+        saved = read_json(os.path.join(self.app_dir(app), "state.json"), {})
+        desired, op = saved.get("desired"), saved.get("op")
+        if op and pid_alive(op["pid"], op.get("start_time")):
+            return op["name"]
+        alive = [self.component_pid(app, c["name"]) is not None for c in manifest["components"]]
+        if not alive:
+            return "running" if desired == "running" else "stopped"
+        if all(alive):
+            return "running" if desired == "running" else "stopping"
+        if not any(alive) and desired != "running":
+            return "stopped"
+        return "failed"
+
+    def set_state(self, app, desired, op=None):
+        data = {"desired": desired}
+        if op:
+            info = proc_stat(os.getpid()) if have_proc() else None
+            data["op"] = {"name": op, "pid": os.getpid(), "start_time": info[2] if info else None}
+        write_json(os.path.join(self.app_dir(app), "state.json"), data)
+
+    # placeholders
+
+    def expand(self, app, manifest, text, component):
+        grid = self.config()
+
+        def value(match):
+            key, arg = match.group(1), match.group(2)
+            if key == "volume" and arg in manifest["volumes"]:
+                return os.path.join(self.app_dir(app), "volumes", arg)
+            if key == "prop" and arg in manifest.get("properties", {}):
+                return str(manifest["properties"][arg])
+            if key == "secret" and arg:
+                return os.path.join(self.app_dir(app), "secrets", arg)
+            simple = {
+                "app": app,
+                "grid": grid.get("name", ""),
+                "app_dir": self.app_dir(app),
+                "app_url": grid.get("app_url", ""),
+                "python": sys.executable,
+            }
+            if arg is None and key in simple:
+                return simple[key]
+            raise AgentError(f"component {component!r}: unknown placeholder {match.group(0)}")
+
+        return PLACEHOLDER_RE.sub(value, text)
+
+
+def validate_manifest(manifest):
+    """Check a manifest's shape before anything is written from it."""
+    if not isinstance(manifest, dict):
+        raise AgentError("manifest must be a JSON object")
+    volumes = manifest.get("volumes", [])
+    components = manifest.get("components", [])
+    if not isinstance(volumes, list) or not isinstance(components, list):
+        raise AgentError("manifest volumes and components must be lists")
+    for v in volumes:
+        check_name(v, "volume")
+    seen = set()
+    for c in components:
+        if not isinstance(c, dict) or not isinstance(c.get("command"), list) or not c["command"]:
+            raise AgentError("each component needs a name and a non-empty command list")
+        check_name(c.get("name"), "component")
+        if c["name"] in seen:
+            raise AgentError(f"component {c['name']!r} is listed twice")
+        seen.add(c["name"])
+        if not all(isinstance(a, str) for a in c["command"]):
+            raise AgentError(f"component {c['name']!r}: command arguments must be strings")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in c.get("env", {}).items()):
+            raise AgentError(f"component {c['name']!r}: env must map strings to strings")
+    props = manifest.get("properties", {})
+    if not isinstance(props, dict):
+        raise AgentError("manifest properties must be an object")
+    return {
+        "format": MANIFEST_FORMAT,
+        "template": manifest.get("template", ""),
+        "properties": props,
+        "volumes": volumes,
+        "components": components,
+    }
+
+
+# --- operations --------------------------------------------------------------------------
+
+
+def op_info(grid, args):
+    usage = shutil.disk_usage(grid.root) if os.path.isdir(grid.root) else None
+    apps = sorted(a for a in os.listdir(grid.apps) if NAME_RE.match(a)) if os.path.isdir(grid.apps) else []
+    writable = os.path.isdir(grid.apps) and os.access(grid.apps, os.W_OK | os.X_OK)
+    return {
+        "name": grid.config().get("name"),
+        "app_url": grid.config().get("app_url"),
+        "initialised": os.path.isfile(os.path.join(grid.root, "grid.json")),
+        "writable": writable,
+        "free_bytes": usage.free if usage else None,
+        "total_bytes": usage.total if usage else None,
+        "apps": len([a for a in apps if grid.exists(a)]),
+        "python": sys.version.split()[0],
+        "rsync": shutil.which("rsync") is not None,
+    }
+
+
+def op_init(grid, args):
+    check_name(args.name, "grid")
+    current = grid.config()
+    if current.get("name") not in (None, args.name):
+        raise AgentError(
+            f"{grid.root} is already grid {current['name']!r}; refusing to call it {args.name!r}"
+        )
+    for path in (grid.root, grid.apps, grid.catalog):
+        ensure_dir(path)
+    wanted = {"format": 1, "name": args.name, "app_url": args.app_url}
+    changed = current != wanted
+    if changed:
+        write_json(os.path.join(grid.root, "grid.json"), wanted)
+    return {"changed": changed}
+
+
+def op_list(grid, args):
+    if not os.path.isdir(grid.apps):
+        return []
+    apps = []
+    for name in sorted(os.listdir(grid.apps)):
+        if NAME_RE.match(name) and grid.exists(name):
+            apps.append({"name": name, "state": safe_state(grid, name)})
+    return apps
+
+
+def safe_state(grid, app):
+    try:
+        return grid.state(app)
+    except (OSError, ValueError, KeyError):
+        return "unknown"
+
+
+def op_state(grid, args):
+    if not grid.exists(args.app):
+        raise NotFound(f"app {args.app!r} does not exist on this grid")
+    return grid.state(args.app)
+
+
+def tree_size(path):
+    total = files = 0
+    for dirpath, _dirnames, filenames in os.walk(path):
+        for name in filenames:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except FileNotFoundError:
+                continue
+            total += st.st_size
+            files += 1
+    return total, files
+
+
+def op_describe(grid, args):
+    manifest = grid.manifest(args.app)
+    app_dir = grid.app_dir(args.app)
+    volumes = []
+    for name in manifest["volumes"]:
+        path = os.path.join(app_dir, "volumes", name)
+        size, files = tree_size(path) if args.sizes else (None, None)
+        volumes.append({"name": name, "path": path, "bytes": size, "files": files})
+    components = [
+        {"name": c["name"], "pid": grid.component_pid(args.app, c["name"]), "command": c["command"]}
+        for c in manifest["components"]
+    ]
+    return {
+        "name": args.app,
+        "state": grid.state(args.app),
+        "path": app_dir,
+        "manifest": manifest,
+        "volumes": volumes,
+        "components": components,
+    }
+
+
+def make_app(grid, app, manifest, fill_volume=None):
+    """Write an app's directories, then its manifest last: the manifest makes it exist."""
+    if grid.exists(app):
+        raise Exists(f"app {app!r} already exists on this grid")
+    ensure_dir(grid.apps)
+    app_dir = ensure_dir(grid.app_dir(app))
+    for sub in ("run", "logs", "volumes"):
+        ensure_dir(os.path.join(app_dir, sub))
+    ensure_dir(os.path.join(app_dir, "secrets"), 0o700)
+    os.chmod(os.path.join(app_dir, "secrets"), 0o700)
+    for volume in manifest["volumes"]:
+        path = ensure_dir(os.path.join(app_dir, "volumes", volume))
+        if fill_volume:
+            fill_volume(volume, path)
+    write_json(os.path.join(app_dir, "state.json"), {"desired": "stopped"})
+    write_json(os.path.join(app_dir, "app.json"), dict(manifest, name=app))
+
+
+def op_create(grid, args):
+    check_name(args.app)
+    template_dir = os.path.join(grid.catalog, check_name(args.template, "template"))
+    try:
+        template = validate_manifest(read_json(os.path.join(template_dir, "manifest.json")))
+    except FileNotFoundError:
+        raise AgentError(f"template {args.template!r} is not in this grid's catalog") from None
+    props = dict(template["properties"])
+    for item in args.property or []:
+        key, sep, value = item.partition("=")
+        if not sep or key not in props:
+            known = ", ".join(sorted(props)) or "none"
+            raise AgentError(f"template {args.template!r} has no property {key!r} (known: {known})")
+        props[key] = value
+    missing = sorted(k for k, v in props.items() if v is None)
+    if missing:
+        raise AgentError(f"template {args.template!r} needs properties: {', '.join(missing)}")
+    manifest = dict(template, template=args.template, properties=props)
+
+    def fill(volume, path):
+        source = os.path.join(template_dir, "volumes", volume)
+        if os.path.isdir(source):
+            shutil.copytree(source, path, symlinks=True, dirs_exist_ok=True)
+
+    make_app(grid, args.app, manifest, fill)
+    return {"created": args.app}
+
+
+def op_define(grid, args):
+    check_name(args.app)
+    try:
+        manifest = validate_manifest(json.loads(args.manifest))
+    except json.JSONDecodeError as e:
+        raise AgentError(f"manifest is not valid JSON: {e}") from None
+    make_app(grid, args.app, manifest)
+    return {"defined": args.app}
+
+
+def start_component(grid, app, manifest, component):
+    app_dir = grid.app_dir(app)
+    config = grid.config()
+    env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
+    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    env.update(
+        MIG_GRID=config.get("name", ""),
+        MIG_APP=app,
+        MIG_APP_URL=config.get("app_url", ""),
+    )
+    name = component["name"]
+    for key, value in component.get("env", {}).items():
+        env[key] = grid.expand(app, manifest, value, name)
+    command = [grid.expand(app, manifest, a, name) for a in component["command"]]
+    cwd = grid.expand(app, manifest, component.get("cwd", "{app_dir}"), name)
+    log_path = os.path.join(app_dir, "logs", f"{name}.log")
+    with open(log_path, "ab") as log:
+        log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting {name}\n".encode())
+        log.flush()
+        try:
+            # Its own session: the component outlives this agent and the SSH connection,
+            # and stop can find everything it spawned.
+            proc = subprocess.Popen(
+                command,
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as e:
+            raise AgentError(f"component {name!r} cannot start {command[0]!r}: {e.strerror}") from None
+    info = proc_stat(proc.pid) if have_proc() else None
+    with open(grid.pidfile(app, name), "w") as f:
+        f.write(f"{proc.pid} {info[2] if info else 0}\n")
+    return proc
+
+
+def log_tail(grid, app, component, lines=5):
+    path = os.path.join(grid.app_dir(app), "logs", f"{component}.log")
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - 4096))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return " | ".join(text.strip().splitlines()[-lines:])
+
+
+def op_start(grid, args):
+    manifest = grid.manifest(args.app)
+    fd = grid.lock(args.app)
+    try:
+        grid.set_state(args.app, "running", op="starting")
+        started = []
+        try:
+            for component in manifest["components"]:
+                if grid.component_pid(args.app, component["name"]) is None:
+                    proc = start_component(grid, args.app, manifest, component)
+                    started.append((component["name"], proc))
+        except AgentError:
+            stop_app(grid, args.app, manifest, grace=2.0, force=True)
+            grid.set_state(args.app, "running")
+            raise
+        settle = float(manifest.get("start_settle", DEFAULT_START_SETTLE))
+        deadline = time.monotonic() + (settle if started else 0)
+        dead = []
+        while True:
+            dead = [(n, p) for n, p in started if p.poll() is not None]
+            if dead or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        if dead:
+            name, proc = dead[0]
+            stop_app(grid, args.app, manifest, grace=2.0, force=True)
+            grid.set_state(args.app, "running")
+            raise AgentError(
+                f"component {name!r} exited at start with status {proc.returncode}: "
+                f"{log_tail(grid, args.app, name) or 'no output'}"
+            )
+        grid.set_state(args.app, "running")
+        return {"started": [n for n, _ in started]}
+    finally:
+        os.close(fd)
+
+
+def stop_app(grid, app, manifest, grace, force):
+    """SIGTERM every component's session, wait, then SIGKILL only if forced."""
+    leaders = {}
+    for c in manifest["components"]:
+        pid = grid.component_pid(app, c["name"])
+        if pid is not None:
+            leaders[c["name"]] = pid
+    members = {name: session_members(pid) or [pid] for name, pid in leaders.items()}
+    for pids in members.values():
+        signal_all(pids, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(pid_alive(p) for ps in members.values() for p in ps):
+        time.sleep(0.05)
+    survivors = {n: [p for p in ps if pid_alive(p)] for n, ps in members.items()}
+    survivors = {n: ps for n, ps in survivors.items() if ps}
+    if survivors and force:
+        for pids in survivors.values():
+            signal_all(pids, signal.SIGKILL)
+        end = time.monotonic() + 5
+        while time.monotonic() < end and any(pid_alive(p) for ps in survivors.values() for p in ps):
+            time.sleep(0.05)
+        survivors = {n: [p for p in ps if pid_alive(p)] for n, ps in survivors.items()}
+        survivors = {n: ps for n, ps in survivors.items() if ps}
+    for name in leaders:
+        if name not in survivors:
+            try:
+                os.unlink(grid.pidfile(app, name))
+            except FileNotFoundError:
+                pass
+    return survivors
+
+
+def op_stop(grid, args):
+    manifest = grid.manifest(args.app)
+    fd = grid.lock(args.app)
+    try:
+        grid.set_state(args.app, "stopped", op="stopping")
+        grace = args.grace
+        if grace is None:
+            grace = float(manifest.get("stop_grace", DEFAULT_STOP_GRACE))
+        survivors = stop_app(grid, args.app, manifest, grace, args.force)
+        if survivors:
+            # Still partly running: say so instead of pretending it stopped.
+            grid.set_state(args.app, "running")
+            names = ", ".join(f"{n} (pid {ps[0]})" for n, ps in survivors.items())
+            raise AgentError(f"app {args.app!r} did not stop within {grace:g}s of SIGTERM: {names}")
+        grid.set_state(args.app, "stopped")
+        return {"stopped": args.app}
+    finally:
+        os.close(fd)
+
+
+def op_destroy(grid, args):
+    app_dir = grid.app_dir(args.app)
+    if not os.path.isdir(app_dir):
+        return {"existed": False, "leftovers": []}
+    existed = grid.exists(args.app)
+    if existed:
+        fd = grid.lock(args.app)
+        try:
+            survivors = stop_app(grid, args.app, grid.manifest(args.app), grace=5.0, force=True)
+            if survivors:
+                raise AgentError(f"app {args.app!r}: processes survived SIGKILL: {survivors}")
+            # The app stops existing the moment its manifest goes, even if some data lingers.
+            os.unlink(os.path.join(app_dir, "app.json"))
+        finally:
+            os.close(fd)
+    leftovers = []
+
+    def note(function, path, excinfo):
+        leftovers.append(f"{path}: {excinfo[1].strerror if hasattr(excinfo[1], 'strerror') else excinfo[1]}")
+
+    shutil.rmtree(app_dir, onerror=note)
+    return {"existed": existed, "leftovers": leftovers}
+
+
+def safe_members(tar):
+    for member in tar.getmembers():
+        name = os.path.normpath(member.name)
+        if os.path.isabs(name) or name.split("/")[0] == ".." or member.isdev():
+            raise AgentError(f"template archive has an unsafe member {member.name!r}")
+        if member.issym() or member.islnk():
+            raise AgentError(f"template archive has a link {member.name!r}")
+        yield member
+
+
+def op_install_template(grid, args):
+    name = check_name(args.template, "template")
+    ensure_dir(grid.catalog)
+    final = os.path.join(grid.catalog, name)
+    staging = os.path.join(grid.catalog, f".{name}.{uuid.uuid4().hex}")
+    try:
+        with tarfile.open(args.archive) as tar:
+            tar.extractall(staging, members=safe_members(tar))
+        validate_manifest(read_json(os.path.join(staging, "manifest.json")))
+        with open(os.path.join(staging, "VERSION"), "w") as f:
+            f.write(args.version + "\n")
+        old = None
+        if os.path.isdir(final):
+            old = f"{staging}.old"
+            os.rename(final, old)
+        os.rename(staging, final)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        os.unlink(args.archive)
+    return {"installed": name, "version": args.version}
+
+
+def op_template_version(grid, args):
+    path = os.path.join(grid.catalog, check_name(args.template, "template"), "VERSION")
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return None
+
+
+def app_file(grid, app, relpath):
+    return os.path.join(grid.app_dir(app), check_relpath(relpath))
+
+
+def op_read(grid, args):
+    path = app_file(grid, args.app, args.path)
+    try:
+        with open(path, "rb") as f:
+            f.seek(args.offset)
+            data = f.read(args.limit)
+    except FileNotFoundError:
+        return {"data": "", "offset": args.offset, "exists": False}
+    return {"data": data.decode("utf-8", "replace"), "offset": args.offset + len(data), "exists": True}
+
+
+def op_follow(grid, args):
+    """Print a file's lines as they are appended, until its app stops running."""
+    path = app_file(grid, args.app, args.path)
+    offset = args.offset
+    pending = b""
+    deadline = time.monotonic() + args.max_time
+    while time.monotonic() < deadline:
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+        except FileNotFoundError:
+            data = b""
+        if data:
+            offset += len(data)
+            pending += data
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                sys.stdout.buffer.write(line + b"\n")
+            sys.stdout.flush()
+            continue
+        if not grid.exists(args.app) or safe_state(grid, args.app) not in ("running", "starting"):
+            break
+        time.sleep(0.2)
+    return None
+
+
+def file_digest(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def op_checksums(grid, args):
+    """Every entry of a volume with its type, mode, size and content hash, for verify."""
+    manifest = grid.manifest(args.app)
+    if args.volume not in manifest["volumes"]:
+        raise AgentError(f"app {args.app!r} has no volume {args.volume!r}")
+    base = os.path.join(grid.app_dir(args.app), "volumes", args.volume)
+    return tree_checksums(base)
+
+
+def tree_checksums(base):
+    entries = {}
+    for dirpath, dirnames, filenames in os.walk(base):
+        dirnames.sort()
+        for name in dirnames + sorted(filenames):
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, base)
+            st = os.lstat(path)
+            mode = stat.S_IMODE(st.st_mode)
+            if stat.S_ISLNK(st.st_mode):
+                entries[rel] = ["l", mode, 0, os.readlink(path)]
+            elif stat.S_ISDIR(st.st_mode):
+                entries[rel] = ["d", mode, 0, ""]
+            elif stat.S_ISREG(st.st_mode):
+                entries[rel] = ["f", mode, st.st_size, file_digest(path)]
+            else:
+                entries[rel] = ["o", mode, 0, ""]
+    return entries
+
+
+OPERATIONS = {
+    "info": op_info,
+    "init": op_init,
+    "list": op_list,
+    "state": op_state,
+    "describe": op_describe,
+    "create": op_create,
+    "define": op_define,
+    "start": op_start,
+    "stop": op_stop,
+    "destroy": op_destroy,
+    "install-template": op_install_template,
+    "template-version": op_template_version,
+    "read": op_read,
+    "follow": op_follow,
+    "checksums": op_checksums,
+}
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="hostgrid-agent")
+    p.add_argument("root")
+    sub = p.add_subparsers(dest="op", required=True)
+    sub.add_parser("info")
+    s = sub.add_parser("init")
+    s.add_argument("--name", required=True)
+    s.add_argument("--app-url", default="")
+    sub.add_parser("list")
+    for op in ("state", "start", "destroy"):
+        sub.add_parser(op).add_argument("app")
+    s = sub.add_parser("describe")
+    s.add_argument("app")
+    s.add_argument("--sizes", action="store_true")
+    s = sub.add_parser("stop")
+    s.add_argument("app")
+    s.add_argument("--grace", type=float)
+    s.add_argument("--force", action="store_true")
+    s = sub.add_parser("create")
+    s.add_argument("app")
+    s.add_argument("--template", required=True)
+    s.add_argument("--property", action="append")
+    s = sub.add_parser("define")
+    s.add_argument("app")
+    s.add_argument("--manifest", required=True)
+    s = sub.add_parser("install-template")
+    s.add_argument("template")
+    s.add_argument("--archive", required=True)
+    s.add_argument("--version", required=True)
+    sub.add_parser("template-version").add_argument("template")
+    s = sub.add_parser("read")
+    s.add_argument("app")
+    s.add_argument("path")
+    s.add_argument("--offset", type=int, default=0)
+    s.add_argument("--limit", type=int, default=1 << 20)
+    s = sub.add_parser("follow")
+    s.add_argument("app")
+    s.add_argument("path")
+    s.add_argument("--offset", type=int, default=0)
+    s.add_argument("--max-time", type=float, default=86400.0)
+    s = sub.add_parser("checksums")
+    s.add_argument("app")
+    s.add_argument("volume")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    try:
+        grid = Grid(args.root)
+        result = OPERATIONS[args.op](grid, args)
+    except AgentError as e:
+        print(json.dumps({"ok": False, "error": e.kind, "message": str(e)}))
+        return 1
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        message = f"{errno.errorcode.get(e.errno, 'error')} {e.strerror}{where}"
+        print(json.dumps({"ok": False, "error": "OperationFailed", "message": message}))
+        return 1
+    if args.op != "follow":
+        print(json.dumps({"ok": True, "result": result}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,388 @@
+"""
+Transports run commands on a grid host: `local` with subprocess, `ssh` with paramiko.
+
+Commands are argument lists. The SSH transport joins them with shlex quoting, because the
+remote side always hands a command line to a shell; nothing else builds command lines.
+An SSH transport keeps one connection open until closed, so one operation makes one
+connection; use it as a context manager.
+"""
+
+import base64
+import hashlib
+import os
+import selectors
+import shlex
+import stat
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import AuthError, CommandFailed, CommandTimeout, HostKeyError, TransportError
+
+CHUNK = 64 * 1024
+
+
+@dataclass
+class Result:
+    argv: list
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def out(self):
+        return self.stdout.decode("utf-8", "replace")
+
+    @property
+    def err(self):
+        return self.stderr.decode("utf-8", "replace")
+
+    def check(self, where=""):
+        if self.returncode != 0:
+            tail = self.err.strip().splitlines()[-5:]
+            detail = "; ".join(tail) or "no error output"
+            raise CommandFailed(
+                f"{where}{shlex.join(self.argv[:3])}… exited with status {self.returncode}: {detail}",
+                self,
+            )
+        return self
+
+
+def _argv(argv):
+    argv = [os.fspath(a) for a in argv]
+    if not argv or not all(isinstance(a, str) for a in argv):
+        raise TypeError("a command is a non-empty list of strings")
+    if any("\0" in a for a in argv):
+        raise ValueError("command arguments cannot contain NUL")
+    return argv
+
+
+class Transport:
+    """Runs argument-list commands on one grid host."""
+
+    name = "?"
+
+    def __init__(self, command_timeout=300.0):
+        self.command_timeout = command_timeout
+
+    def run(self, argv, *, input=None, timeout=None, check=True):
+        """Run a command to completion and return its Result."""
+        out, err = bytearray(), bytearray()
+        returncode = None
+        for kind, data in self._exec(_argv(argv), input, timeout or self.command_timeout):
+            if kind == "out":
+                out += data
+            elif kind == "err":
+                err += data
+            else:
+                returncode = data
+        result = Result(list(argv), returncode, bytes(out), bytes(err))
+        return result.check(f"{self.name}: ") if check else result
+
+    def stream(self, argv, *, timeout=None):
+        """Run a command, yielding its stdout line by line as it arrives.
+
+        Raises CommandFailed at the end if it exited non-zero. `timeout` bounds the
+        whole command; None means no limit.
+        """
+        argv = _argv(argv)
+        pending, err = b"", bytearray()
+        for kind, data in self._exec(argv, None, timeout):
+            if kind == "out":
+                pending += data
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    yield line.decode("utf-8", "replace")
+            elif kind == "err":
+                err += data
+            else:
+                if pending:
+                    yield pending.decode("utf-8", "replace")
+                Result(argv, data, b"", bytes(err)).check(f"{self.name}: ")
+
+    def put(self, data, path, mode=0o600):
+        """Write `data` to `path` on the host atomically, creating its directory."""
+        raise NotImplementedError
+
+    def _exec(self, argv, input, timeout):
+        """Yield ("out", bytes), ("err", bytes) as they arrive, then ("exit", status)."""
+        raise NotImplementedError
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class LocalTransport(Transport):
+    name = "local"
+
+    def _exec(self, argv, input, timeout):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+        except OSError as e:
+            raise CommandFailed(f"local: cannot run {argv[0]}: {e.strerror}") from None
+        sel = selectors.DefaultSelector()
+        try:
+            if input is not None:
+                try:
+                    proc.stdin.write(input)
+                    proc.stdin.close()
+                except BrokenPipeError:
+                    pass
+            sel.register(proc.stdout, selectors.EVENT_READ, "out")
+            sel.register(proc.stderr, selectors.EVENT_READ, "err")
+            while sel.get_map():
+                wait = None if deadline is None else deadline - time.monotonic()
+                if wait is not None and wait <= 0:
+                    raise CommandTimeout(f"local: {argv[0]} did not finish in {timeout:g}s")
+                for key, _ in sel.select(wait):
+                    data = os.read(key.fileobj.fileno(), CHUNK)
+                    if data:
+                        yield key.data, data
+                    else:
+                        sel.unregister(key.fileobj)
+            returncode = proc.wait()
+        finally:
+            # Also reached when the caller stops reading early: never leave the command behind.
+            sel.close()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            for pipe in (proc.stdin, proc.stdout, proc.stderr):
+                if pipe:
+                    pipe.close()
+        yield "exit", returncode
+
+    def put(self, data, path, mode=0o600):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, mode)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def fingerprint(key):
+    """OpenSSH-style SHA256 fingerprint of a paramiko key."""
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def load_private_key(path):
+    """Load the SSH private key, refusing a file that others can read."""
+    import paramiko
+
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise AuthError(f"private key {path} does not exist") from None
+    except OSError as e:
+        raise AuthError(f"private key {path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise AuthError(f"private key {path} is not a regular file")
+    if st.st_mode & 0o077:
+        raise AuthError(
+            f"private key {path} is readable by others (mode {stat.S_IMODE(st.st_mode):04o}); "
+            "run: chmod 600 " + shlex.quote(str(path))
+        )
+    try:
+        return paramiko.PKey.from_path(path)
+    except (paramiko.SSHException, OSError, ValueError) as e:
+        raise AuthError(f"private key {path} cannot be loaded: {e}") from None
+
+
+def parse_host_key(host_key):
+    import paramiko
+
+    kind, data = host_key.split()[:2]
+    try:
+        return paramiko.PKey.from_type_string(kind, base64.b64decode(data))
+    except (paramiko.SSHException, ValueError) as e:
+        raise HostKeyError(f"pinned host key cannot be parsed: {e}") from None
+
+
+def known_hosts_name(host, port):
+    return host if port == 22 else f"[{host}]:{port}"
+
+
+class SSHTransport(Transport):
+    """Runs commands over one pinned-host-key SSH connection (paramiko)."""
+
+    name = "ssh"
+
+    def __init__(
+        self,
+        host,
+        port,
+        user,
+        host_key,
+        key_file,
+        connect_timeout=10.0,
+        command_timeout=300.0,
+    ):
+        super().__init__(command_timeout)
+        self.host, self.port, self.user = host, port, user
+        self.host_key = host_key
+        self.key_file = Path(key_file)
+        self.connect_timeout = connect_timeout
+        self.name = f"ssh {user}@{host}:{port}"
+        self._client = None
+
+    def _connect(self):
+        import paramiko
+
+        if self._client is not None and self._client.get_transport().is_active():
+            return self._client
+        pkey = load_private_key(self.key_file)
+        pinned = parse_host_key(self.host_key)
+        where = self.name
+
+        class PinnedKeyPolicy(paramiko.MissingHostKeyPolicy):
+            # Reached when the host offers a key of another type than the pinned one.
+            def missing_host_key(self, client, hostname, key):
+                raise HostKeyError(
+                    f"{where}: host key not recognised: the host offered {key.get_name()} "
+                    f"{fingerprint(key)}, grid.info pins {pinned.get_name()} {fingerprint(pinned)}; "
+                    "refusing to connect"
+                )
+
+        client = paramiko.SSHClient()
+        client.get_host_keys().add(known_hosts_name(self.host, self.port), pinned.get_name(), pinned)
+        client.set_missing_host_key_policy(PinnedKeyPolicy())
+        try:
+            client.connect(
+                self.host,
+                self.port,
+                username=self.user,
+                pkey=pkey,
+                timeout=self.connect_timeout,
+                banner_timeout=self.connect_timeout,
+                auth_timeout=self.connect_timeout,
+                channel_timeout=self.connect_timeout,
+                allow_agent=False,
+                look_for_keys=False,
+            )
+        except paramiko.BadHostKeyException as e:
+            client.close()
+            raise HostKeyError(
+                f"{where}: HOST KEY MISMATCH: the host offered {e.key.get_name()} "
+                f"{fingerprint(e.key)}, grid.info pins {e.expected_key.get_name()} "
+                f"{fingerprint(e.expected_key)}; refusing to connect"
+            ) from None
+        except HostKeyError:
+            client.close()
+            raise
+        except paramiko.AuthenticationException as e:
+            client.close()
+            raise AuthError(f"{where}: the host refused key {self.key_file}: {e}") from None
+        except TimeoutError:
+            client.close()
+            raise TransportError(
+                f"{where}: no answer within {self.connect_timeout:g}s (host unreachable?)"
+            ) from None
+        except (OSError, paramiko.SSHException, EOFError) as e:
+            client.close()
+            raise TransportError(f"{where}: cannot connect: {e}") from None
+        self._client = client
+        return client
+
+    def _exec(self, argv, input, timeout):
+        import paramiko
+
+        client = self._connect()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            chan = client.get_transport().open_session(timeout=self.connect_timeout)
+            chan.exec_command(shlex.join(argv))
+        except (OSError, EOFError, paramiko.SSHException) as e:
+            self.close()
+            raise TransportError(f"{self.name}: cannot start {argv[0]}: {e}") from None
+        sel = selectors.DefaultSelector()
+        try:
+            if input is not None:
+                chan.sendall(input)
+            chan.shutdown_write()
+            sel.register(chan, selectors.EVENT_READ)
+            while True:
+                progressed = False
+                while chan.recv_ready():
+                    yield "out", chan.recv(CHUNK)
+                    progressed = True
+                while chan.recv_stderr_ready():
+                    yield "err", chan.recv_stderr(CHUNK)
+                    progressed = True
+                if progressed:
+                    continue
+                if chan.exit_status_ready() and (chan.eof_received or chan.closed):
+                    break
+                if chan.closed or not client.get_transport().is_active():
+                    raise TransportError(f"{self.name}: connection lost while running {argv[0]}")
+                wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+                if wait <= 0:
+                    raise CommandTimeout(f"{self.name}: {argv[0]} did not finish in {timeout:g}s")
+                sel.select(wait)
+            yield "exit", chan.recv_exit_status()
+        except OSError as e:
+            self.close()
+            raise TransportError(f"{self.name}: connection lost: {e}") from None
+        finally:
+            sel.close()
+            chan.close()
+
+    def put(self, data, path, mode=0o600):
+        client = self._connect()
+        path = str(path)
+        directory = os.path.dirname(path)
+        self.run(["mkdir", "-p", "--", directory])
+        tmp = f"{directory}/.{os.path.basename(path)}.{uuid.uuid4().hex}.tmp"
+        try:
+            with client.open_sftp() as sftp:
+                # Create the file with its final mode before any secret is written into it.
+                with sftp.open(tmp, "wx") as f:
+                    f.chmod(mode)
+                    f.set_pipelined(True)
+                    f.write(data)
+                sftp.posix_rename(tmp, path)
+        except OSError as e:
+            self.run(["rm", "-f", "--", tmp], check=False)
+            raise TransportError(f"{self.name}: cannot write {path}: {e}") from None
+
+    def close(self):
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+def open_transport(grid, key_file):
+    """The transport a grid's config asks for; connects lazily on first use."""
+    if grid.transport == "local":
+        return LocalTransport(grid.command_timeout)
+    return SSHTransport(
+        grid.host,
+        grid.port,
+        grid.user,
+        grid.host_key,
+        key_file,
+        grid.connect_timeout,
+        grid.command_timeout,
+    )

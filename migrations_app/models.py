@@ -1,0 +1,353 @@
+from datetime import timedelta
+
+from django.db import IntegrityError, models, transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from .grids.gridinfo import GridConfig
+
+
+class GridQuerySet(models.QuerySet):
+    def listed(self):
+        return self.filter(in_grid_info=True)
+
+    def sync_from(self, configs: dict[str, GridConfig]):
+        """Mirror grid.info into the table; returns (created, updated, unlisted) names.
+
+        A grid that leaves grid.info is kept, marked unlisted: job history refers to it.
+        """
+        created, updated = [], []
+        existing = {g.name: g for g in self.all()}
+        for name, config in configs.items():
+            fields = Grid.fields_from(config)
+            grid = existing.get(name)
+            if grid is None:
+                self.create(name=name, **fields)
+                created.append(name)
+            elif any(getattr(grid, k) != v for k, v in fields.items()):
+                self.filter(pk=grid.pk).update(**fields, updated=timezone.now())
+                updated.append(name)
+        gone = [n for n, g in existing.items() if g.in_grid_info and n not in configs]
+        self.filter(name__in=gone).update(in_grid_info=False, updated=timezone.now())
+        return created, updated, gone
+
+
+class Grid(models.Model):
+    """A grid as listed in grid.info, plus the result of its last check."""
+
+    class Driver(models.TextChoices):
+        HOSTGRID = "hostgrid"
+        DOCKER = "docker"
+        LIBVIRT = "libvirt"
+
+    class Transport(models.TextChoices):
+        LOCAL = "local"
+        SSH = "ssh"
+
+    name = models.CharField(max_length=64, unique=True)
+    driver = models.CharField(max_length=16, choices=Driver.choices)
+    transport = models.CharField(max_length=8, choices=Transport.choices)
+    host = models.CharField(max_length=253, blank=True)
+    port = models.PositiveIntegerField(default=22)
+    user = models.CharField(max_length=32, blank=True)
+    host_key = models.TextField(blank=True)
+    root = models.CharField(max_length=4096)
+    app_url = models.CharField(max_length=2048, blank=True)
+    in_grid_info = models.BooleanField(
+        default=True, help_text="False once the grid has left grid.info; kept for job history."
+    )
+    checked_at = models.DateTimeField(null=True, blank=True)
+    check_ok = models.BooleanField(null=True)
+    check_message = models.TextField(blank=True)
+    updated = models.DateTimeField(auto_now=True)
+
+    objects = GridQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+    MIRRORED = ("driver", "transport", "host", "port", "user", "host_key", "root", "app_url")
+
+    @classmethod
+    def fields_from(cls, config: GridConfig):
+        fields = {k: getattr(config, k) for k in cls.MIRRORED}
+        fields["in_grid_info"] = True
+        return fields
+
+    def record_check(self, ok, message):
+        self.checked_at = timezone.now()
+        self.check_ok = ok
+        self.check_message = message
+        self.save(update_fields=["checked_at", "check_ok", "check_message", "updated"])
+
+
+class JobQuerySet(models.QuerySet):
+    def active(self):
+        return self.filter(state__in=MigrationJob.ACTIVE_STATES)
+
+    def finished(self):
+        return self.exclude(state__in=MigrationJob.ACTIVE_STATES)
+
+
+class MigrationJob(models.Model):
+    """One migration or snapshot attempt; kept forever as history.
+
+    State transitions (the active states are the phases of DESIGN.md, "The migration"):
+
+        pending ─► provisioning ─► precopy ─► stopping ─► final_sync ─► verifying
+            ─► starting ─► finishing ─► done
+
+    - pending: the lock is taken, the job exists; MIG is about to provision the helper.
+    - provisioning: MIG is writing the helper's environment and provisioning it.
+    - precopy … starting: reported by the helper as it works (MIG is down from stopping on).
+    - finishing: the helper is done; `startup` on the side that came up completes the job.
+    - done: `startup` saw the expected side come up and cleaned up.
+    - failed: from any active state, with `error` saying why (a pre-flight or provisioning
+      error, the helper's reason, the helper lost, or the source restarting after a migrate).
+    - overridden: from any active state, when an operator overrode the lock.
+    """
+
+    class Action(models.TextChoices):
+        MIGRATE = "migrate"
+        SNAPSHOT = "snapshot"
+
+    class State(models.TextChoices):
+        PENDING = "pending"
+        PROVISIONING = "provisioning"
+        PRECOPY = "precopy", "pre-copy"
+        STOPPING = "stopping", "stopping source"
+        FINAL_SYNC = "final_sync", "final sync"
+        VERIFYING = "verifying"
+        STARTING = "starting"
+        FINISHING = "finishing"
+        DONE = "done"
+        FAILED = "failed"
+        OVERRIDDEN = "overridden"
+
+    ACTIVE_STATES = [
+        State.PENDING,
+        State.PROVISIONING,
+        State.PRECOPY,
+        State.STOPPING,
+        State.FINAL_SYNC,
+        State.VERIFYING,
+        State.STARTING,
+        State.FINISHING,
+    ]
+    HELPER_PHASES = [
+        State.PRECOPY,
+        State.STOPPING,
+        State.FINAL_SYNC,
+        State.VERIFYING,
+        State.STARTING,
+        State.FINISHING,
+    ]
+
+    action = models.CharField(max_length=16, choices=Action.choices)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING)
+    source_grid = models.CharField(max_length=64)
+    source_app = models.CharField(max_length=64)
+    target_grid = models.CharField(max_length=64)
+    target_app = models.CharField(max_length=64)
+    helper_app = models.CharField(max_length=80, blank=True)
+    started_by = models.CharField(max_length=150, blank=True)
+    created = models.DateTimeField(default=timezone.now)
+    updated = models.DateTimeField(auto_now=True)
+    finished = models.DateTimeField(null=True, blank=True)
+    bytes_total = models.BigIntegerField(default=0)
+    bytes_done = models.BigIntegerField(default=0)
+    rate = models.FloatField(default=0, help_text="bytes per second in the current phase")
+    eta_seconds = models.FloatField(null=True, blank=True)
+    source_stopped = models.DateTimeField(null=True, blank=True)
+    target_up = models.DateTimeField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    bwlimit_kbps = models.PositiveIntegerField(null=True, blank=True)
+    # Read-only access to the helper's progress while MIG itself is down.
+    status_url = models.CharField(max_length=2048, blank=True)
+    status_token = models.CharField(max_length=64, blank=True)
+    target_created = models.BooleanField(
+        default=False, help_text="The helper created the target app: only then may a failure remove it."
+    )
+
+    objects = JobQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created"]
+        constraints = [
+            models.CheckConstraint(
+                condition=~Q(source_grid=F("target_grid"), source_app=F("target_app")),
+                name="job_target_differs_from_source",
+            ),
+            models.CheckConstraint(
+                condition=Q(bytes_done__gte=0) & Q(bytes_total__gte=0),
+                name="job_bytes_not_negative",
+            ),
+        ]
+        indexes = [
+            # JobQuerySet.active(), used by the lock page and the history filters.
+            models.Index(fields=["state"], name="job_state_idx"),
+            # The history list, newest first, filtered by action or grid.
+            models.Index(fields=["action", "-created"], name="job_action_created_idx"),
+            models.Index(fields=["target_grid", "-created"], name="job_target_grid_idx"),
+            models.Index(fields=["source_grid", "-created"], name="job_source_grid_idx"),
+        ]
+
+    def __str__(self):
+        return (
+            f"#{self.pk} {self.action} {self.source_grid}/{self.source_app} → "
+            f"{self.target_grid}/{self.target_app} ({self.state})"
+        )
+
+    @property
+    def is_active(self):
+        return self.state in self.ACTIVE_STATES
+
+    @property
+    def downtime(self) -> timedelta | None:
+        if self.source_stopped and self.target_up:
+            return self.target_up - self.source_stopped
+        return None
+
+    @property
+    def duration(self) -> timedelta | None:
+        return (self.finished - self.created) if self.finished else None
+
+    def event(self, message, level="info", phase="", data=None, seq=None, at=None):
+        return self.events.create(
+            message=message,
+            level=level,
+            phase=phase or self.state,
+            data=data or {},
+            seq=seq,
+            created=at or timezone.now(),
+        )
+
+    def finish(self, state, error=""):
+        """Move to a final state once; a job that already ended stays as it was."""
+        assert state not in self.ACTIVE_STATES
+        now = timezone.now()
+        changed = MigrationJob.objects.filter(pk=self.pk, state__in=self.ACTIVE_STATES).update(
+            state=state, error=error, finished=now, updated=now, eta_seconds=None
+        )
+        self.refresh_from_db()
+        return bool(changed)
+
+    def to_dict(self):
+        percent = round(100 * self.bytes_done / self.bytes_total, 1) if self.bytes_total else None
+        return {
+            "id": self.pk,
+            "action": self.action,
+            "state": self.state,
+            "state_label": self.get_state_display(),
+            "active": self.is_active,
+            "source": {"grid": self.source_grid, "app": self.source_app},
+            "target": {"grid": self.target_grid, "app": self.target_app},
+            "helper": self.helper_app,
+            "started_by": self.started_by,
+            "created": self.created.isoformat(),
+            "finished": self.finished.isoformat() if self.finished else None,
+            "bytes_total": self.bytes_total,
+            "bytes_done": self.bytes_done,
+            "percent": percent,
+            "rate": self.rate,
+            "eta_seconds": self.eta_seconds,
+            "downtime_seconds": self.downtime.total_seconds() if self.downtime else None,
+            "duration_seconds": self.duration.total_seconds() if self.duration else None,
+            "error": self.error,
+        }
+
+
+class JobEvent(models.Model):
+    """Something that happened during a job, from MIG or from the helper's progress log."""
+
+    class Level(models.TextChoices):
+        INFO = "info"
+        WARNING = "warning"
+        ERROR = "error"
+
+    job = models.ForeignKey(MigrationJob, models.CASCADE, related_name="events")
+    created = models.DateTimeField(default=timezone.now)
+    level = models.CharField(max_length=8, choices=Level.choices, default=Level.INFO)
+    phase = models.CharField(max_length=16, blank=True)
+    message = models.TextField()
+    data = models.JSONField(default=dict, blank=True)
+    # The helper numbers its progress lines; filing them twice must not duplicate them.
+    seq = models.PositiveIntegerField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["created", "pk"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["job", "seq"],
+                condition=Q(seq__isnull=False),
+                name="event_helper_seq_once",
+            )
+        ]
+        indexes = [
+            # The job page and the monitor's log tail read one job's events in time order.
+            models.Index(fields=["job", "created"], name="event_job_created_idx"),
+        ]
+
+    def __str__(self):
+        return f"[{self.level}] {self.message}"
+
+
+class LockHeld(Exception):
+    def __init__(self, lock):
+        self.lock = lock
+        job = lock.job
+        super().__init__(
+            f"a {job.action} of {job.source_grid}/{job.source_app} to "
+            f"{job.target_grid}/{job.target_app} is under way (job #{job.pk}, started by "
+            f"{job.started_by or 'unknown'} at {job.created:%Y-%m-%d %H:%M:%S %Z})"
+        )
+
+
+class LockQuerySet(models.QuerySet):
+    def current(self):
+        return self.select_related("job").first()
+
+
+class Lock(models.Model):
+    """ "A migration or snapshot of this app is under way."
+
+    At most one exists: the `slot` column is always 1 and unique, so the database, not
+    Python, refuses a second lock. It lives in the database on the config volume, so it
+    travels with the app and `startup` finds it wherever the app comes up.
+    """
+
+    slot = models.PositiveSmallIntegerField(default=1, editable=False)
+    job = models.OneToOneField(MigrationJob, models.PROTECT, related_name="lock")
+    created = models.DateTimeField(default=timezone.now)
+
+    objects = LockQuerySet.as_manager()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["slot"], name="lock_only_one"),
+            models.CheckConstraint(condition=Q(slot=1), name="lock_slot_is_one"),
+        ]
+
+    def __str__(self):
+        return f"lock for job #{self.job_id}"
+
+    @classmethod
+    def acquire(cls, **job_fields):
+        """Create a job and take the lock for it, or raise LockHeld. Atomic."""
+        try:
+            with transaction.atomic():
+                job = MigrationJob.objects.create(**job_fields)
+                lock = cls.objects.create(job=job)
+        except IntegrityError:
+            held = cls.objects.current()
+            if held is None:  # released in between; the caller may simply retry
+                raise
+            raise LockHeld(held) from None
+        job.event(f"Lock taken by {job.started_by or 'unknown'}.", phase=job.state)
+        return lock
+
+    def release(self):
+        Lock.objects.filter(pk=self.pk).delete()

@@ -1,0 +1,163 @@
+"""
+MIG's settings, read from the environment.
+
+The seed's appliance properties become MIG_* variables (see DESIGN.md, "Configuration").
+Each helper below raises ImproperlyConfigured with a one-line message naming the variable,
+so a bad value stops MIG before it touches anything.
+"""
+
+import os
+import secrets
+from pathlib import Path
+
+import environ
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+env = environ.Env()
+
+MODES = ("migrate", "snapshot", "both")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def env_choice(name, choices, default):
+    value = env.str(name, default=default).strip().lower()
+    if value not in choices:
+        raise ImproperlyConfigured(f"{name} must be one of {', '.join(choices)} (got {value!r})")
+    return value
+
+
+def env_bool(name, default=False):
+    value = env.str(name, default="").strip().lower()
+    if not value:
+        return default
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ImproperlyConfigured(f"{name} must be true or false (got {value!r})")
+
+
+def env_path(name, default):
+    value = env.str(name, default="") or str(default)
+    return Path(value).expanduser().absolute()
+
+
+def writable_dir(name, path):
+    """The config volume must exist and be writable: everything MIG keeps lives there."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ImproperlyConfigured(f"{name}: cannot create {path}: {e.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ImproperlyConfigured(f"{name}: {path} is not writable")
+    return path
+
+
+def secret_key(config_dir):
+    """SECRET_KEY from the environment, else generated once and kept on the config volume."""
+    if key := env.str("SECRET_KEY", default=""):
+        return key
+    path = config_dir / "secret_key"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    key = secrets.token_urlsafe(50)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process won the race; use its key
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key
+
+
+# The config volume: SQLite database, secret key, job logs. It travels with the app.
+CONFIG_DIR = writable_dir("MIG_CONFIG_DIR", env_path("MIG_CONFIG_DIR", BASE_DIR / "var" / "config"))
+
+MIG_USERNAME = env.str("MIG_USERNAME", default="").strip()
+MIG_PASSWORD = env.str("MIG_PASSWORD", default="")
+if MIG_USERNAME and not MIG_PASSWORD:
+    raise ImproperlyConfigured("MIG_PASSWORD is empty while MIG_USERNAME is set")
+MIG_MODE = env_choice("MIG_MODE", MODES, "both")
+MIG_PRIVATE_KEY_FILE = env_path("MIG_PRIVATE_KEY_FILE", CONFIG_DIR / "id_ed25519")
+MIG_GRID_INFO_FILE = env_path("MIG_GRID_INFO_FILE", CONFIG_DIR / "grid.info")
+# Set by the grid for every component: where this copy of MIG runs.
+MIG_GRID = env.str("MIG_GRID", default="")
+MIG_APP = env.str("MIG_APP", default="")
+
+SECRET_KEY = secret_key(CONFIG_DIR)
+DEBUG = env_bool("DEBUG")
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["*"])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "migrations_app",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "migsite.urls"
+WSGI_APPLICATION = "migsite.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# WAL lets the web server read while a command writes; IMMEDIATE transactions take the
+# write lock up front, so concurrent writers wait (busy timeout) instead of failing.
+DATABASES = {
+    "default": {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": CONFIG_DIR / "mig.sqlite3",
+        "OPTIONS": {
+            "timeout": 20,
+            "transaction_mode": "IMMEDIATE",
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        },
+    }
+}
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = env.str("TIME_ZONE", default="UTC")
+USE_I18N = False
+USE_TZ = True
+
+STATIC_URL = "static/"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": "WARNING"},
+    "loggers": {"mig": {"level": env_choice("MIG_LOG_LEVEL", LOG_LEVELS, "info").upper()}},
+}

@@ -1,0 +1,13 @@
+"""Test settings: MIG's settings on a throw-away config volume."""
+
+import os
+import tempfile
+
+os.environ["MIG_CONFIG_DIR"] = tempfile.mkdtemp(prefix="mig-test-config-")
+for name in ("MIG_USERNAME", "MIG_PASSWORD", "MIG_MODE", "MIG_GRID", "MIG_APP", "SECRET_KEY"):
+    os.environ.pop(name, None)
+
+from migsite.settings import *  # noqa: E402,F403
+
+# Hashing is deliberately slow; the tests need it correct, not slow.
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

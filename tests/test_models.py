@@ -1,0 +1,114 @@
+"""The lock is enforced by the database; jobs keep their history and their invariants."""
+
+import pytest
+from django.db import IntegrityError, transaction
+
+from migrations_app.grids import gridinfo
+from migrations_app.models import Grid, JobEvent, Lock, LockHeld, MigrationJob
+
+pytestmark = pytest.mark.django_db
+
+JOB = {
+    "action": "migrate",
+    "source_grid": "east",
+    "source_app": "shop",
+    "target_grid": "west",
+    "target_app": "shop",
+    "started_by": "alice",
+}
+
+
+def test_second_lock_is_refused_by_the_database():
+    first = MigrationJob.objects.create(**JOB)
+    second = MigrationJob.objects.create(**JOB)
+    Lock.objects.create(job=first)
+    with pytest.raises(IntegrityError), transaction.atomic():
+        # A raw insert, bypassing every Python-side check.
+        Lock.objects.bulk_create([Lock(job=second)])
+    assert Lock.objects.count() == 1
+
+
+def test_lock_slot_must_be_one():
+    job = MigrationJob.objects.create(**JOB)
+    with pytest.raises(IntegrityError), transaction.atomic():
+        Lock.objects.create(job=job, slot=2)
+
+
+def test_acquire_refuses_while_held_and_names_the_holder():
+    lock = Lock.acquire(**JOB)
+    with pytest.raises(LockHeld) as refused:
+        Lock.acquire(**dict(JOB, target_app="other", started_by="bob"))
+    message = str(refused.value)
+    assert f"job #{lock.job.pk}" in message and "started by alice" in message
+    # The refused attempt left no job behind.
+    assert MigrationJob.objects.count() == 1
+    lock.release()
+    assert Lock.acquire(**dict(JOB, started_by="bob")).job.started_by == "bob"
+
+
+def test_acquire_records_an_event():
+    lock = Lock.acquire(**JOB)
+    assert list(lock.job.events.values_list("message", flat=True)) == ["Lock taken by alice."]
+
+
+def test_job_cannot_target_itself():
+    with pytest.raises(IntegrityError), transaction.atomic():
+        MigrationJob.objects.create(**dict(JOB, target_grid="east"))
+
+
+def test_snapshot_to_same_grid_under_another_name_is_allowed():
+    job = MigrationJob.objects.create(**dict(JOB, action="snapshot", target_grid="east", target_app="copy"))
+    assert job.pk
+
+
+def test_finish_happens_once():
+    job = MigrationJob.objects.create(**JOB)
+    assert job in MigrationJob.objects.active()
+    assert job.finish(MigrationJob.State.FAILED, "helper lost")
+    assert not job.finish(MigrationJob.State.DONE)
+    job.refresh_from_db()
+    assert job.state == "failed" and job.error == "helper lost" and job.finished
+    assert job not in MigrationJob.objects.active()
+
+
+def test_helper_event_is_filed_once():
+    job = MigrationJob.objects.create(**JOB)
+    job.event("pre-copy started", seq=1)
+    with pytest.raises(IntegrityError), transaction.atomic():
+        job.event("pre-copy started", seq=1)
+    job.event("MIG note")
+    job.event("another MIG note")
+    assert JobEvent.objects.filter(job=job).count() == 3
+
+
+def test_to_dict_reports_progress():
+    job = MigrationJob.objects.create(**JOB, bytes_total=200, bytes_done=50)
+    data = job.to_dict()
+    assert data["percent"] == 25.0
+    assert data["source"] == {"grid": "east", "app": "shop"}
+    assert data["active"] is True
+
+
+GRID_INFO = """
+[grids.east]
+driver = "hostgrid"
+transport = "local"
+root = "/srv/east"
+
+[grids.west]
+driver = "hostgrid"
+transport = "local"
+root = "/srv/west"
+"""
+
+
+def test_grid_sync_mirrors_and_keeps_unlisted_grids():
+    configs = gridinfo.parse(GRID_INFO)
+    assert Grid.objects.sync_from(configs) == (["east", "west"], [], [])
+    assert Grid.objects.sync_from(configs) == ([], [], [])
+    west_moved = '[grids.west]\ndriver = "hostgrid"\ntransport = "local"\nroot = "/srv/west2"\n'
+    changed = gridinfo.parse(west_moved)
+    assert Grid.objects.sync_from(changed) == ([], ["west"], ["east"])
+    east = Grid.objects.get(name="east")
+    assert not east.in_grid_info
+    assert list(Grid.objects.listed().values_list("name", flat=True)) == ["west"]
