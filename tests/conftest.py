@@ -1,5 +1,6 @@
 """Shared fixtures: throw-away config volumes, manage.py in a subprocess, grids, sshd."""
 
+import json
 import os
 import subprocess
 import sys
@@ -40,3 +41,80 @@ def config_dir(tmp_path):
     path = tmp_path / "config"
     path.mkdir()
     return path
+
+
+# --- grids -------------------------------------------------------------------------------
+
+from migrations_app.grids import gridinfo, open_grid  # noqa: E402
+
+from .sshd import GRID_PYTHON, free_port, keygen, start_sshd  # noqa: E402
+
+# Two grid hosts, as two real OpenSSH servers on loopback addresses.
+GRID_HOSTS = ("127.0.0.2", "127.0.0.3")
+
+WEB_TEMPLATE = {
+    "manifest.json": json.dumps(
+        {
+            "properties": {"port": None, "bind": None, "greeting": "hello"},
+            "volumes": ["www", "data"],
+            "start_settle": 0.3,
+            "stop_grace": 3,
+            "components": [
+                {
+                    "name": "http",
+                    "command": ["{python}", "-m", "http.server", "{prop:port}", "--bind", "{prop:bind}"],
+                    "cwd": "{volume:www}",
+                }
+            ],
+        }
+    ).encode(),
+    "volumes/www/index.html": b"hello from the catalog\n",
+}
+
+
+@pytest.fixture(scope="session")
+def client_key(tmp_path_factory):
+    return keygen(tmp_path_factory.mktemp("client") / "id_ed25519", "mig-client")
+
+
+@pytest.fixture(scope="session")
+def ssh_hosts(tmp_path_factory, client_key):
+    base = tmp_path_factory.mktemp("sshd")
+    hosts = []
+    try:
+        for i, address in enumerate(GRID_HOSTS):
+            hosts.append(start_sshd(base / f"host{i}", address, f"{client_key}.pub"))
+        yield hosts
+    finally:
+        for host in hosts:
+            host.stop()
+
+
+def grid_table(kind, root, ssh_hosts=None, host_index=0, app_port=8080):
+    if kind == "ssh":
+        return ssh_hosts[host_index].grid_table(root, app_port)
+    address = GRID_HOSTS[host_index]
+    return (
+        f'driver = "hostgrid"\ntransport = "local"\nroot = "{root}"\npython = "{GRID_PYTHON}"\n'
+        f'app_url = "http://{address}:{app_port}/"\n'
+    )
+
+
+@pytest.fixture(params=["local", "ssh"])
+def grid(request, tmp_path, client_key):
+    """A fresh, initialised hostgrid grid with a `web` template, over each transport."""
+    hosts = request.getfixturevalue("ssh_hosts") if request.param == "ssh" else None
+    text = "[grids.east]\n" + grid_table(request.param, tmp_path / "east", hosts)
+    config = gridinfo.parse(text)["east"]
+    driver = open_grid(config, client_key)
+    driver.init()
+    driver.install_template("web", WEB_TEMPLATE, "1")
+    yield driver
+    for app in driver.list_apps():
+        driver.destroy(app.name)
+    driver.close()
+
+
+@pytest.fixture
+def web_port():
+    return free_port(GRID_HOSTS[0])

@@ -278,13 +278,20 @@ def validate_manifest(manifest):
     props = manifest.get("properties", {})
     if not isinstance(props, dict):
         raise AgentError("manifest properties must be an object")
-    return {
+    clean = {
         "format": MANIFEST_FORMAT,
         "template": manifest.get("template", ""),
         "properties": props,
         "volumes": volumes,
         "components": components,
     }
+    for key in ("start_settle", "stop_grace"):
+        if key in manifest:
+            value = manifest[key]
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 3600:
+                raise AgentError(f"manifest {key} must be a number of seconds from 0 to 3600")
+            clean[key] = value
+    return clean
 
 
 # --- operations --------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import selectors
 import shlex
 import stat
 import subprocess
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -57,6 +58,19 @@ def _argv(argv):
     if any("\0" in a for a in argv):
         raise ValueError("command arguments cannot contain NUL")
     return argv
+
+
+def feed_in_background(write, close, data):
+    """Write a command's input while its output is read, so neither side blocks the other."""
+
+    def feed():
+        try:
+            write(data)
+            close()
+        except OSError:  # the command exited without reading it all; its status says why
+            pass
+
+    threading.Thread(target=feed, daemon=True).start()
 
 
 class Transport:
@@ -137,11 +151,7 @@ class LocalTransport(Transport):
         sel = selectors.DefaultSelector()
         try:
             if input is not None:
-                try:
-                    proc.stdin.write(input)
-                    proc.stdin.close()
-                except BrokenPipeError:
-                    pass
+                feed_in_background(proc.stdin.write, proc.stdin.close, input)
             sel.register(proc.stdout, selectors.EVENT_READ, "out")
             sel.register(proc.stderr, selectors.EVENT_READ, "err")
             while sel.get_map():
@@ -319,9 +329,10 @@ class SSHTransport(Transport):
             raise TransportError(f"{self.name}: cannot start {argv[0]}: {e}") from None
         sel = selectors.DefaultSelector()
         try:
-            if input is not None:
-                chan.sendall(input)
-            chan.shutdown_write()
+            if input is None:
+                chan.shutdown_write()
+            else:
+                feed_in_background(chan.sendall, chan.shutdown_write, input)
             sel.register(chan, selectors.EVENT_READ)
             while True:
                 progressed = False

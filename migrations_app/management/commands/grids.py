@@ -1,0 +1,153 @@
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from django.core.management.base import BaseCommand, CommandError
+from django.db import connection
+
+from migrations_app import config
+from migrations_app.grids import AuthError, ConfigError, GridError, HostKeyError, TransportError
+from migrations_app.models import Grid
+
+
+def human_bytes(n):
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+@dataclass
+class Check:
+    grid: str
+    address: str
+    reachable: str = "-"
+    host_key: str = "-"
+    driver: str = "-"
+    free: str = "-"
+    apps: str = "-"
+    problem: str = ""
+
+    @property
+    def ok(self):
+        return not self.problem
+
+
+def check_grid(grid_config):
+    """Connect to one grid and ask its driver about itself."""
+    check = Check(grid_config.name, grid_config.address)
+    try:
+        with config.driver_for(grid_config) as driver:
+            info = driver.info()
+    except HostKeyError as e:
+        check.reachable, check.host_key, check.problem = "yes", "MISMATCH", str(e)
+        return check
+    except AuthError as e:
+        check.reachable, check.host_key, check.problem = "yes", "ok", str(e)
+        return check
+    except TransportError as e:
+        check.reachable, check.problem = "no", str(e)
+        return check
+    except GridError as e:
+        check.reachable = check.host_key = "yes" if grid_config.transport == "ssh" else "-"
+        check.driver, check.problem = "FAILED", str(e)
+        return check
+    if grid_config.transport == "ssh":
+        check.reachable, check.host_key = "yes", "ok"
+    check.free, check.apps = human_bytes(info.free_bytes), str(info.apps)
+    if not info.initialised:
+        check.driver = "not initialised"
+        check.problem = f"{grid_config.root} is not a grid yet: run manage.py grids --init {grid_config.name}"
+    elif info.name != grid_config.name:
+        check.driver = "WRONG GRID"
+        check.problem = f"{grid_config.root} is grid {info.name!r}, not {grid_config.name!r}"
+    elif not info.writable:
+        check.driver = "read-only"
+        check.problem = f"{grid_config.root}/apps is not writable"
+    elif not info.rsync:
+        check.driver = "no rsync"
+        check.problem = "rsync is not installed on the grid host"
+    else:
+        check.driver = "ok"
+    return check
+
+
+class Command(BaseCommand):
+    help = (
+        "Check every grid in grid.info: reachable, host key, driver, free space, apps. "
+        "Exits non-zero when a grid fails."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("names", nargs="*", metavar="GRID", help="check only these grids")
+        parser.add_argument("--apps", metavar="GRID", help="list the apps on GRID with their states")
+        parser.add_argument(
+            "--init",
+            metavar="GRID",
+            help="make GRID's root a grid (directories and its name); safe to repeat",
+        )
+
+    def handle(self, *args, **options):
+        try:
+            configs = config.grid_configs()
+        except ConfigError as e:
+            raise CommandError(str(e)) from None
+        if options["init"]:
+            return self.init(self.pick(configs, options["init"]))
+        if options["apps"]:
+            return self.list_apps(self.pick(configs, options["apps"]))
+        selected = [self.pick(configs, n) for n in options["names"]] or list(configs.values())
+        if not selected:
+            raise CommandError(f"no grids in {config.settings.MIG_GRID_INFO_FILE}")
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            checks = list(pool.map(check_grid, selected))
+        self.print_table(checks)
+        self.record(checks)
+        failed = [c for c in checks if not c.ok]
+        for check in failed:
+            self.stderr.write(f"{check.grid}: {check.problem}")
+        if failed:
+            raise CommandError(f"{len(failed)} of {len(checks)} grid(s) failed the check", returncode=1)
+
+    def record(self, checks):
+        """Keep each result for the web form; a diagnostic run before startup has no table."""
+        if Grid._meta.db_table not in connection.introspection.table_names():
+            return
+        for grid in Grid.objects.filter(name__in=[c.grid for c in checks]):
+            check = next(c for c in checks if c.grid == grid.name)
+            grid.record_check(check.ok, check.problem or "ok")
+
+    def pick(self, configs, name):
+        if name not in configs:
+            raise CommandError(f"no grid {name!r} in grid.info (known: {', '.join(configs) or 'none'})")
+        return configs[name]
+
+    def print_table(self, checks):
+        header = ("GRID", "ADDRESS", "REACHABLE", "HOST KEY", "DRIVER", "FREE", "APPS")
+        rows = [header] + [
+            (c.grid, c.address, c.reachable, c.host_key, c.driver, c.free, c.apps) for c in checks
+        ]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        for row in rows:
+            self.stdout.write("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+    def list_apps(self, grid_config):
+        try:
+            with config.driver_for(grid_config) as driver:
+                apps = driver.list_apps()
+        except GridError as e:
+            raise CommandError(str(e)) from None
+        if not apps:
+            self.stdout.write(f"no apps on grid {grid_config.name}")
+        for app in apps:
+            self.stdout.write(f"{app.name:<40} {app.state}")
+
+    def init(self, grid_config):
+        try:
+            with config.driver_for(grid_config) as driver:
+                changed = driver.init()
+        except GridError as e:
+            raise CommandError(str(e)) from None
+        verb = "initialised" if changed else "already initialised"
+        self.stdout.write(f"grid {grid_config.name}: {grid_config.root} {verb}")

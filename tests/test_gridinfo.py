@@ -1,0 +1,95 @@
+"""grid.info parsing: typed grids, and errors naming the file, line, grid and key."""
+
+import pytest
+
+from migrations_app.grids import ConfigError, gridinfo
+
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
+GOOD = f"""\
+[grids.east]
+driver = "hostgrid"
+transport = "ssh"
+host = "127.0.0.2"
+port = 2222
+user = "mig"
+host_key = "{KEY}"
+root = "/srv/grid"
+app_url = "http://127.0.0.2:8080"
+
+[grids.lab]
+driver = "hostgrid"
+transport = "local"
+root = "/srv/lab"
+"""
+
+
+def test_parses_typed_grids_in_order():
+    grids = gridinfo.parse(GOOD)
+    assert list(grids) == ["east", "lab"]
+    east = grids["east"]
+    assert (east.host, east.port, east.user, east.root) == ("127.0.0.2", 2222, "mig", "/srv/grid")
+    assert east.app_url == "http://127.0.0.2:8080/"
+    assert east.address == "mig@127.0.0.2:2222" and east.app_host == "127.0.0.2"
+    assert grids["lab"].address == "local" and grids["lab"].python == "python3"
+
+
+def test_table_round_trip():
+    for grid in gridinfo.parse(GOOD).values():
+        assert gridinfo.GridConfig.from_table(grid.name, grid.to_table()) == grid
+
+
+def test_example_file_is_valid():
+    assert set(gridinfo.load("conf/grid.info.example")) == {"east", "lab"}
+
+
+def error(text):
+    with pytest.raises(ConfigError) as e:
+        gridinfo.parse(text, "/cfg/grid.info")
+    return str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (('user = "mig"', 'usr = "mig"'), "line 6: grid 'east', key 'usr': unknown key"),
+        (('root = "/srv/grid"\n', ""), "line 1: grid 'east', key 'root': is required"),
+        (("port = 2222", "port = 70000"), "line 5: grid 'east', key 'port': must be from 1 to 65535"),
+        (("port = 2222", 'port = "22"'), "grid 'east', key 'port': must be a number"),
+        (("port = 2222", "port = 22.5"), "grid 'east', key 'port': must be a whole number"),
+        (('driver = "hostgrid"', 'driver = "vmware"'), "grid 'east', key 'driver': unknown driver 'vmware'"),
+        (('driver = "hostgrid"', 'driver = "docker"'), "driver 'docker' is not available yet"),
+        (('transport = "ssh"', 'transport = "telnet"'), "key 'transport': unknown transport 'telnet'"),
+        ((f'host_key = "{KEY}"\n', ""), "key 'host_key': is required for an ssh grid (MIG never trusts"),
+        ((KEY, "AAAA"), "key 'host_key': must look like 'ssh-ed25519 AAAA...'"),
+        ((KEY, "ssh-ed25519 !!notbase64"), "key 'host_key': the key is not valid base64"),
+        ((KEY, KEY.replace("ssh-ed25519", "ssh-rsa")), "key 'host_key': the key data is not a ssh-rsa key"),
+        (('root = "/srv/grid"', 'root = "srv"'), "key 'root': must be an absolute path"),
+        (('root = "/srv/grid"', 'root = "/srv/../etc"'), "key 'root': must be a normalised path"),
+        (('app_url = "http://127.0.0.2:8080"', 'app_url = "ftp://x"'), "key 'app_url': must be an http://"),
+        (('host = "127.0.0.2"', 'host = "a b; rm"'), "key 'host': is not a host name or address"),
+        (("[grids.east]", "[grids.1east]"), "grid '1east': grid names use letters"),
+        (('root = "/srv/lab"', 'root = "/srv/lab"\nport = 22'), "grid 'lab', key 'port': only applies to"),
+    ],
+)
+def test_errors_name_file_line_grid_and_key(change, message):
+    text = GOOD.replace(*change)
+    assert text != GOOD
+    got = error(text)
+    assert got.startswith("/cfg/grid.info: ")
+    assert message in got
+
+
+def test_syntax_error_has_line():
+    assert "line 3" in error('[grids.east]\ndriver = "hostgrid"\nroot = \n')
+
+
+def test_top_level_keys_refused():
+    assert "unknown top-level key 'east'" in error('east = "x"\n')
+
+
+def test_missing_and_unreadable_files(tmp_path):
+    with pytest.raises(ConfigError, match="grid.info not found"):
+        gridinfo.load(tmp_path / "grid.info")
+    (tmp_path / "bin.info").write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match="cannot read grid.info"):
+        gridinfo.load(tmp_path / "bin.info")
