@@ -27,3 +27,6 @@ graceful_timeout = 5
 accesslog = "-" if os.environ.get("MIG_ACCESS_LOG") else None
 access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(M)sms'
 errorlog = "-"
+# gunicorn's control socket defaults to one path per user: two apps on one host would
+# fight over it, and MIG has no use for it.
+control_socket_disable = True

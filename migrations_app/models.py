@@ -1,10 +1,12 @@
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.db import IntegrityError, models, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
 from .grids.gridinfo import GridConfig
+from .helper import protocol
+from .helper.progress import Summary
 
 
 class GridQuerySet(models.QuerySet):
@@ -162,7 +164,8 @@ class MigrationJob(models.Model):
     rate = models.FloatField(default=0, help_text="bytes per second in the current phase")
     eta_seconds = models.FloatField(null=True, blank=True)
     source_stopped = models.DateTimeField(null=True, blank=True)
-    target_up = models.DateTimeField(null=True, blank=True)
+    # When MIG answered again after the stop: on the target (migrate) or the source (snapshot).
+    app_up = models.DateTimeField(null=True, blank=True)
     error = models.TextField(blank=True)
     bwlimit_kbps = models.PositiveIntegerField(null=True, blank=True)
     # Read-only access to the helper's progress while MIG itself is down.
@@ -207,8 +210,8 @@ class MigrationJob(models.Model):
 
     @property
     def downtime(self) -> timedelta | None:
-        if self.source_stopped and self.target_up:
-            return self.target_up - self.source_stopped
+        if self.source_stopped and self.app_up:
+            return self.app_up - self.source_stopped
         return None
 
     @property
@@ -224,6 +227,56 @@ class MigrationJob(models.Model):
             seq=seq,
             created=at or timezone.now(),
         )
+
+    def set_state(self, state):
+        """Move between active states; a finished job is never revived."""
+        MigrationJob.objects.filter(pk=self.pk, state__in=self.ACTIVE_STATES).update(
+            state=state, updated=timezone.now()
+        )
+        self.refresh_from_db()
+
+    def apply_helper_lines(self, lines):
+        """File the helper's events (each once) and take its latest counters and phase."""
+        events = [
+            JobEvent(
+                job=self,
+                seq=line["seq"],
+                created=datetime.fromisoformat(line["time"]),
+                level=line.get("level", JobEvent.Level.INFO),
+                phase=line.get("phase", ""),
+                message=line.get("message", ""),
+                data=line,
+            )
+            for line in lines
+            if line.get("kind") == protocol.EVENT
+        ]
+        JobEvent.objects.bulk_create(events, ignore_conflicts=True)
+        updates = {}
+        for line in lines:
+            if line.get("phase") in self.HELPER_PHASES:
+                updates["state"] = line["phase"]
+            if line.get("kind") == protocol.PROGRESS:
+                updates.update(
+                    bytes_done=line["bytes_done"],
+                    bytes_total=line["bytes_total"],
+                    rate=line["rate"],
+                    eta_seconds=line["eta"],
+                )
+            if line.get("fact") == protocol.SOURCE_STOPPED:
+                updates["source_stopped"] = datetime.fromisoformat(line["time"])
+            if line.get("fact") == protocol.TARGET_CREATED:
+                updates["target_created"] = True
+        if updates:
+            updates["updated"] = timezone.now()
+            MigrationJob.objects.filter(pk=self.pk, state__in=self.ACTIVE_STATES).update(**updates)
+            self.refresh_from_db()
+
+    def helper_summary(self):
+        """What the helper has reported, from the events filed so far."""
+        summary = Summary()
+        for data in self.events.filter(seq__isnull=False).order_by("seq").values_list("data", flat=True):
+            summary.add(data)
+        return summary
 
     def finish(self, state, error=""):
         """Move to a final state once; a job that already ended stays as it was."""

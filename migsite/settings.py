@@ -39,6 +39,19 @@ def env_bool(name, default=False):
     raise ImproperlyConfigured(f"{name} must be true or false (got {value!r})")
 
 
+def env_seconds(name, default, low=1, high=86400):
+    value = env.str(name, default="").strip()
+    if not value:
+        return float(default)
+    try:
+        number = float(value)
+    except ValueError:
+        number = None
+    if number is None or not low <= number <= high:
+        raise ImproperlyConfigured(f"{name} must be a number of seconds from {low} to {high} (got {value!r})")
+    return number
+
+
 def env_path(name, default):
     value = env.str(name, default="") or str(default)
     return Path(value).expanduser().absolute()
@@ -76,6 +89,10 @@ def secret_key(config_dir):
 
 # The config volume: SQLite database, secret key, job logs. It travels with the app.
 CONFIG_DIR = writable_dir("MIG_CONFIG_DIR", env_path("MIG_CONFIG_DIR", BASE_DIR / "var" / "config"))
+# Variables may also be kept in mig.env on the config volume, so they travel with the app
+# (MIG_PASSWORD among them: keep the file mode 0600). The real environment wins.
+if (CONFIG_DIR / "mig.env").is_file():
+    environ.Env.read_env(CONFIG_DIR / "mig.env")
 
 MIG_USERNAME = env.str("MIG_USERNAME", default="").strip()
 MIG_PASSWORD = env.str("MIG_PASSWORD", default="")
@@ -87,6 +104,11 @@ MIG_GRID_INFO_FILE = env_path("MIG_GRID_INFO_FILE", CONFIG_DIR / "grid.info")
 # Set by the grid for every component: where this copy of MIG runs.
 MIG_GRID = env.str("MIG_GRID", default="")
 MIG_APP = env.str("MIG_APP", default="")
+
+# A copy that moves no data for this long fails instead of hanging.
+MIG_STALL_TIMEOUT = env_seconds("MIG_STALL_TIMEOUT", 60)
+# How long `startup` waits for the helper's result when the app comes up.
+MIG_HELPER_WAIT = env_seconds("MIG_HELPER_WAIT", 60)
 
 SECRET_KEY = secret_key(CONFIG_DIR)
 DEBUG = env_bool("DEBUG")

@@ -118,3 +118,12 @@ def grid(request, tmp_path, client_key):
 @pytest.fixture
 def web_port():
     return free_port(GRID_HOSTS[0])
+
+
+@pytest.fixture
+def world(tmp_path, ssh_hosts, client_key):
+    from .world import World
+
+    w = World(tmp_path, ssh_hosts, client_key)
+    yield w
+    w.close()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from migrations_app.grids import AuthError, CommandTimeout, HostKeyError, TransportError, gridinfo, open_grid
-from migrations_app.grids.transport import LocalTransport, SSHTransport
+from migrations_app.grids.transport import LocalTransport, OpenSSHTransport, SSHTransport
 
 from .sshd import free_port, keygen
 
@@ -28,13 +28,21 @@ def ssh(host, key, **overrides):
     return SSHTransport(**options)
 
 
-@pytest.fixture(params=["local", "ssh"])
+def openssh(host, key, **overrides):
+    options = {"host": host.address, "port": host.port, "user": host.user, "host_key": host.host_key}
+    options.update(overrides)
+    return OpenSSHTransport(key_file=key, connect_timeout=5, **options)
+
+
+@pytest.fixture(params=["local", "ssh", "openssh"])
 def transport(request, client_key):
+    """Each transport: subprocess, paramiko (MIG), and the OpenSSH client (the helper)."""
     if request.param == "local":
         yield LocalTransport()
-    else:
-        with ssh(request.getfixturevalue("ssh_hosts")[0], client_key) as t:
-            yield t
+        return
+    make = ssh if request.param == "ssh" else openssh
+    with make(request.getfixturevalue("ssh_hosts")[0], client_key) as t:
+        yield t
 
 
 def test_stdout_stderr_and_status_kept_apart(transport):
@@ -152,3 +160,26 @@ def test_silent_host_is_answered_within_the_timeout(ssh_hosts, client_key):
         assert time.monotonic() - start < 4
     finally:
         listener.close()
+
+
+def test_openssh_refuses_a_wrong_host_key(ssh_hosts, client_key, tmp_path):
+    a, b = ssh_hosts
+    marker = tmp_path / "ran"
+    with (
+        openssh(a, client_key, host_key=b.host_key) as t,
+        pytest.raises(HostKeyError, match="does not match"),
+    ):
+        t.run(["touch", str(marker)])
+    assert not marker.exists()
+
+
+def test_openssh_reuses_one_master_connection(ssh_hosts, client_key):
+    with openssh(ssh_hosts[0], client_key) as t:
+        t.run(["true"])
+        sockets = os.listdir(t.control_dir)
+        t.run(["true"])
+        assert [s for s in os.listdir(t.control_dir) if s != "known_hosts"] == [
+            s for s in sockets if s != "known_hosts"
+        ]
+        assert len(sockets) == 2  # known_hosts and the master's socket
+    assert not os.path.exists(t.control_dir)

@@ -70,6 +70,7 @@ class GridInfo:
     apps: int
     python: str
     rsync: bool
+    time: float  # the host's clock, for comparing file times there
 
 
 class Driver:
@@ -120,11 +121,11 @@ class Driver:
         raise NotImplementedError
 
 
-def open_grid(grid: GridConfig, key_file) -> Driver:
+def open_grid(grid: GridConfig, key_file, ssh_client="paramiko") -> Driver:
     """A driver for `grid`, with its transport (connected on first use)."""
     from .hostgrid import HostGridDriver
 
     drivers = {"hostgrid": HostGridDriver}
     if grid.driver not in drivers:
         raise GridError(f"grid {grid.name!r}: driver {grid.driver!r} is not available")
-    return drivers[grid.driver](grid, open_transport(grid, key_file))
+    return drivers[grid.driver](grid, open_transport(grid, key_file, ssh_client))

@@ -122,8 +122,11 @@ class HostGridDriver(Driver):
             raise
 
     def put_secret(self, app, name, data):
-        validate_name(name, "secret")
-        self.transport.put(data, f"{self.grid.root}/apps/{validate_name(app)}/secrets/{name}", 0o600)
+        self.put_file(app, f"secrets/{validate_name(name, 'secret')}", data, 0o600)
+
+    def put_file(self, app, path, data, mode=0o600):
+        """Write a file inside an app's directory (a volume's content, a secret)."""
+        self.transport.put(data, f"{self.grid.root}/apps/{validate_name(app)}/{check_relpath(path)}", mode)
 
     def start(self, app):
         return self._call("start", validate_name(app))
@@ -181,6 +184,10 @@ class HostGridDriver(Driver):
         argv = self._argv("follow", [*args, "--max-time", str(max_time)])
         self.state(app)  # installs the agent if needed, and fails early if the app is gone
         yield from self.transport.stream(argv, timeout=max_time + 30)
+
+    def recent_files(self, app, since):
+        """Files in the app's volumes (relative to volumes/) modified at or after `since`."""
+        return self._call("recent", validate_name(app), "--since", repr(float(since)))
 
     def checksums(self, app, volume):
         return self._call("checksums", validate_name(app), validate_name(volume, "volume"))

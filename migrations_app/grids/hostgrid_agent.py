@@ -311,6 +311,7 @@ def op_info(grid, args):
         "apps": len([a for a in apps if grid.exists(a)]),
         "python": sys.version.split()[0],
         "rsync": shutil.which("rsync") is not None,
+        "time": time.time(),
     }
 
 
@@ -701,6 +702,27 @@ def file_digest(path):
     return h.hexdigest()
 
 
+def op_recent(grid, args):
+    """Regular files in an app's volumes modified at or after --since (this host's clock).
+
+    A copy whose size and mtime match may still be stale if the file changed again within
+    the same clock tick after it was read: these are the files to compare by content.
+    """
+    base = os.path.join(grid.app_dir(args.app), "volumes")
+    grid.manifest(args.app)
+    found = []
+    for dirpath, _dirnames, filenames in os.walk(base):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode) and st.st_mtime >= args.since:
+                found.append(os.path.relpath(path, base))
+    return sorted(found)
+
+
 def op_checksums(grid, args):
     """Every entry of a volume with its type, mode, size and content hash, for verify."""
     manifest = grid.manifest(args.app)
@@ -746,6 +768,7 @@ OPERATIONS = {
     "read": op_read,
     "follow": op_follow,
     "checksums": op_checksums,
+    "recent": op_recent,
 }
 
 
@@ -789,6 +812,9 @@ def parser():
     s.add_argument("path")
     s.add_argument("--offset", type=int, default=0)
     s.add_argument("--max-time", type=float, default=86400.0)
+    s = sub.add_parser("recent")
+    s.add_argument("app")
+    s.add_argument("--since", type=float, required=True)
     s = sub.add_parser("checksums")
     s.add_argument("app")
     s.add_argument("volume")

@@ -12,8 +12,10 @@ import hashlib
 import os
 import selectors
 import shlex
+import shutil
 import stat
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -384,10 +386,113 @@ class SSHTransport(Transport):
             self._client = None
 
 
-def open_transport(grid, key_file):
-    """The transport a grid's config asks for; connects lazily on first use."""
+class OpenSSHTransport(LocalTransport):
+    """SSH through the OpenSSH client, for the helper (grid hosts have no paramiko).
+
+    The host key is pinned in a known_hosts file of its own, with strict checking; one
+    master connection is shared by every command and by rsync (ControlMaster).
+    """
+
+    def __init__(self, host, port, user, host_key, key_file, connect_timeout=10.0, command_timeout=300.0):
+        super().__init__(command_timeout)
+        self.host, self.port, self.user = host, port, user
+        self.name = f"ssh {user}@{host}:{port}"
+        # Socket paths are limited to ~100 bytes: keep them in a short private directory.
+        self.control_dir = tempfile.mkdtemp(prefix="mig-ssh-")
+        known_hosts = os.path.join(self.control_dir, "known_hosts")
+        with open(known_hosts, "w") as f:
+            f.write(f"{known_hosts_name(host, port)} {host_key}\n")
+        self.ssh_argv = [
+            "ssh",
+            "-i",
+            str(key_file),
+            "-p",
+            str(port),
+            "-l",
+            user,
+            "-F",
+            "/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            f"UserKnownHostsFile={known_hosts}",
+            "-o",
+            "GlobalKnownHostsFile=/dev/null",
+            "-o",
+            f"ConnectTimeout={int(connect_timeout)}",
+            "-o",
+            "ServerAliveInterval=10",
+            "-o",
+            "ServerAliveCountMax=3",
+            "-o",
+            "ControlMaster=auto",
+            "-o",
+            f"ControlPath={self.control_dir}/%C",
+            "-o",
+            "ControlPersist=60",
+            "-o",
+            "LogLevel=ERROR",
+        ]
+
+    def remote_shell(self):
+        """The ssh command line for rsync's -e option."""
+        return shlex.join(self.ssh_argv)
+
+    def _exec(self, argv, input, timeout):
+        full = [*self.ssh_argv, self.host, "--", shlex.join(argv)]
+        err = bytearray()
+        for kind, data in super()._exec(full, input, timeout):
+            if kind == "err":
+                err += data
+            if kind == "exit" and data == 255:
+                detail = err.decode("utf-8", "replace").strip()
+                if "Host key verification failed" in detail or "IDENTIFICATION HAS CHANGED" in detail:
+                    raise HostKeyError(f"{self.name}: host key does not match the pinned key: {detail}")
+                raise TransportError(f"{self.name}: {detail or 'ssh failed'}")
+            yield kind, data
+
+    def put(self, data, path, mode=0o600):
+        path = str(path)
+        directory = os.path.dirname(path)
+        tmp = f"{directory}/.{os.path.basename(path)}.{uuid.uuid4().hex}.tmp"
+        q = shlex.quote
+        script = (
+            f"umask 077 && mkdir -p -- {q(directory)} && cat > {q(tmp)} && chmod {mode:o} {q(tmp)} "
+            f"&& mv -f -- {q(tmp)} {q(path)} || {{ rm -f -- {q(tmp)}; exit 1; }}"
+        )
+        self.run(["sh", "-c", script], input=data)
+
+    def close(self):
+        subprocess.run(
+            [*self.ssh_argv, "-O", "exit", self.host],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=False,
+        )
+        shutil.rmtree(self.control_dir, ignore_errors=True)
+
+
+def open_transport(grid, key_file, ssh_client="paramiko"):
+    """The transport a grid's config asks for; connects lazily on first use.
+
+    MIG uses paramiko; the helper asks for the OpenSSH client, which rsync needs anyway.
+    """
     if grid.transport == "local":
         return LocalTransport(grid.command_timeout)
+    if ssh_client == "openssh":
+        return OpenSSHTransport(
+            grid.host,
+            grid.port,
+            grid.user,
+            grid.host_key,
+            key_file,
+            grid.connect_timeout,
+            grid.command_timeout,
+        )
     return SSHTransport(
         grid.host,
         grid.port,

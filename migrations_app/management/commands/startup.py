@@ -8,18 +8,20 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import connection, transaction
 from django.db.migrations.executor import MigrationExecutor
 
-from migrations_app import config
+from migrations_app import config, migration
 from migrations_app.grids import ConfigError
-from migrations_app.models import Grid
+from migrations_app.models import Grid, Lock
 
 CONFIG_SUBDIRS = ("logs",)
 
 
 class Command(BaseCommand):
     help = (
-        "Run each time MIG starts: prepare the config volume, database, grids and login "
-        "user. Safe to run any number of times; a second run changes nothing."
+        "Run each time MIG starts: prepare the config volume, database, grids and login user, "
+        "then finish or clean up a job whose lock travelled with the app (DESIGN.md's startup "
+        "table). Safe to run any number of times; a second run changes nothing."
     )
+    following = None  # a job whose helper is still at work, for `serve` to keep following
 
     def handle(self, **options):
         self.changes = []
@@ -29,6 +31,7 @@ class Command(BaseCommand):
         self.step_database()
         self.step_grids(grids)
         self.step_login_user()
+        self.step_lock()
         if self.changes:
             self.stdout.write(f"startup: done, {len(self.changes)} change(s).")
         else:
@@ -82,6 +85,26 @@ class Command(BaseCommand):
         for verb, names in (("added", created), ("updated", updated), ("unlisted", gone)):
             if names:
                 self.changed(f"grids {verb}: {', '.join(names)}")
+
+    def step_lock(self):
+        lock = Lock.objects.current()
+        if lock is None:
+            return
+        job = lock.job
+        if not all(config.here()):
+            self.warn(f"job #{job.pk} holds the lock, but MIG_GRID/MIG_APP are not set: leaving it")
+            return
+        self.stdout.write(f"  job #{job.pk} ({job.action}) holds the lock; finishing it")
+        outcome = migration.complete(job)
+        job.refresh_from_db()
+        if outcome == "following":
+            self.following = job
+            self.stdout.write(f"  job #{job.pk}: the helper is still at work; following it")
+        elif outcome == "left":
+            last = job.events.order_by("-created", "-pk").first()
+            self.warn(f"job #{job.pk}: left as it is: {last.message if last else ''}")
+        else:
+            self.changed(f"job #{job.pk}: {outcome}" + (f" ({job.error})" if job.error else ""))
 
     def step_login_user(self):
         User = get_user_model()

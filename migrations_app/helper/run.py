@@ -1,0 +1,320 @@
+"""
+The helper's job, as small steps:
+
+    precopy      define the target app, copy every volume while the source runs, repeating
+                 while the remaining delta shrinks
+    stopping     stop the source app (never by force)
+    final_sync   copy what changed since, with the source stopped
+    verifying    the copy matches the stopped source, file by file
+    starting     migrate: start the target; snapshot: restart the source
+
+Any failure: destroy the target if this job created it, make sure the source runs, and
+record why. The last line of the progress log is always the result; then the helper
+keeps answering status requests until MIG destroys it.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from ..grids import AppExists, AppState, GridError, open_grid
+from ..grids.gridinfo import GridConfig
+from . import protocol
+from .copy import CopyError, compare_trees, rsync_argv, run_rsync
+from .progress import ProgressLog
+from .status import serve_status
+
+LINGER_SECONDS = 3600
+RACY_MARGIN = 2.0  # seconds: coarse file-time ticks and clock jitter
+
+
+class Failure(Exception):
+    """The job cannot go on; the message says why, for the operator."""
+
+
+class Stopped(BaseException):
+    """SIGTERM arrived: someone stopped or destroyed the helper."""
+
+
+def human_bytes(n):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+class Helper:
+    def __init__(self, config_path, work_dir):
+        secrets_dir = os.path.dirname(os.path.abspath(config_path))
+        with open(config_path) as f:
+            self.config = json.load(f)
+        with open(os.path.join(secrets_dir, protocol.SECRET_TOKEN)) as f:
+            self.token = f.read().strip()
+        self.key_file = os.path.join(secrets_dir, protocol.SECRET_KEY)
+        self.work_dir = work_dir
+        self.log = ProgressLog(os.path.join(work_dir, "progress.jsonl"))
+        self.action = self.config["action"]
+        source, target = self.config["source"], self.config["target"]
+        self.source_app, self.target_app = source["app"], target["app"]
+        self.source_grid = GridConfig.from_table(source["grid"], source["table"])
+        # The helper runs on the target grid's host: it reaches that grid directly.
+        target_grid = GridConfig.from_table(target["grid"], target["table"])
+        self.target_grid = dataclasses.replace(target_grid, transport="local", host="", host_key="")
+        self.bwlimit = self.config.get("bwlimit_kbps")
+        self.stall_timeout = float(self.config.get("stall_timeout", 60))
+        self.max_passes = int(self.config.get("max_passes", 4))
+        self.source = self.target = None
+        self.target_created = self.source_stopped = self.verified = False
+        self.finished = False
+        self.volumes = []
+        self.total_bytes = 0
+
+    # --- running ------------------------------------------------------------------------
+
+    def run(self):
+        signal.signal(signal.SIGTERM, self.on_sigterm)
+        server = serve_status(self.target_grid.app_host or "127.0.0.1", self.token, self.snapshot)
+        host, port = server.server_address[:2]
+        self.write_status(f"http://{host}:{port}/status")
+        self.log.event(
+            f"Helper started for job #{self.config['job']}: {self.action} "
+            f"{self.source_grid.name}/{self.source_app} → {self.target_grid.name}/{self.target_app}",
+            phase=protocol.PRECOPY,
+        )
+        try:
+            self.step_open()
+            self.step_precopy()
+            self.step_stop_source()
+            self.step_final_sync()
+            self.step_verify()
+            self.step_start()
+            self.succeed()
+        except (Failure, Stopped, GridError, CopyError, OSError) as e:
+            self.fail(self.reason(e))
+        self.linger()
+        return 0
+
+    def reason(self, error):
+        if isinstance(error, Stopped):
+            return f"the helper was stopped during {self.log.phase}"
+        return str(error)
+
+    def on_sigterm(self, signum, frame):
+        if self.finished:
+            sys.exit(0)
+        raise Stopped()
+
+    def write_status(self, url):
+        path = os.path.join(self.work_dir, "status.json")
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"url": url, "pid": os.getpid()}, f)
+        os.replace(tmp, path)
+
+    def snapshot(self):
+        """What the status endpoint answers."""
+        return {
+            "job": self.config["job"],
+            "phase": self.log.phase,
+            "latest": self.log.latest,
+            "events": self.log.events[-30:],
+            "finished": self.finished,
+        }
+
+    def linger(self):
+        """Keep answering status until MIG destroys the helper (or an hour passes)."""
+        deadline = time.monotonic() + LINGER_SECONDS
+        while time.monotonic() < deadline:
+            time.sleep(1)
+
+    # --- steps --------------------------------------------------------------------------
+
+    def step_open(self):
+        self.source = open_grid(self.source_grid, self.key_file, ssh_client="openssh")
+        self.target = open_grid(self.target_grid, self.key_file)
+        # File times on the source are in its clock; mind the difference to ours.
+        self.source_clock_offset = self.source.info().time - time.time()
+        app = self.source.describe(self.source_app, sizes=True)
+        if app.state != AppState.RUNNING:
+            raise Failure(f"the source app is {app.state}, not running")
+        self.manifest = app.manifest
+        self.volumes = app.volumes
+        self.source_path = app.path
+        self.total_bytes = app.bytes
+
+    def step_precopy(self):
+        try:
+            self.target.define(self.target_app, self.manifest)
+        except AppExists:
+            raise Failure(
+                f"the target app {self.target_app} already exists on {self.target_grid.name}"
+            ) from None
+        self.target_created = True
+        self.target_path = self.target.describe(self.target_app, sizes=False).path
+        self.log.event(
+            f"Defined {self.target_app} on {self.target_grid.name}; copying {len(self.volumes)} "
+            f"volume(s), {human_bytes(self.total_bytes)}, while the source runs",
+            fact=protocol.TARGET_CREATED,
+        )
+        previous = None
+        for number in range(1, self.max_passes + 1):
+            stats = self.copy_pass(f"pre-copy pass {number}")
+            changed = stats.changed_bytes
+            self.log.event(
+                f"Pre-copy pass {number}: {human_bytes(changed)} changed, "
+                f"{human_bytes(stats.literal_bytes)} sent in {stats.seconds:.1f}s",
+                pass_number=number,
+                changed_bytes=changed,
+                seconds=round(stats.seconds, 3),
+            )
+            # Another pass pays off only while the delta keeps shrinking and is not tiny.
+            if number > 1 and (changed <= max(1 << 20, self.total_bytes // 1000) or changed >= previous / 2):
+                break
+            previous = changed
+
+    def step_stop_source(self):
+        self.log.event(f"Stopping the source app {self.source_app}", phase=protocol.STOPPING)
+        try:
+            self.source.stop(self.source_app)
+        except GridError as e:
+            raise Failure(f"the source app did not stop: {e}") from None
+        self.source_stopped = True
+        self.log.event("Source stopped", fact=protocol.SOURCE_STOPPED)
+
+    def step_final_sync(self):
+        self.log.event("Final pass with the source stopped", phase=protocol.FINAL_SYNC)
+        last_read = self.last_pass_started
+        stats = self.copy_pass("final pass")
+        # A file changed twice within one clock tick around the last pre-copy read looks
+        # unchanged by size and time: compare such recent files by content.
+        since = last_read + self.source_clock_offset - RACY_MARGIN
+        racy = self.source.recent_files(self.source_app, since)
+        if racy:
+            listing = os.path.join(self.work_dir, "racy-files")
+            with open(listing, "w") as f:
+                f.write("".join(f"{path}\n" for path in racy))
+            recheck = self.copy_pass("final pass, recent files", files_from=listing)
+            stats.changed_bytes += recheck.changed_bytes
+        self.log.event(
+            f"Final pass: {human_bytes(stats.changed_bytes)} changed, sent in {stats.seconds:.1f}s; "
+            f"{len(racy)} recently written file(s) compared by content",
+            changed_bytes=stats.changed_bytes,
+            seconds=round(stats.seconds, 3),
+            recent_files=racy[:50],
+        )
+
+    def step_verify(self):
+        self.log.event("Verifying the copy file by file", phase=protocol.VERIFYING)
+        names = [v.name for v in self.volumes]
+        with ThreadPoolExecutor(max_workers=2 * len(names) or 1) as pool:
+            source = {n: pool.submit(self.source.checksums, self.source_app, n) for n in names}
+            target = {n: pool.submit(self.target.checksums, self.target_app, n) for n in names}
+            problems = []
+            files = 0
+            for name in names:
+                src, dst = source[name].result(), target[name].result()
+                files += len(src)
+                problems += [f"{name}/{p}" for p in compare_trees(src, dst)]
+        if problems:
+            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            raise Failure(f"verify failed, {len(problems)} difference(s): {shown}")
+        self.verified = True
+        self.log.event(f"Verified {files} entries in {len(names)} volume(s): the copy matches")
+
+    def step_start(self):
+        if self.action == "migrate":
+            self.log.event(f"Starting {self.target_app} on {self.target_grid.name}", phase=protocol.STARTING)
+            try:
+                self.target.start(self.target_app)
+            except GridError as e:
+                raise Failure(f"the target app failed to start: {e}") from None
+        else:
+            self.log.event(f"Restarting the source app {self.source_app}", phase=protocol.STARTING)
+            try:
+                self.source.start(self.source_app)
+            except GridError as e:
+                raise Failure(f"the source app failed to restart: {e}") from None
+
+    # --- endings ------------------------------------------------------------------------
+
+    def succeed(self):
+        assert self.verified, "a job never succeeds without a verified copy"
+        self.finished = True
+        what = "started" if self.action == "migrate" else "kept stopped; source restarted"
+        self.log.event(
+            f"Done: {self.target_grid.name}/{self.target_app} {what}",
+            phase=protocol.FINISHING,
+            fact=protocol.RESULT,
+            result="ok",
+        )
+
+    def fail(self, reason):
+        # Cleanup must not be interrupted by a second SIGTERM.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        failed_during = self.log.phase
+        self.log.event(f"Failed during {failed_during}: {reason}", level="error", phase=protocol.FAILED)
+        if self.target_created:
+            try:
+                result = self.target.destroy(self.target_app)
+                leftovers = result.get("leftovers") or []
+                note = f" (could not remove: {'; '.join(leftovers[:3])})" if leftovers else ""
+                self.log.event(f"Removed the partial target {self.target_app}{note}")
+            except GridError as e:
+                self.log.event(f"Could not remove the partial target: {e}", level="error")
+        if self.source is not None:
+            try:
+                if self.source.state(self.source_app) != AppState.RUNNING:
+                    self.source.start(self.source_app)
+                    self.log.event(f"Restarted the source app {self.source_app}")
+            except GridError as e:
+                self.log.event(f"Could not restart the source app: {e}", level="error")
+        self.finished = True
+        signal.signal(signal.SIGTERM, self.on_sigterm)
+        self.log.event(
+            f"Failed: {reason}",
+            level="error",
+            fact=protocol.RESULT,
+            result="failed",
+            error=reason,
+            failed_during=failed_during,
+        )
+
+    # --- copying ------------------------------------------------------------------------
+
+    def copy_pass(self, label, files_from=None):
+        """One rsync of the whole volumes/ directory, reporting progress."""
+        started = time.monotonic()
+        self.last_pass_started = time.time()
+        total = max(self.total_bytes, 1)
+        if self.source_grid.transport == "ssh":
+            source = f"{self.source_grid.host}:{self.source_path}/volumes/"
+            remote_shell = self.source.transport.remote_shell()
+        else:
+            source, remote_shell = f"{self.source_path}/volumes/", None
+
+        def on_progress(done, percent):
+            done = min(done, total)
+            elapsed = max(time.monotonic() - started, 1e-3)
+            rate = done / elapsed
+            eta = (total - done) / rate if rate > 0 else None
+            self.log.progress(done, total, rate, eta, label)
+
+        argv = rsync_argv(
+            source, f"{self.target_path}/volumes/", remote_shell, self.bwlimit, self.stall_timeout, files_from
+        )
+        stats = run_rsync(argv, on_progress, self.stall_timeout)
+        self.log.progress(total, total, total / max(stats.seconds, 1e-3), 0, label, force=True)
+        return stats
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="mighelper", description="MIG's helper: copies one app.")
+    parser.add_argument("--config", required=True, help="the job's config file (from MIG)")
+    parser.add_argument("--work", required=True, help="directory for the progress log")
+    args = parser.parse_args(argv)
+    return Helper(args.config, args.work).run()

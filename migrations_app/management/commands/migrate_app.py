@@ -1,0 +1,141 @@
+import argparse
+import getpass
+import signal
+import sys
+import time
+import urllib.request
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+from migrations_app import config, migration
+from migrations_app.grids import ConfigError
+from migrations_app.helper import protocol
+from migrations_app.models import LockHeld, MigrationJob
+
+
+class ProgressPrinter:
+    """Shows the helper's progress: a bar on a terminal, plain lines otherwise."""
+
+    def __init__(self, out, tty):
+        self.out, self.tty = out, tty
+        self.bar_shown = False
+
+    def __call__(self, line):
+        if line.get("kind") == protocol.PROGRESS:
+            if self.tty:
+                self.out.write("\r" + self.bar(line), ending="")
+                self.out.flush()
+                self.bar_shown = True
+            return
+        if self.bar_shown:
+            self.out.write("")
+            self.bar_shown = False
+        level = line.get("level", "info")
+        prefix = "" if level == "info" else f"{level.upper()}: "
+        self.out.write(f"[{line.get('phase', '')}] {prefix}{line.get('message', '')}")
+
+    @staticmethod
+    def bar(line, width=30):
+        done, total = line["bytes_done"], max(line["bytes_total"], 1)
+        filled = int(width * done / total)
+        eta = f"ETA {line['eta']:.0f}s" if line.get("eta") else ""
+        return (
+            f"[{'#' * filled}{'-' * (width - filled)}] {100 * done / total:5.1f}% "
+            f"{migration.human_bytes(done)}/{migration.human_bytes(total)} "
+            f"{migration.human_bytes(line['rate'])}/s {eta} {line.get('message', '')}"
+        ).ljust(100)
+
+
+class Command(BaseCommand):
+    help = (
+        "Migrate this app, or take a snapshot copy of it, to TARGET_GRID as TARGET_APP. Runs the "
+        "pre-flight, takes the lock, provisions the helper on the target grid and prints the job id. "
+        "The app (and MIG with it) stops during the copy; where it comes up, `startup` finishes the job."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("target_grid", metavar="TARGET_GRID", help="a grid from grid.info")
+        parser.add_argument("target_app", metavar="TARGET_APP", help="the app's name on the target grid")
+        parser.add_argument(
+            "--action",
+            choices=MigrationJob.Action.values,
+            help="migrate (move the app) or snapshot (copy it, leave it running); "
+            "required when MIG_MODE allows both",
+        )
+        parser.add_argument("--wait", action="store_true", help="follow the job here, with a progress bar")
+        parser.add_argument(
+            "--dry-run", action="store_true", help="run the pre-flight and print the plan; change nothing"
+        )
+        parser.add_argument("--bwlimit", type=int, metavar="KBPS", help="cap the copy at KBPS KiB/s")
+        # The web interface says who started the job.
+        parser.add_argument("--started-by", default="", help=argparse.SUPPRESS)
+
+    def handle(self, *args, **options):
+        action = options["action"] or self.default_action()
+        bwlimit = options["bwlimit"]
+        if bwlimit is not None and bwlimit <= 0:
+            raise CommandError("--bwlimit must be a positive number of KiB/s")
+        try:
+            plan = migration.preflight(options["target_grid"], options["target_app"], action)
+        except migration.PreflightError as e:
+            raise CommandError(f"pre-flight: {e}") from None
+        if options["dry_run"]:
+            self.stdout.write(plan.describe())
+            self.stdout.write("dry run: no lock taken, nothing changed")
+            return
+        started_by = options["started_by"] or f"{getpass.getuser()} (command line)"
+        try:
+            job = migration.launch(plan, started_by, bwlimit)
+        except LockHeld as e:
+            raise CommandError(f"refused: {e}") from None
+        except migration.LaunchError as e:
+            raise CommandError(str(e)) from None
+        self.stdout.write(
+            f"job {job.pk}: {job.action} {job.source_grid}/{job.source_app} → "
+            f"{job.target_grid}/{job.target_app}; helper {job.helper_app} is running"
+        )
+        if not options["wait"]:
+            migration.start_follower(job)
+            return
+        self.follow(job)
+
+    def default_action(self):
+        allowed = migration.allowed_actions()
+        if len(allowed) == 1:
+            return allowed[0]
+        raise CommandError("choose --action migrate or --action snapshot")
+
+    def follow(self, job):
+        signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
+        follower = migration.Follower(job, ProgressPrinter(self.stdout, self.stdout.isatty()))
+        outcome = follower.run()
+        if outcome == "failed":
+            if follower.write_db:
+                job.refresh_from_db()
+            raise CommandError(f"job {job.pk} failed: {follower.error or job.error}")
+        if outcome == "done":
+            self.stdout.write(f"job {job.pk} done")
+            return
+        if outcome == "ok" and job.action == MigrationJob.Action.MIGRATE:
+            self.wait_for_target(job)
+            return
+        if outcome == "ok":
+            self.stdout.write(f"job {job.pk}: snapshot taken; the source app restarts")
+            return
+        raise CommandError(f"job {job.pk}: {outcome}")
+
+    def wait_for_target(self, job):
+        try:
+            url = config.grid_config(job.target_grid).app_url
+        except ConfigError:
+            url = ""
+        deadline = time.monotonic() + settings.MIG_HELPER_WAIT
+        while url and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}ping/", timeout=2):
+                    self.stdout.write(f"job {job.pk}: migrated; MIG answers at {url}")
+                    return
+            except OSError:
+                time.sleep(0.5)
+        self.stdout.write(f"job {job.pk}: migrated; the target's MIG has not answered yet at {url}")

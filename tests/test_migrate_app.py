@@ -1,0 +1,301 @@
+"""Self-migration end to end: real sshd, real rsync, real processes, MIG inside the app.
+
+Each test provisions an app with MIG inside on grid `east`, runs `migrate_app` from the
+app's own code volume with the app's environment, and checks every grid afterwards.
+"""
+
+import os
+import signal
+import subprocess
+
+import pytest
+
+from migrations_app import catalog
+
+from .world import PYTHON, journal, tree, wait_for
+
+HELPER = "MigHelper_shop"
+
+
+def template_code():
+    files, _ = catalog.mig_app_template(PYTHON)
+    return {k.removeprefix("volumes/code/"): v for k, v in files.items() if k.startswith("volumes/code/")}
+
+
+def assert_journal_continues(lines, source, target):
+    """The source's writes, all of them in order, then the target's, carrying on the count."""
+    counts = [count for where, count in lines]
+    assert counts == list(range(1, len(counts) + 1)), "a write was lost or repeated"
+    places = [where for where, count in lines]
+    switch = places.index(target) if target in places else len(places)
+    assert set(places[:switch]) == {source} and set(places[switch:]) <= {target}
+    return switch
+
+
+def event_messages(world, grid, app, job_id):
+    return [e["message"] for e in world.events(grid, app, job_id)]
+
+
+def test_migrate(world):
+    world.provision()
+    secret_key = (world.app_dir("east", "shop") / "volumes/config/secret_key").read_bytes()
+
+    result = world.manage("east", "shop", "migrate_app", "west", "shop", "--action", "migrate", "--wait")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "[verifying] Verified" in result.stdout
+    assert f"MIG answers at {world.url('west')}" in result.stdout
+
+    job = world.wait_job("west", "shop", 1)
+    assert job["state"] == "done", job
+    assert world.running("west", "shop") and world.answering("west")
+    assert world.state("east", "shop") is None, "the source app should be destroyed"
+    assert world.state("west", HELPER) is None, "the helper should be destroyed"
+    assert world.locks("west", "shop") == []
+
+    # Every file that does not change by itself travelled byte for byte.
+    target = world.app_dir("west", "shop") / "volumes"
+    assert tree(target / "code") == template_code()
+    config = tree(target / "config")
+    assert config["secret_key"] == secret_key
+    assert config["grid.info"].decode() == world.grid_info
+    assert config["id_ed25519"] == world.key.read_bytes()
+    # The data component kept writing during the copy; none of its writes was lost.
+    switch = assert_journal_continues(journal(target / "data/journal.log"), "east/shop", "west/shop")
+    assert switch > 0
+
+    # The job's history moved with the app: events from the source, the helper and the target.
+    messages = event_messages(world, "west", "shop", 1)
+    assert messages[0].startswith("Lock taken by") and messages[0].endswith("(command line).")
+    for expected in ("Provisioned MigHelper_shop on west", "Source stopped", "Destroyed the source app shop"):
+        assert any(m.startswith(expected) for m in messages), (expected, messages)
+    assert messages[-1] == "Migration complete: shop runs on west"
+    assert job["source_stopped"] and job["app_up"] and job["app_up"] > job["source_stopped"]
+
+    # Running startup again changes nothing.
+    again = world.manage("west", "shop", "startup")
+    assert "nothing to do" in again.stdout, again.stdout + again.stderr
+
+
+def test_snapshot(world):
+    world.provision()
+    result = world.manage(
+        "east", "shop", "migrate_app", "west", "shop-copy", "--action", "snapshot", "--wait"
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    assert world.wait_answering("east")
+    job = world.wait_job("east", "shop", 1)
+    assert job["state"] == "done", job
+    assert world.running("east", "shop")
+    assert world.state("west", "shop-copy") == "stopped"
+    assert world.state("west", HELPER) is None
+    assert world.locks("east", "shop") == []
+    assert job["app_up"] > job["source_stopped"]
+
+    source = world.app_dir("east", "shop") / "volumes"
+    copy = world.app_dir("west", "shop-copy") / "volumes"
+    assert tree(copy / "code") == tree(source / "code")
+    source_config, copy_config = tree(source / "config"), tree(copy / "config")
+    for name in ("grid.info", "mig.env", "id_ed25519", "secret_key"):
+        assert copy_config[name] == source_config[name]
+    # The copy is the source as it was when stopped; the source wrote on after its restart.
+    copied, live = journal(copy / "data/journal.log"), journal(source / "data/journal.log")
+    assert copied == live[: len(copied)] and len(live) > len(copied)
+    assert int((copy / "data/counter.txt").read_text()) == copied[-1][1]
+    assert event_messages(world, "east", "shop", 1)[-1].startswith("Snapshot complete")
+
+
+def test_snapshot_to_the_same_grid_under_another_name(world):
+    world.provision()
+    result = world.manage("east", "shop", "migrate_app", "east", "shop2", "--action", "snapshot", "--wait")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert world.wait_answering("east")
+    assert world.wait_job("east", "shop", 1)["state"] == "done"
+    assert world.running("east", "shop")
+    assert world.state("east", "shop2") == "stopped"
+    assert world.state("east", "MigHelper_shop2") is None
+    assert world.locks("east", "shop") == []
+
+
+def test_manually_started_snapshot_copy_clears_its_stale_lock(world):
+    world.provision()
+    result = world.manage("east", "shop", "migrate_app", "west", "copy", "--action", "snapshot", "--wait")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert world.wait_job("east", "shop", 1)["state"] == "done"
+    # The copy carries the lock as it was at the final pass.
+    assert len(world.locks("west", "copy")) == 1
+    east_apps = [(a.name, a.state) for a in world.drivers["east"].list_apps()]
+
+    world.drivers["west"].start("copy")
+    assert world.wait_answering("west")
+    assert world.locks("west", "copy") == []
+    messages = event_messages(world, "west", "copy", 1)
+    assert "This is the snapshot copy, started by hand" in messages[-1]
+    # Nothing remote: the source grid is as it was, and no helper came back.
+    assert [(a.name, a.state) for a in world.drivers["east"].list_apps()] == east_apps
+    assert world.state("west", "MigHelper_copy") is None
+
+
+def assert_failed_cleanly(world, job_id, reason, target_app="shop"):
+    """The source runs, nothing this job created is left on the target, the job says why."""
+    assert world.wait_answering("east")
+    job = world.wait_job("east", "shop", job_id)
+    assert job["state"] == "failed", job
+    assert reason in job["error"], job["error"]
+    assert world.running("east", "shop")
+    assert world.state("west", target_app) is None
+    assert world.state("west", f"MigHelper_{target_app}") is None
+    assert world.locks("east", "shop") == []
+    return job
+
+
+def make_unwritable(path):
+    """A directory nobody can write, root included: a read-only mount (or mode 0555)."""
+    path.mkdir(parents=True)
+    if os.geteuid() == 0:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], check=True)
+        return lambda: subprocess.run(["umount", str(path)], check=False)
+    path.chmod(0o555)
+    return lambda: path.chmod(0o755)
+
+
+def test_target_volume_not_writable(world):
+    world.provision()
+    restore = make_unwritable(world.app_dir("west", "shop") / "volumes" / "data")
+    try:
+        result = world.manage("east", "shop", "migrate_app", "west", "shop", "--action", "migrate", "--wait")
+        assert result.returncode != 0
+        assert "failed" in result.stderr
+        job = assert_failed_cleanly(world, 1, "rsync failed")
+        assert "Read-only file system" in job["error"] or "Permission denied" in job["error"]
+    finally:
+        restore()
+    # What the job created is gone; only the directory the test made remains, empty.
+    leftovers = [p for p in world.app_dir("west", "shop").rglob("*") if p.is_file()]
+    assert leftovers == []
+
+
+def test_helper_killed_during_precopy(world):
+    world.provision(padding=4 << 20)
+    launched = world.manage(
+        "east", "shop", "migrate_app", "west", "shop", "--action", "migrate", "--bwlimit", "400"
+    )
+    assert launched.returncode == 0, launched.stderr
+    assert wait_for(lambda: any(line["kind"] == "progress" for line in world.helper_log("west", HELPER)), 30)
+    pid = int((world.app_dir("west", HELPER) / "run/helper.pid").read_text().split()[0])
+    os.kill(pid, signal.SIGKILL)
+    assert_failed_cleanly(world, 1, "the helper stopped unexpectedly during precopy")
+
+
+def test_source_refusing_to_stop(world):
+    world.provision(properties={"ignore_stop": "yes"})
+    result = world.manage("east", "shop", "migrate_app", "west", "shop", "--action", "migrate", "--wait")
+    assert result.returncode != 0
+    job = assert_failed_cleanly(world, 1, "the source app did not stop")
+    assert "did not stop within 5s of SIGTERM: data" in job["error"]
+
+
+def test_target_failing_to_start(world):
+    world.provision(properties={"fail_on_grid": "west"})
+    result = world.manage("east", "shop", "migrate_app", "west", "shop", "--action", "migrate", "--wait")
+    assert result.returncode != 0
+    job = assert_failed_cleanly(world, 1, "the target app failed to start")
+    assert "refusing to run on grid west" in job["error"]
+
+
+def test_stalled_copy_fails_instead_of_hanging(world):
+    world.provision(padding=4 << 20)
+    env_file = world.app_dir("east", "shop") / "volumes/config/mig.env"
+    env_file.write_text(env_file.read_text() + "MIG_STALL_TIMEOUT='2'\n")
+    launched = world.manage(
+        "east", "shop", "migrate_app", "west", "shop", "--action", "migrate", "--bwlimit", "400"
+    )
+    assert launched.returncode == 0, launched.stderr
+    assert wait_for(lambda: any(line["kind"] == "progress" for line in world.helper_log("west", HELPER)), 30)
+    # Freeze the rsync that reads the source: the copy stops moving, for real.
+    senders = subprocess.run(["pgrep", "-f", "rsync --server --sender"], capture_output=True, text=True)
+    pids = [int(p) for p in senders.stdout.split()]
+    assert pids
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        job = assert_failed_cleanly(world, 1, "")
+        assert "no progress for 2s" in job["error"] or "timeout" in job["error"], job["error"]
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_concurrent_calls_make_one_job(world):
+    world.provision()
+    calls = [
+        world.popen_manage("east", "shop", "migrate_app", "west", name, "--action", "snapshot")
+        for name in ("first", "second")
+    ]
+    results = [(c.wait(120), *c.communicate()) for c in calls]
+    codes = sorted(code for code, _, _ in results)
+    assert codes[0] == 0 and codes[1] != 0, results
+    loser = next(err for code, _, err in results if code != 0)
+    assert "refused: a snapshot of east/shop" in loser or "another job holds the lock: job #1" in loser, loser
+    job = world.wait_job("east", "shop", 1)
+    assert job["state"] == "done", job["error"]
+    assert len(world.db("east", "shop", "SELECT id FROM migrations_app_migrationjob")) == 1
+
+
+def test_dry_run_changes_nothing(world):
+    world.provision()
+    result = world.manage("east", "shop", "migrate_app", "west", "shop", "--action", "migrate", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "migrate east/shop → west/shop" in result.stdout
+    assert "volume data" in result.stdout and "estimated copy time" in result.stdout
+    assert "dry run: no lock taken, nothing changed" in result.stdout
+    assert world.drivers["west"].list_apps() == []
+    assert world.db("east", "shop", "SELECT id FROM migrations_app_migrationjob") == []
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (
+            ["west", "shop", "--action", "migrate"],
+            {"MIG_MODE": "snapshot"},
+            "MIG_MODE=snapshot does not allow migrate",
+        ),
+        (["north", "shop", "--action", "migrate"], {}, "no grid 'north' in grid.info"),
+        (["west", "a b", "--action", "migrate"], {}, "invalid app name 'a b'"),
+        (["east", "shop", "--action", "snapshot"], {}, "that is this app itself"),
+        (
+            ["west", "shop", "--bwlimit", "0", "--action", "migrate"],
+            {},
+            "--bwlimit must be a positive number",
+        ),
+        (["west", "shop"], {}, "choose --action migrate or --action snapshot"),
+    ],
+)
+def test_refusals(world, args, env, message):
+    world.provision(wait=False)
+    world_env = world.mig_env("east", "shop")
+    world_env.update(env)
+    result = subprocess.run(
+        [PYTHON, "manage.py", "migrate_app", *args],
+        cwd=world.app_dir("east", "shop") / "volumes/code",
+        env=world_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+    assert world.drivers["west"].list_apps() == []
+
+
+def test_target_app_already_exists(world):
+    world.provision()
+    world.drivers["west"].define("shop", {"volumes": [], "components": []})
+    result = world.manage("east", "shop", "migrate_app", "west", "shop", "--action", "migrate")
+    assert result.returncode != 0
+    assert "an app named shop already exists on west" in result.stderr
+    assert world.state("west", "shop") == "stopped"  # untouched

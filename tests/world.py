@@ -1,0 +1,188 @@
+"""Two real grids on two real OpenSSH servers, and apps with MIG inside, for end-to-end tests."""
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from migrations_app import catalog
+from migrations_app.grids import AppState, gridinfo, open_grid
+
+from .sshd import free_port
+
+PYTHON = sys.executable  # has MIG's requirements: the apps' MIG runs with it
+
+
+class World:
+    """Grids `east` (127.0.0.2) and `west` (127.0.0.3), each its own sshd and root."""
+
+    LOGIN = {"MIG_USERNAME": "operator", "MIG_PASSWORD": "s3cret pass"}
+
+    def __init__(self, tmp_path, ssh_hosts, client_key, extra_grid_keys=""):
+        self.tmp_path = tmp_path
+        self.key = client_key
+        tables = []
+        for name, host in zip(("east", "west"), ssh_hosts, strict=True):
+            root = tmp_path / name
+            tables.append(
+                f"[grids.{name}]\n{host.grid_table(root, free_port(host.address))}{extra_grid_keys}"
+            )
+        self.grid_info = "\n".join(tables)
+        self.configs = gridinfo.parse(self.grid_info)
+        self.drivers = {}
+        for name, config in self.configs.items():
+            self.drivers[name] = open_grid(config, client_key)
+            self.drivers[name].init()
+
+    def close(self):
+        for driver in self.drivers.values():
+            for app in driver.list_apps():
+                driver.destroy(app.name)
+            driver.close()
+
+    # --- apps ---
+
+    def provision(self, grid="east", app="shop", properties=None, wait=True, padding=0):
+        driver = self.drivers[grid]
+        catalog.provision_mig_app(
+            driver,
+            app,
+            PYTHON,
+            self.grid_info,
+            key=self.key.read_bytes(),
+            env=self.LOGIN,
+            properties=properties,
+            start=False,
+        )
+        if padding:
+            # Incompressible data, so copies take measurable time.
+            driver.put_file(app, "volumes/data/padding.bin", os.urandom(padding), 0o644)
+        driver.start(app)
+        if wait:
+            assert self.wait_answering(grid), f"MIG in {grid}/{app} never answered"
+
+    def app_dir(self, grid, app):
+        return Path(self.configs[grid].root) / "apps" / app
+
+    def state(self, grid, app):
+        driver = self.drivers[grid]
+        return driver.state(app) if driver.exists(app) else None
+
+    def url(self, grid):
+        return self.configs[grid].app_url
+
+    def answering(self, grid):
+        try:
+            with urllib.request.urlopen(self.url(grid) + "ping/", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def wait_answering(self, grid, timeout=30):
+        return wait_for(lambda: self.answering(grid), timeout)
+
+    # --- MIG inside an app ---
+
+    def mig_env(self, grid, app):
+        config = self.app_dir(grid, app) / "volumes" / "config"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MIG_")}
+        env.update(
+            MIG_GRID=grid,
+            MIG_APP=app,
+            MIG_APP_URL=self.url(grid),
+            MIG_CONFIG_DIR=str(config),
+            MIG_GRID_INFO_FILE=str(config / "grid.info"),
+            MIG_PRIVATE_KEY_FILE=str(config / "id_ed25519"),
+            DJANGO_SETTINGS_MODULE="migsite.settings",
+        )
+        return env
+
+    def manage(self, grid, app, *args, timeout=120):
+        """Run manage.py from the app's own code volume, as MIG inside it would."""
+        code = self.app_dir(grid, app) / "volumes" / "code"
+        return subprocess.run(
+            [PYTHON, "manage.py", *args],
+            cwd=code,
+            env=self.mig_env(grid, app),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def popen_manage(self, grid, app, *args):
+        code = self.app_dir(grid, app) / "volumes" / "code"
+        return subprocess.Popen(
+            [PYTHON, "manage.py", *args],
+            cwd=code,
+            env=self.mig_env(grid, app),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def db(self, grid, app, sql, *params):
+        path = self.app_dir(grid, app) / "volumes" / "config" / "mig.sqlite3"
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10) as conn:
+            conn.row_factory = sqlite3.Row
+            return [dict(r) for r in conn.execute(sql, params)]
+
+    def job(self, grid, app, job_id=None):
+        rows = self.db(grid, app, "SELECT * FROM migrations_app_migrationjob ORDER BY id DESC")
+        return next((r for r in rows if job_id in (None, r["id"])), None)
+
+    def events(self, grid, app, job_id):
+        return self.db(
+            grid, app, "SELECT * FROM migrations_app_jobevent WHERE job_id = ? ORDER BY created, id", job_id
+        )
+
+    def locks(self, grid, app):
+        return self.db(grid, app, "SELECT * FROM migrations_app_lock")
+
+    def wait_job(self, grid, app, job_id, states=("done", "failed"), timeout=90):
+        def finished():
+            try:
+                job = self.job(grid, app, job_id)
+            except sqlite3.Error:
+                return None
+            return job if job and job["state"] in states else None
+
+        assert wait_for(finished, timeout), (
+            f"job {job_id} on {grid}/{app} did not finish: {self.job(grid, app)}"
+        )
+        return finished()
+
+    def helper_log(self, grid, helper):
+        path = self.app_dir(grid, helper) / "volumes" / "work" / "progress.jsonl"
+        try:
+            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        except FileNotFoundError:
+            return []
+
+    def running(self, grid, app):
+        return self.state(grid, app) == AppState.RUNNING
+
+
+def wait_for(predicate, timeout=30.0, interval=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(interval)
+    return predicate()
+
+
+def tree(path):
+    """{relative path: bytes} of every file under `path`."""
+    path = Path(path)
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def journal(path):
+    """The data writer's journal: [(where, count)] in order."""
+    lines = Path(path).read_text().splitlines()
+    return [(line.split()[1], int(line.split()[2])) for line in lines if line.strip()]
