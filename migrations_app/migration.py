@@ -2,7 +2,8 @@
 A migration or snapshot, as MIG drives it: pre-flight, launch, follow, and completion.
 
     preflight()  checks everything it can before the lock is taken (DESIGN.md, phase 1)
-    launch()     takes the lock, provisions the helper on the target grid (phase 2)
+    acquire()    takes the lock and creates the job
+    provision()  provisions the helper on the target grid (phase 2)
     Follower     mirrors the helper's progress into the job while MIG still runs (phase 4)
     complete()   the startup decision table: finish or clean up, wherever the app came up
 
@@ -15,7 +16,9 @@ import logging
 import secrets
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,7 +88,7 @@ class Plan:
     bytes: int = 0
     files: int = 0
     target_free: int = 0
-    stale_helper: bool = False
+    stale_helper: bool = False  # a helper of an earlier job is there: provisioning replaces it
 
     @property
     def estimated_seconds(self):
@@ -235,8 +238,8 @@ def target_problem(grid, info):
 # --- launch ------------------------------------------------------------------------------
 
 
-def launch(plan, started_by, bwlimit_kbps=None):
-    """Take the lock, create the job and provision the helper. Raises LockHeld, LaunchError."""
+def acquire(plan, started_by, bwlimit_kbps=None):
+    """Take the lock and create the job for `plan`. Raises LockHeld."""
     lock = Lock.acquire(
         action=plan.action,
         source_grid=plan.source_grid.name,
@@ -251,89 +254,112 @@ def launch(plan, started_by, bwlimit_kbps=None):
     )
     job = lock.job
     job.event(f"Pre-flight passed: {human_bytes(plan.bytes)} in {plan.files} files", data=plan.to_dict())
+    return job
+
+
+def provision(job):
+    """Provision the job's helper on the target grid. Raises LaunchError, ending the job."""
     job.set_state(MigrationJob.State.PROVISIONING)
     try:
-        with config.driver_for(plan.target_grid) as target:
-            provision_helper(job, plan, target)
-    except (GridError, OSError) as e:
+        target_grid = config.grid_config(job.target_grid)
+        with config.driver_for(target_grid) as target:
+            try:
+                provision_helper(job, target)
+            except (GridError, OSError) as e:
+                job.event(f"could not provision the helper: {e}", level="error")
+                target.destroy(job.helper_app)
+                raise
+    except (GridError, ConfigError, OSError) as e:
         reason = f"could not provision the helper: {e}"
-        job.event(reason, level="error")
-        try:
-            with config.driver_for(plan.target_grid) as target:
-                target.destroy(plan.helper)
-        except GridError as cleanup_error:
-            job.event(f"could not remove the helper: {cleanup_error}", level="warning")
         job.finish(MigrationJob.State.FAILED, reason)
-        lock.release()
+        job.release_lock()
         raise LaunchError(reason) from None
     return job
 
 
-def helper_config(job, plan):
+def helper_config(job):
+    grids = config.grid_configs()
+    source, target = grids[job.source_grid], grids[job.target_grid]
     return {
         "job": job.pk,
         "action": job.action,
-        "source": {
-            "grid": plan.source_grid.name,
-            "app": job.source_app,
-            "table": plan.source_grid.to_table(),
-        },
-        "target": {
-            "grid": plan.target_grid.name,
-            "app": job.target_app,
-            "table": plan.target_grid.to_table(),
-        },
+        "source": {"grid": source.name, "app": job.source_app, "table": source.to_table()},
+        "target": {"grid": target.name, "app": job.target_app, "table": target.to_table()},
         "bwlimit_kbps": job.bwlimit_kbps,
         "stall_timeout": settings.MIG_STALL_TIMEOUT,
     }
 
 
-def provision_helper(job, plan, target):
-    if plan.stale_helper or target.exists(plan.helper):
-        target.destroy(plan.helper)
-        job.event(f"Destroyed a stale {plan.helper} left by an earlier job")
+def provision_helper(job, target):
+    if target.exists(job.helper_app):
+        target.destroy(job.helper_app)
+        job.event(f"Destroyed a stale {job.helper_app} left by an earlier job")
     files, version = catalog.helper_template()
     if target.ensure_template(protocol.TEMPLATE, files, version):
-        job.event(
-            f"Installed the {protocol.TEMPLATE} template (version {version}) on {plan.target_grid.name}"
-        )
+        job.event(f"Installed the {protocol.TEMPLATE} template (version {version}) on {job.target_grid}")
     key_file = Path(settings.MIG_PRIVATE_KEY_FILE)
     secrets_ = {
-        protocol.SECRET_CONFIG: json.dumps(helper_config(job, plan)).encode(),
+        protocol.SECRET_CONFIG: json.dumps(helper_config(job)).encode(),
         protocol.SECRET_TOKEN: job.status_token.encode(),
         # The key travels as a file (mode 0600), never on a command line or in an environment.
         protocol.SECRET_KEY: key_file.read_bytes() if key_file.exists() else b"",
     }
-    target.provision(plan.helper, protocol.TEMPLATE, secrets=secrets_)
-    job.event(f"Provisioned {plan.helper} on {plan.target_grid.name}")
+    target.provision(job.helper_app, protocol.TEMPLATE, secrets=secrets_)
+    job.event(f"Provisioned {job.helper_app} on {job.target_grid}")
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
-        text, _ = target.read_file(plan.helper, protocol.STATUS_FILE)
+        text, _ = target.read_file(job.helper_app, protocol.STATUS_FILE)
         if text:
             job.status_url = json.loads(text)["url"]
             job.save(update_fields=["status_url", "updated"])
             return
         time.sleep(0.1)
-    raise GridError(f"{plan.helper} did not start its status endpoint")
+    raise GridError(f"{job.helper_app} did not start its status endpoint")
 
 
-def start_follower(job):
-    """Follow the job in the background, inside MIG's own process group.
+def spawn_manage(*args, new_log=False):
+    """Run `manage.py ARGS` in the background, logging to the config volume's migration.log.
 
-    Staying in the group matters: when the helper stops this app, the follower stops with
-    it, and never writes to the database while its final copy is taken.
+    The process stays in MIG's own session: when the helper stops this app, it stops with
+    it, and never writes to the database while the final copy is taken.
     """
     # One log per migration, overwritten by the next, as in the original.
     log_path = settings.CONFIG_DIR / "logs" / "migration.log"
     log_path.parent.mkdir(exist_ok=True)
-    with open(log_path, "w") as out:
-        return subprocess.Popen(
-            [sys.executable, str(settings.BASE_DIR / "manage.py"), "follow_job", str(job.pk)],
+    with open(log_path, "w" if new_log else "a") as out:
+        proc = subprocess.Popen(
+            [sys.executable, str(settings.BASE_DIR / "manage.py"), *args],
             cwd=settings.BASE_DIR,
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
         )
+    # Reap it when it ends, so a long-lived web worker collects no zombies.
+    threading.Thread(target=proc.wait, daemon=True).start()
+    return proc
+
+
+def start_follower(job):
+    """Follow the job in the background (migrate_app without --wait, or after a restart)."""
+    return spawn_manage("follow_job", str(job.pk))
+
+
+def start_in_background(job):
+    """Provision the helper and follow the job in the background (the web interface)."""
+    return spawn_manage("migrate_app", "--job", str(job.pk), new_log=True)
+
+
+def wait_until_answering(app_url, timeout):
+    """True once the MIG at `app_url` answers its ping, False after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(app_url + "ping/", timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            time.sleep(0.3)
+    return False
 
 
 # --- following ---------------------------------------------------------------------------
@@ -452,10 +478,6 @@ def mark_app_up(job):
         job.refresh_from_db()
 
 
-def release(job):
-    Lock.objects.filter(job=job).delete()
-
-
 def complete_on_source(job, target, helper_state, summary):
     if summary.result is None and helper_state in (AppState.RUNNING, AppState.STARTING):
         # The helper is still at work (only MIG restarted): keep following it.
@@ -465,7 +487,7 @@ def complete_on_source(job, target, helper_state, summary):
         target.destroy(job.helper_app)
         job.event(f"Snapshot complete; destroyed {job.helper_app}; source back up")
         job.finish(MigrationJob.State.DONE)
-        release(job)
+        job.release_lock()
         return "done"
     if summary.result == "ok":
         # A migration that succeeded, yet the source runs: someone started it by hand.
@@ -500,7 +522,7 @@ def clean_up_failure(job, target, summary, helper_state):
         mark_app_up(job)
     job.event(f"Destroyed {job.helper_app}; the source app runs. The job failed: {reason}", level="error")
     job.finish(MigrationJob.State.FAILED, reason)
-    release(job)
+    job.release_lock()
     return "failed"
 
 
@@ -529,7 +551,7 @@ def complete_on_target(job, target, summary):
             job.event(f"Destroyed the source app {job.source_app} on {job.source_grid}")
     job.event(f"Migration complete: {job.target_app} runs on {job.target_grid}")
     job.finish(MigrationJob.State.DONE)
-    release(job)
+    job.release_lock()
     return "done"
 
 
@@ -539,5 +561,5 @@ def clear_snapshot_copy(job):
         "lock that was copied with it"
     )
     job.finish(MigrationJob.State.DONE)
-    release(job)
+    job.release_lock()
     return "cleared"

@@ -13,6 +13,10 @@ class GridQuerySet(models.QuerySet):
     def listed(self):
         return self.filter(in_grid_info=True)
 
+    def record_check(self, name, ok, message="ok"):
+        """Keep the result of checking a grid (grids command, pre-flight) for the form."""
+        self.filter(name=name).update(checked_at=timezone.now(), check_ok=ok, check_message=message)
+
     def sync_from(self, configs: dict[str, GridConfig]):
         """Mirror grid.info into the table; returns (created, updated, unlisted) names.
 
@@ -79,12 +83,6 @@ class Grid(models.Model):
         fields["in_grid_info"] = True
         return fields
 
-    def record_check(self, ok, message):
-        self.checked_at = timezone.now()
-        self.check_ok = ok
-        self.check_message = message
-        self.save(update_fields=["checked_at", "check_ok", "check_message", "updated"])
-
 
 class JobQuerySet(models.QuerySet):
     def active(self):
@@ -119,9 +117,9 @@ class MigrationJob(models.Model):
     class State(models.TextChoices):
         PENDING = "pending"
         PROVISIONING = "provisioning"
-        PRECOPY = "precopy", "pre-copy"
-        STOPPING = "stopping", "stopping source"
-        FINAL_SYNC = "final_sync", "final sync"
+        PRECOPY = "precopy", "Pre-copy"
+        STOPPING = "stopping", "Stopping source"
+        FINAL_SYNC = "final_sync", "Final sync"
         VERIFYING = "verifying"
         STARTING = "starting"
         FINISHING = "finishing"
@@ -163,6 +161,7 @@ class MigrationJob(models.Model):
     bytes_done = models.BigIntegerField(default=0)
     rate = models.FloatField(default=0, help_text="bytes per second in the current phase")
     eta_seconds = models.FloatField(null=True, blank=True)
+    # When the helper began stopping the source: the app serves no one from then on.
     source_stopped = models.DateTimeField(null=True, blank=True)
     # When MIG answered again after the stop: on the target (migrate) or the source (snapshot).
     app_up = models.DateTimeField(null=True, blank=True)
@@ -174,6 +173,8 @@ class MigrationJob(models.Model):
     target_created = models.BooleanField(
         default=False, help_text="The helper created the target app: only then may a failure remove it."
     )
+    # The states of the source app, the helper and the target app, as last reported.
+    apps = models.JSONField(default=dict, blank=True)
 
     objects = JobQuerySet.as_manager()
 
@@ -262,10 +263,12 @@ class MigrationJob(models.Model):
                     rate=line["rate"],
                     eta_seconds=line["eta"],
                 )
-            if line.get("fact") == protocol.SOURCE_STOPPED:
+            if line.get("fact") == protocol.SOURCE_STOPPING:
                 updates["source_stopped"] = datetime.fromisoformat(line["time"])
             if line.get("fact") == protocol.TARGET_CREATED:
                 updates["target_created"] = True
+            if "apps" in line:
+                updates["apps"] = line["apps"]
         if updates:
             updates["updated"] = timezone.now()
             MigrationJob.objects.filter(pk=self.pk, state__in=self.ACTIVE_STATES).update(**updates)
@@ -288,6 +291,31 @@ class MigrationJob(models.Model):
         self.refresh_from_db()
         return bool(changed)
 
+    def app_states(self):
+        """The source app, the helper and the target app, as the monitor shows them."""
+        if self.is_active:
+            helper = "provisioning" if self.state == self.State.PROVISIONING else "not yet"
+            return self.apps or {"source": "running", "helper": helper, "target": "absent"}
+        if self.state == self.State.DONE and self.action == self.Action.MIGRATE:
+            return {"source": "destroyed", "helper": "destroyed", "target": "running"}
+        if self.state == self.State.DONE:
+            return {"source": "running", "helper": "destroyed", "target": "stopped"}
+        if self.state == self.State.FAILED:
+            target = "removed" if self.target_created else "absent"
+            return {"source": "running", "helper": "destroyed", "target": target}
+        # Overridden: nothing was touched on any grid, so nothing is known.
+        return {"source": "not checked", "helper": "not checked", "target": "not checked"}
+
+    def release_lock(self):
+        """Let go of the lock, if this job holds it; idempotent."""
+        Lock.objects.filter(job=self).delete()
+
+    def override(self, by, reason):
+        """An operator ends a stuck job: recorded, lock released, nothing touched on a grid."""
+        self.event(f"Lock overridden by {by}: {reason}", level="warning", data={"by": by})
+        self.finish(self.State.OVERRIDDEN, f"overridden by {by}: {reason}")
+        self.release_lock()
+
     def to_dict(self):
         percent = round(100 * self.bytes_done / self.bytes_total, 1) if self.bytes_total else None
         return {
@@ -308,6 +336,7 @@ class MigrationJob(models.Model):
             "rate": self.rate,
             "eta_seconds": self.eta_seconds,
             "downtime_seconds": self.downtime.total_seconds() if self.downtime else None,
+            "apps": self.app_states(),
             "duration_seconds": self.duration.total_seconds() if self.duration else None,
             "error": self.error,
         }
@@ -401,6 +430,3 @@ class Lock(models.Model):
             raise LockHeld(held) from None
         job.event(f"Lock taken by {job.started_by or 'unknown'}.", phase=job.state)
         return lock
-
-    def release(self):
-        Lock.objects.filter(pk=self.pk).delete()

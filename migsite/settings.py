@@ -8,6 +8,7 @@ so a bad value stops MIG before it touches anything.
 
 import os
 import secrets
+from datetime import timedelta
 from pathlib import Path
 
 import environ
@@ -39,7 +40,7 @@ def env_bool(name, default=False):
     raise ImproperlyConfigured(f"{name} must be true or false (got {value!r})")
 
 
-def env_seconds(name, default, low=1, high=86400):
+def env_number(name, default, low, high, unit="seconds"):
     value = env.str(name, default="").strip()
     if not value:
         return float(default)
@@ -48,7 +49,7 @@ def env_seconds(name, default, low=1, high=86400):
     except ValueError:
         number = None
     if number is None or not low <= number <= high:
-        raise ImproperlyConfigured(f"{name} must be a number of seconds from {low} to {high} (got {value!r})")
+        raise ImproperlyConfigured(f"{name} must be a number of {unit} from {low} to {high} (got {value!r})")
     return number
 
 
@@ -106,9 +107,9 @@ MIG_GRID = env.str("MIG_GRID", default="")
 MIG_APP = env.str("MIG_APP", default="")
 
 # A copy that moves no data for this long fails instead of hanging.
-MIG_STALL_TIMEOUT = env_seconds("MIG_STALL_TIMEOUT", 60)
+MIG_STALL_TIMEOUT = env_number("MIG_STALL_TIMEOUT", 60, 1, 86400)
 # How long `startup` waits for the helper's result when the app comes up.
-MIG_HELPER_WAIT = env_seconds("MIG_HELPER_WAIT", 60)
+MIG_HELPER_WAIT = env_number("MIG_HELPER_WAIT", 60, 1, 86400)
 
 SECRET_KEY = secret_key(CONFIG_DIR)
 DEBUG = env_bool("DEBUG")
@@ -121,18 +122,47 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "axes",
     "migrations_app",
 ]
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes requires.
+    "axes.middleware.AxesMiddleware",
 ]
+
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "index"
+LOGOUT_REDIRECT_URL = "login"
+
+# Login failures: each one is answered more slowly (see migrations_app.signals), and after
+# AXES_FAILURE_LIMIT for one user from one address, that pair is locked out for a while.
+AXES_FAILURE_LIMIT = 5
+AXES_COOLOFF_TIME = timedelta(minutes=env_number("MIG_LOCKOUT_MINUTES", 15, 1, 1440, "minutes"))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_TEMPLATE = "lockout.html"
+AXES_VERBOSE = False
+
+# Behind an HTTPS proxy (MIG_HTTPS=true): cookies only over HTTPS, and trust the proxy's
+# X-Forwarded-Proto header. Cookies are HttpOnly and SameSite=Lax either way.
+MIG_HTTPS = env_bool("MIG_HTTPS")
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = MIG_HTTPS
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if MIG_HTTPS else None
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_AGE = 12 * 3600
 
 ROOT_URLCONF = "migsite.urls"
 WSGI_APPLICATION = "migsite.wsgi.application"
@@ -147,6 +177,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "migrations_app.context_processors.mig",
             ],
         },
     },
@@ -174,6 +205,9 @@ USE_I18N = False
 USE_TZ = True
 
 STATIC_URL = "static/"
+# The admin's CSS and JS, served by gunicorn itself (whitenoise), straight from the apps.
+WHITENOISE_USE_FINDERS = True
+WHITENOISE_AUTOREFRESH = False
 
 LOGGING = {
     "version": 1,

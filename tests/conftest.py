@@ -127,3 +127,50 @@ def world(tmp_path, ssh_hosts, client_key):
     w = World(tmp_path, ssh_hosts, client_key)
     yield w
     w.close()
+
+
+@pytest.fixture
+def operator(db, settings, django_user_model):
+    """MIG with a login, and a client logged in as its user."""
+    settings.MIG_USERNAME = "operator"
+    settings.MIG_PASSWORD = "correct horse"
+    return django_user_model.objects.create_user("operator", password="correct horse", is_staff=True)
+
+
+@pytest.fixture
+def logged_in(client, operator):
+    client.force_login(operator)
+    return client
+
+
+@pytest.fixture
+def grids(tmp_path, settings, ssh_hosts, client_key):
+    """MIG running in east/shop, with grids east and west on two real sshd, plus two bad ones:
+    `gone` (nothing listens) and `spoofed` (west's address, east's host key)."""
+    from migrations_app.models import Grid
+
+    a, b = ssh_hosts
+    closed = free_port(b.address)
+    tables = {
+        "east": a.grid_table(tmp_path / "east"),
+        "west": b.grid_table(tmp_path / "west"),
+        "gone": b.grid_table(tmp_path / "gone").replace(f"port = {b.port}", f"port = {closed}"),
+        "spoofed": b.grid_table(tmp_path / "spoofed").replace(b.host_key, a.host_key),
+    }
+    path = tmp_path / "grid.info"
+    path.write_text("".join(f"[grids.{name}]\n{table}\n" for name, table in tables.items()))
+    settings.MIG_GRID_INFO_FILE = path
+    settings.MIG_PRIVATE_KEY_FILE = client_key
+    settings.MIG_GRID, settings.MIG_APP = "east", "shop"
+    configs = gridinfo.load(path)
+    drivers = {name: open_grid(configs[name], client_key) for name in ("east", "west")}
+    for driver in drivers.values():
+        driver.init()
+    drivers["east"].install_template("web", WEB_TEMPLATE, "1")
+    drivers["east"].provision("shop", "web", {"port": str(free_port(a.address)), "bind": a.address})
+    Grid.objects.sync_from(configs)
+    yield drivers
+    for driver in drivers.values():
+        for app in driver.list_apps():
+            driver.destroy(app.name)
+        driver.close()

@@ -8,6 +8,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 
+RSYNC_VANISHED = 24
 PROGRESS_RE = re.compile(rb"^\s*([\d,]+)\s+(\d+)%\s+(\S+)\s+(\d+:\d{2}:\d{2})")
 STAT_RE = re.compile(rb"^(Total file size|Total transferred file size|Literal data|Matched data): ([\d,]+)")
 
@@ -111,7 +112,9 @@ def run_rsync(argv, on_progress, stall_timeout):
             proc.wait()
         proc.stdout.close()
         proc.stderr.close()
-    if status != 0:
+    # 24: files vanished while rsync ran. A live app deletes files (SQLite's -wal and -shm,
+    # temporaries) during the pre-copy; the final pass and verify settle what remains.
+    if status not in (0, RSYNC_VANISHED):
         lines = err.decode("utf-8", "replace").strip().splitlines()
         detail = "; ".join(line for line in lines if not line.startswith("rsync error:"))[-600:]
         raise CopyError(f"rsync failed (status {status}): {detail or '; '.join(lines[-2:])}")

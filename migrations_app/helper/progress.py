@@ -26,11 +26,13 @@ class ProgressLog:
         self._lock = threading.Lock()
         self.latest = {}
         self.events = []
+        # Extra fields for every line (the helper adds the states of the three apps).
+        self.context = dict
 
     def _write(self, line):
         with self._lock:
             self.seq += 1
-            line = {"seq": self.seq, "time": now_iso(), "phase": self.phase, **line}
+            line = {"seq": self.seq, "time": now_iso(), "phase": self.phase, **self.context(), **line}
             data = (json.dumps(line, sort_keys=True) + "\n").encode()
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:

@@ -26,5 +26,6 @@ FAILED = "failed"
 
 # Facts the helper reports as events with a "fact" key; MIG acts on them.
 TARGET_CREATED = "target_created"
-SOURCE_STOPPED = "source_stopped"
+# Downtime starts when the helper starts stopping the source: from then on it serves no one.
+SOURCE_STOPPING = "source_stopping"
 RESULT = "result"

@@ -73,6 +73,9 @@ class Helper:
         self.finished = False
         self.volumes = []
         self.total_bytes = 0
+        # What the monitor shows about the three apps; every progress line carries it.
+        self.apps = {"source": "running", "helper": "running", "target": "absent"}
+        self.log.context = lambda: {"apps": dict(self.apps)}
 
     # --- running ------------------------------------------------------------------------
 
@@ -155,6 +158,7 @@ class Helper:
                 f"the target app {self.target_app} already exists on {self.target_grid.name}"
             ) from None
         self.target_created = True
+        self.apps["target"] = "copying"
         self.target_path = self.target.describe(self.target_app, sizes=False).path
         self.log.event(
             f"Defined {self.target_app} on {self.target_grid.name}; copying {len(self.volumes)} "
@@ -178,13 +182,16 @@ class Helper:
             previous = changed
 
     def step_stop_source(self):
-        self.log.event(f"Stopping the source app {self.source_app}", phase=protocol.STOPPING)
+        self.apps["source"] = "stopping"
+        message = f"Stopping the source app {self.source_app}"
+        self.log.event(message, phase=protocol.STOPPING, fact=protocol.SOURCE_STOPPING)
         try:
             self.source.stop(self.source_app)
         except GridError as e:
             raise Failure(f"the source app did not stop: {e}") from None
         self.source_stopped = True
-        self.log.event("Source stopped", fact=protocol.SOURCE_STOPPED)
+        self.apps["source"] = "stopped"
+        self.log.event("Source stopped")
 
     def step_final_sync(self):
         self.log.event("Final pass with the source stopped", phase=protocol.FINAL_SYNC)
@@ -228,23 +235,29 @@ class Helper:
 
     def step_start(self):
         if self.action == "migrate":
+            self.apps["target"] = "starting"
             self.log.event(f"Starting {self.target_app} on {self.target_grid.name}", phase=protocol.STARTING)
             try:
                 self.target.start(self.target_app)
             except GridError as e:
                 raise Failure(f"the target app failed to start: {e}") from None
+            self.apps["target"] = "running"
         else:
+            self.apps["target"] = "stopped"
+            self.apps["source"] = "starting"
             self.log.event(f"Restarting the source app {self.source_app}", phase=protocol.STARTING)
             try:
                 self.source.start(self.source_app)
             except GridError as e:
                 raise Failure(f"the source app failed to restart: {e}") from None
+            self.apps["source"] = "running"
 
     # --- endings ------------------------------------------------------------------------
 
     def succeed(self):
         assert self.verified, "a job never succeeds without a verified copy"
         self.finished = True
+        self.apps["helper"] = "done"
         what = "started" if self.action == "migrate" else "kept stopped; source restarted"
         self.log.event(
             f"Done: {self.target_grid.name}/{self.target_app} {what}",
@@ -263,6 +276,7 @@ class Helper:
                 result = self.target.destroy(self.target_app)
                 leftovers = result.get("leftovers") or []
                 note = f" (could not remove: {'; '.join(leftovers[:3])})" if leftovers else ""
+                self.apps["target"] = "removed"
                 self.log.event(f"Removed the partial target {self.target_app}{note}")
             except GridError as e:
                 self.log.event(f"Could not remove the partial target: {e}", level="error")
@@ -270,10 +284,12 @@ class Helper:
             try:
                 if self.source.state(self.source_app) != AppState.RUNNING:
                     self.source.start(self.source_app)
+                    self.apps["source"] = "running"
                     self.log.event(f"Restarted the source app {self.source_app}")
             except GridError as e:
                 self.log.event(f"Could not restart the source app: {e}", level="error")
         self.finished = True
+        self.apps["helper"] = "failed"
         signal.signal(signal.SIGTERM, self.on_sigterm)
         self.log.event(
             f"Failed: {reason}",

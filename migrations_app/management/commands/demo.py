@@ -1,31 +1,153 @@
 import os
+import secrets
+import signal
 import sys
+import time
+from pathlib import Path
 
 from django.conf import settings
-from django.core.management import call_command
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
+
+from migrations_app import catalog, migration
+from migrations_app.grids import AppState, GridError, gridinfo, open_grid
+
+APP = "shop"
+USERNAME = "demo"
 
 
 class Command(BaseCommand):
-    help = "Serve MIG on its embedded defaults (the two-grid demo replaces this)."
+    help = (
+        "The embedded demo: two local grids (east and west, directories under --dir), an app "
+        "`shop` with MIG inside running on one of them, served until you press Ctrl-C. Open the "
+        "URL it prints, log in, and migrate the app to the other grid and back. No SSH, no daemons. "
+        "Run it again to pick up where you left off; --rebuild starts from scratch."
+    )
 
     def add_arguments(self, parser):
-        parser.add_argument("--bind", default="127.0.0.1:8000", help="address:port to serve on")
-
-    def handle(self, **options):
-        call_command("startup")
-        self.stdout.write(f"MIG at http://{options['bind']}/ (config volume {settings.CONFIG_DIR})")
-        sys.stdout.flush()
-        os.execv(
-            sys.executable,
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "-c",
-                "conf/gunicorn.conf.py",
-                "--bind",
-                options["bind"],
-                "migsite.wsgi",
-            ],
+        parser.add_argument(
+            "--dir", default=str(settings.BASE_DIR / "var" / "demo"), help="where the grids live"
         )
+        parser.add_argument(
+            "--port", type=int, default=8001, help="east's MIG listens on PORT, west's on PORT+1"
+        )
+        parser.add_argument("--rebuild", action="store_true", help="destroy the demo's apps and start again")
+
+    def handle(self, *args, **options):
+        if not 1024 <= options["port"] <= 65534:
+            raise CommandError("--port must be from 1024 to 65534")
+        self.base = Path(options["dir"]).absolute()
+        self.base.mkdir(parents=True, exist_ok=True)
+        self.grid_info = self.write_grid_info(options["port"])
+        self.grids = {name: open_grid(config, "") for name, config in gridinfo.parse(self.grid_info).items()}
+        for driver in self.grids.values():
+            driver.init()
+        if options["rebuild"]:
+            self.destroy_everything()
+        grid = self.start_app()
+        url = self.grids[grid].grid.app_url
+        self.stdout.write(f"Waiting for MIG in {grid}/{APP} to answer…")
+        if not migration.wait_until_answering(url, 60):
+            raise CommandError(
+                f"MIG did not answer at {url}; see {self.grids[grid].grid.root}/apps/{APP}/logs/"
+            )
+        self.stdout.write(
+            self.style.SUCCESS(f"\nMIG runs inside {grid}/{APP}: open {url}\n")
+            + f"  user: {USERNAME}\n  password: {self.password()}\n\n"
+            "Migrate the app to the other grid and back; this window shows where it runs.\n"
+            "Press Ctrl-C to stop the demo (run it again to resume).\n"
+        )
+        self.serve(grid)
+
+    # --- set-up ---
+
+    def write_grid_info(self, port):
+        python = os.path.realpath(sys.executable)
+        text = "".join(
+            f'[grids.{name}]\ndriver = "hostgrid"\ntransport = "local"\nroot = "{self.base / name}"\n'
+            f'app_url = "http://127.0.0.1:{port + i}/"\npython = "{python}"\n\n'
+            for i, name in enumerate(("east", "west"))
+        )
+        (self.base / "grid.info").write_text(text)
+        return text
+
+    def password(self):
+        path = self.base / "password"
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(9) + "\n")
+        return path.read_text().strip()
+
+    def destroy_everything(self):
+        for name, driver in self.grids.items():
+            for app in driver.list_apps():
+                driver.destroy(app.name)
+                self.stdout.write(f"destroyed {name}/{app.name}")
+
+    def apps(self):
+        """{grid: {app: state}} on both demo grids."""
+        return {name: {a.name: a.state for a in driver.list_apps()} for name, driver in self.grids.items()}
+
+    def where(self, apps=None):
+        """{grid: state} of the demo app on each grid that has it."""
+        apps = apps or self.apps()
+        return {grid: found[APP] for grid, found in apps.items() if APP in found}
+
+    def start_app(self):
+        found = self.where()
+        running = [g for g, state in found.items() if state == AppState.RUNNING]
+        if running:
+            self.stdout.write(f"{running[0]}/{APP} is already running")
+            return running[0]
+        if found:
+            grid = "east" if "east" in found else next(iter(found))
+            self.stdout.write(f"starting {grid}/{APP} again")
+            self.grids[grid].start(APP)
+            return grid
+        self.stdout.write(f"provisioning {APP} on east (MIG inside, and a component writing data)")
+        catalog.provision_mig_app(
+            self.grids["east"],
+            APP,
+            sys.executable,
+            self.grid_info,
+            env={"MIG_USERNAME": USERNAME, "MIG_PASSWORD": self.password()},
+        )
+        return "east"
+
+    # --- serving ---
+
+    def serve(self, grid):
+        stop = []
+        signal.signal(signal.SIGTERM, lambda *a: stop.append(True))
+        last = None
+        try:
+            while not stop:
+                try:
+                    apps = self.apps()
+                except GridError as e:
+                    self.stderr.write(f"cannot read the grids: {e}")
+                    apps = last
+                if apps != last:
+                    if last is not None:
+                        self.report(apps)
+                    last = apps
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+        self.stdout.write("\nstopping the demo…")
+        for name, driver in self.grids.items():
+            for app in driver.list_apps():
+                if app.state != AppState.STOPPED:
+                    driver.stop(app.name, force=True)
+                    self.stdout.write(f"stopped {name}/{app.name}")
+        self.stdout.write("stopped; run `./dev demo` again to resume")
+
+    def report(self, apps):
+        """Say where things are now: the demo app, and any helper at work."""
+        listing = [
+            f"{grid}/{app}: {state}" for grid, found in sorted(apps.items()) for app, state in found.items()
+        ]
+        self.stdout.write(f"[{time.strftime('%H:%M:%S')}] " + (", ".join(listing) or "no apps"))
+        for grid, state in self.where(apps).items():
+            if state == AppState.RUNNING:
+                self.stdout.write(f"  MIG answers at {self.grids[grid].grid.app_url}")

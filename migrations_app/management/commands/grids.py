@@ -114,9 +114,8 @@ class Command(BaseCommand):
         """Keep each result for the web form; a diagnostic run before startup has no table."""
         if Grid._meta.db_table not in connection.introspection.table_names():
             return
-        for grid in Grid.objects.filter(name__in=[c.grid for c in checks]):
-            check = next(c for c in checks if c.grid == grid.name)
-            grid.record_check(check.ok, check.problem or "ok")
+        for check in checks:
+            Grid.objects.record_check(check.grid, check.ok, check.problem or "ok")
 
     def pick(self, configs, name):
         if name not in configs:

@@ -2,8 +2,6 @@ import argparse
 import getpass
 import signal
 import sys
-import time
-import urllib.request
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
@@ -55,8 +53,11 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser):
-        parser.add_argument("target_grid", metavar="TARGET_GRID", help="a grid from grid.info")
-        parser.add_argument("target_app", metavar="TARGET_APP", help="the app's name on the target grid")
+        # Optional only for --job, which continues a job the web interface created.
+        parser.add_argument("target_grid", nargs="?", metavar="TARGET_GRID", help="a grid from grid.info")
+        parser.add_argument(
+            "target_app", nargs="?", metavar="TARGET_APP", help="the app's name on the target grid"
+        )
         parser.add_argument(
             "--action",
             choices=MigrationJob.Action.values,
@@ -68,10 +69,16 @@ class Command(BaseCommand):
             "--dry-run", action="store_true", help="run the pre-flight and print the plan; change nothing"
         )
         parser.add_argument("--bwlimit", type=int, metavar="KBPS", help="cap the copy at KBPS KiB/s")
-        # The web interface says who started the job.
+        # For the web interface, which runs the pre-flight and takes the lock itself (so it can
+        # answer at once), then hands the job over: who started it, and which job.
         parser.add_argument("--started-by", default="", help=argparse.SUPPRESS)
+        parser.add_argument("--job", type=int, help=argparse.SUPPRESS)
 
     def handle(self, *args, **options):
+        if options["job"]:
+            return self.continue_job(options["job"])
+        if not options["target_grid"] or not options["target_app"]:
+            raise CommandError("give TARGET_GRID and TARGET_APP (see --help)")
         action = options["action"] or self.default_action()
         bwlimit = options["bwlimit"]
         if bwlimit is not None and bwlimit <= 0:
@@ -86,7 +93,8 @@ class Command(BaseCommand):
             return
         started_by = options["started_by"] or f"{getpass.getuser()} (command line)"
         try:
-            job = migration.launch(plan, started_by, bwlimit)
+            job = migration.acquire(plan, started_by, bwlimit)
+            migration.provision(job)
         except LockHeld as e:
             raise CommandError(f"refused: {e}") from None
         except migration.LaunchError as e:
@@ -99,6 +107,21 @@ class Command(BaseCommand):
             migration.start_follower(job)
             return
         self.follow(job)
+
+    def continue_job(self, job_id):
+        """Provision the helper for a job the web interface created, then follow it."""
+        try:
+            job = MigrationJob.objects.active().get(pk=job_id, state=MigrationJob.State.PENDING)
+        except MigrationJob.DoesNotExist:
+            raise CommandError(f"no pending job {job_id}") from None
+        signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+        try:
+            migration.provision(job)
+        except migration.LaunchError as e:
+            raise CommandError(str(e)) from None
+        self.stdout.write(f"job {job.pk}: helper {job.helper_app} is running")
+        outcome = migration.Follower(job, until_stop=True).run()
+        self.stdout.write(f"job {job.pk}: {outcome}")
 
     def default_action(self):
         allowed = migration.allowed_actions()
@@ -130,12 +153,7 @@ class Command(BaseCommand):
             url = config.grid_config(job.target_grid).app_url
         except ConfigError:
             url = ""
-        deadline = time.monotonic() + settings.MIG_HELPER_WAIT
-        while url and time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{url}ping/", timeout=2):
-                    self.stdout.write(f"job {job.pk}: migrated; MIG answers at {url}")
-                    return
-            except OSError:
-                time.sleep(0.5)
-        self.stdout.write(f"job {job.pk}: migrated; the target's MIG has not answered yet at {url}")
+        if url and migration.wait_until_answering(url, settings.MIG_HELPER_WAIT):
+            self.stdout.write(f"job {job.pk}: migrated; MIG answers at {url}")
+        else:
+            self.stdout.write(f"job {job.pk}: migrated; the target's MIG has not answered yet at {url}")

@@ -1,0 +1,127 @@
+"""The target form: choices, pre-flight errors next to their field, one job per submit."""
+
+import threading
+
+import pytest
+from django.db import connection
+from django.urls import reverse
+
+from migrations_app.models import Grid, Lock, MigrationJob
+
+pytestmark = pytest.mark.django_db
+
+
+def post(client, **fields):
+    data = {"target_grid": "west", "target_app": "shop", "action": "migrate", "bwlimit": ""}
+    data.update(fields)
+    return client.post(reverse("index"), data)
+
+
+def field_errors(response, field):
+    return [str(e) for e in response.context["form"].errors.get(field, [])]
+
+
+def test_requires_login(client, operator):
+    response = client.get(reverse("index"))
+    assert response.status_code == 302 and response["Location"].startswith(reverse("login"))
+
+
+def test_form_offers_grids_with_their_last_check_and_the_allowed_actions(logged_in, grids, settings):
+    Grid.objects.record_check("west", False, "unreachable yesterday")
+    settings.MIG_MODE = "snapshot"
+    page = logged_in.get(reverse("index")).content.decode()
+    assert "west — checked" in page and "FAILED: unreachable yesterday" in page
+    assert "east — not checked yet" in page
+    assert 'value="snapshot"' in page and 'value="migrate"' not in page
+    assert '<label for="id_target_app">Target app name</label>' in page
+    assert "<title>Migrate or snapshot this app · MIG in east/shop</title>" in page
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "message"),
+    [
+        ({"target_app": "x; rm -rf /"}, "target_app", "invalid app name"),
+        ({"target_app": "shop", "target_grid": "east"}, "target_app", "that is this app itself"),
+        ({"target_grid": "gone"}, "target_grid", "gone cannot be reached"),
+        ({"target_grid": "spoofed"}, "target_grid", "HOST KEY MISMATCH"),
+        ({"target_grid": "nowhere"}, "target_grid", "Select a valid choice"),
+        ({"action": "teleport"}, "action", "Select a valid choice"),
+        ({"bwlimit": "-5"}, "bwlimit", "greater than or equal to 1"),
+    ],
+)
+def test_errors_are_shown_next_to_their_field(logged_in, grids, fields, field, message):
+    response = post(logged_in, **fields)
+    assert response.status_code == 200
+    assert any(message in e for e in field_errors(response, field)), response.context["form"].errors
+    assert f'id="{field}-errors"' in response.content.decode()
+    assert not MigrationJob.objects.exists() and not Lock.objects.exists()
+
+
+def test_target_app_exists(logged_in, grids):
+    grids["west"].define("shop", {"volumes": [], "components": []})
+    response = post(logged_in)
+    assert field_errors(response, "target_app") == ["an app named shop already exists on west"]
+    assert not MigrationJob.objects.exists()
+
+
+def test_failed_check_is_recorded_for_the_form(logged_in, grids):
+    post(logged_in, target_grid="spoofed")
+    grid = Grid.objects.get(name="spoofed")
+    assert grid.check_ok is False and "HOST KEY MISMATCH" in grid.check_message
+
+
+def test_not_enough_space(logged_in, grids, tmp_path, settings):
+    if __import__("os").geteuid() != 0:
+        pytest.skip("a small filesystem for the target needs root to mount")
+    import subprocess
+
+    from migrations_app.grids import gridinfo, open_grid
+
+    root = tmp_path / "west"
+    # Put the target grid on a 1 MiB filesystem: the copy's margin alone does not fit.
+    for app in grids["west"].list_apps():
+        grids["west"].destroy(app.name)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(root)], check=True)
+    try:
+        open_grid(gridinfo.load(settings.MIG_GRID_INFO_FILE)["west"], settings.MIG_PRIVATE_KEY_FILE).init()
+        response = post(logged_in)
+        errors = field_errors(response, "target_grid")
+        assert len(errors) == 1 and errors[0].startswith("not enough space on west: the copy needs")
+    finally:
+        subprocess.run(["umount", str(root)], check=True)
+
+
+def test_mode_limits_actions(logged_in, grids, settings):
+    settings.MIG_MODE = "snapshot"
+    response = post(logged_in, action="migrate")
+    assert field_errors(response, "action")[0].startswith("Select a valid choice")
+
+
+def test_valid_submit_creates_the_job_and_answers_at_once(logged_in, grids):
+    response = post(logged_in, target_app="copy", action="snapshot", bwlimit="500")
+    job = MigrationJob.objects.get()
+    assert response.status_code == 302 and response["Location"] == reverse("job", args=[job.pk])
+    assert (job.action, job.target_grid, job.target_app) == ("snapshot", "west", "copy")
+    assert job.bwlimit_kbps == 500
+    assert job.started_by == "operator" and Lock.objects.get().job == job
+    # With the lock held, the form gives way to the lock page.
+    assert logged_in.get(reverse("index"))["Location"] == reverse("lock")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_submits_at_once_make_one_job(client, operator, grids):
+    client.force_login(operator)
+    responses = []
+
+    def submit():
+        responses.append(post(client, target_app="copy", action="snapshot"))
+        connection.close()
+
+    threads = [threading.Thread(target=submit) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    job = MigrationJob.objects.get()
+    assert sorted(r.status_code for r in responses) == [302, 302]
+    assert {r["Location"] for r in responses} <= {reverse("job", args=[job.pk]), reverse("lock")}

@@ -1,0 +1,70 @@
+"""Login: against MIG_USERNAME/MIG_PASSWORD, slowed and then locked out, CSRF, no secrets logged."""
+
+import logging
+
+import pytest
+from django.test import Client
+from django.urls import reverse
+
+pytestmark = pytest.mark.django_db
+
+
+def login(client, password, username="operator"):
+    return client.post(reverse("login"), {"username": username, "password": password}, REMOTE_ADDR="10.1.2.3")
+
+
+def test_login_and_logout(client, operator):
+    page = client.get(reverse("login"))
+    assert "<title>Log in · MIG" in page.content.decode()
+    response = login(client, "correct horse")
+    assert response.status_code == 302 and response["Location"] == reverse("index")
+    assert client.get(reverse("jobs")).status_code == 200
+    assert client.post(reverse("logout")).status_code == 302
+    assert client.get(reverse("jobs")).status_code == 302
+
+
+def test_wrong_password_is_refused_without_saying_which_part(client, operator):
+    response = login(client, "wrong")
+    assert response.status_code == 200
+    assert "Please enter a correct username and password" in response.content.decode()
+
+
+def test_repeated_failures_lock_the_user_out(client, operator, caplog):
+    caplog.set_level(logging.DEBUG)
+    for _ in range(4):
+        assert login(client, "guess").status_code == 200
+    locked = login(client, "guess")
+    assert locked.status_code == 429
+    assert "Too many failed logins" in locked.content.decode()
+    # Locked out even with the right password, for that user from that address...
+    assert login(client, "correct horse").status_code == 429
+    # ...but not for the same user elsewhere.
+    elsewhere = Client().post(
+        reverse("login"), {"username": "operator", "password": "correct horse"}, REMOTE_ADDR="10.9.9.9"
+    )
+    assert elsewhere.status_code == 302
+    assert "guess" not in caplog.text and "correct horse" not in caplog.text
+
+
+def test_csrf_is_required(operator):
+    client = Client(enforce_csrf_checks=True)
+    response = client.post(reverse("login"), {"username": "operator", "password": "correct horse"})
+    assert response.status_code == 403
+
+
+def test_no_login_when_username_is_empty(client, settings):
+    settings.MIG_USERNAME = ""
+    assert client.get(reverse("login"))["Location"] == reverse("index")
+    page = client.get(reverse("jobs"))
+    assert page.status_code == 200
+    assert "No login:" in page.content.decode() and 'role="alert"' in page.content.decode()
+
+
+def test_banner_absent_with_login(logged_in):
+    assert "No login:" not in logged_in.get(reverse("jobs")).content.decode()
+
+
+def test_ping_is_public_and_cross_origin(client, operator):
+    response = client.get(reverse("ping"))
+    assert response.json() == {"ok": True}
+    assert response["Access-Control-Allow-Origin"] == "*"
