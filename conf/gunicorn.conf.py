@@ -19,6 +19,8 @@ def _bind():
 
 bind = [_bind()]
 worker_class = "gthread"
+# Load Django once, before the workers fork: they answer sooner after a start.
+preload_app = True
 workers = int(os.environ.get("MIG_WORKERS", "2"))
 threads = int(os.environ.get("MIG_THREADS", "8"))
 timeout = 60

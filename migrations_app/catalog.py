@@ -73,8 +73,9 @@ def mig_app_template(python, data_component=True):
     """(files, version) of the MigApp template: MIG (served by gunicorn) plus a data writer.
 
     `python` is the interpreter on the grid hosts that has MIG's requirements installed.
-    Properties `fail_on_grid` and `ignore_stop` make the data component misbehave (see
-    conf/demo/datawriter.py), for the tests of failed migrations.
+    Properties `fail_on_grid` and `ignore_stop` make the data component misbehave, for the
+    tests of failed migrations; `churn` makes it rewrite its data at so many bytes per
+    second, for the benchmarks (see conf/demo/datawriter.py).
     """
     code = read_tree(MIG_APP_PATHS)
     config = "{volume:config}"
@@ -101,12 +102,13 @@ def mig_app_template(python, data_component=True):
                     "{volume:data}",
                     "{prop:fail_on_grid}",
                     "{prop:ignore_stop}",
+                    "{prop:churn}",
                 ],
                 "cwd": "{volume:code}",
             }
         )
     manifest = {
-        "properties": {"python": python, "fail_on_grid": "", "ignore_stop": ""},
+        "properties": {"python": python, "fail_on_grid": "", "ignore_stop": "", "churn": "0"},
         "volumes": ["code", "config", "data"],
         "start_settle": 0.5,
         "stop_grace": 5,

@@ -20,6 +20,7 @@ import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -317,8 +318,9 @@ def provision_helper(job, target):
     raise GridError(f"{job.helper_app} did not start its status endpoint")
 
 
-def spawn_manage(*args, new_log=False):
-    """Run `manage.py ARGS` in the background, logging to the config volume's migration.log.
+def spawn_manage(*args, new_log=False, log=True):
+    """Run `manage.py ARGS` in the background, logging to the config volume's migration.log
+    (or, with log=False, to this process's own output).
 
     The process stays in MIG's own session: when the helper stops this app, it stops with
     it, and never writes to the database while the final copy is taken.
@@ -326,13 +328,13 @@ def spawn_manage(*args, new_log=False):
     # One log per migration, overwritten by the next, as in the original.
     log_path = settings.CONFIG_DIR / "logs" / "migration.log"
     log_path.parent.mkdir(exist_ok=True)
-    with open(log_path, "w" if new_log else "a") as out:
+    with open(log_path, "w" if new_log else "a") if log else nullcontext(None) as out:
         proc = subprocess.Popen(
             [sys.executable, str(settings.BASE_DIR / "manage.py"), *args],
             cwd=settings.BASE_DIR,
             stdin=subprocess.DEVNULL,
             stdout=out,
-            stderr=subprocess.STDOUT,
+            stderr=subprocess.STDOUT if log else None,
         )
     # Reap it when it ends, so a long-lived web worker collects no zombies.
     threading.Thread(target=proc.wait, daemon=True).start()

@@ -244,10 +244,14 @@ def test_bad_names_are_refused_before_any_command(grid, name, monkeypatch):
     before = sorted(p.name for p in Path(grid.grid.root, "apps").iterdir())
     commands = []
     # A spy on the real transport: it records what would run, and still runs it.
-    real_run = grid.transport.run
-    monkeypatch.setattr(
-        grid.transport, "run", lambda argv, **kw: commands.append(argv) or real_run(argv, **kw)
-    )
+    for method in ("run", "popen"):
+        real = getattr(grid.transport, method)
+
+        def spy(argv, real=real, **kwargs):
+            commands.append(argv)
+            return real(argv, **kwargs)
+
+        monkeypatch.setattr(grid.transport, method, spy)
     operations = [
         lambda: grid.state(name),
         lambda: grid.start(name),
@@ -257,7 +261,8 @@ def test_bad_names_are_refused_before_any_command(grid, name, monkeypatch):
         lambda: grid.define(name, {"volumes": [], "components": []}),
         lambda: grid.provision(name, "web", {"port": "1"}),
         lambda: grid.provision("ok", "web", {name: "1"}),
-        lambda: grid.checksums("ok", name),
+        lambda: grid.open_scan(name, hashes=True),
+        lambda: grid.open_delta(name),
     ]
     for operation in operations:
         with pytest.raises(InvalidName, match="invalid"):

@@ -46,7 +46,8 @@ class World:
 
     # --- apps ---
 
-    def provision(self, grid="east", app="shop", properties=None, wait=True, padding=0):
+    def provision(self, grid="east", app="shop", properties=None, wait=True, padding=0, fill=None):
+        """Provision a MigApp with MIG inside; `fill(data_dir)` may put data in before it starts."""
         driver = self.drivers[grid]
         catalog.provision_mig_app(
             driver,
@@ -61,6 +62,8 @@ class World:
         if padding:
             # Incompressible data, so copies take measurable time.
             driver.put_file(app, "volumes/data/padding.bin", os.urandom(padding), 0o644)
+        if fill:
+            fill(self.app_dir(grid, app) / "volumes" / "data")
         driver.start(app)
         if wait:
             assert self.wait_answering(grid), f"MIG in {grid}/{app} never answered"

@@ -1,21 +1,31 @@
 """The demo app's data component: keeps writing to its data volume, like a real app.
 
-    datawriter.py DATA_DIR [FAIL_ON_GRID] [IGNORE_STOP]
+    datawriter.py DATA_DIR [FAIL_ON_GRID] [IGNORE_STOP] [CHURN]
 
 Appends a line to journal.log every 0.2 s and rewrites counter.txt; exits on SIGTERM
-after finishing the current write. Two ways to misbehave, for tests of failed migrations:
-with FAIL_ON_GRID it refuses to start on that grid (an app tied to one place); with
-IGNORE_STOP=yes it ignores SIGTERM (an app that will not stop).
+after finishing the current write. With CHURN (bytes per second) it also rewrites that much
+of the data already in the volume, in 64 KiB pieces at random places, big files as often
+as their size says: the way a database changes its pages.
+
+Two ways to misbehave, for tests of failed migrations: with FAIL_ON_GRID it refuses to
+start on that grid (an app tied to one place); with IGNORE_STOP=yes it ignores SIGTERM
+(an app that will not stop).
 """
 
+import bisect
 import os
+import random
 import signal
 import sys
 import time
 
+PIECE = 64 * 1024
+TICK = 0.2
+
 data_dir = sys.argv[1]
 fail_on = sys.argv[2] if len(sys.argv) > 2 else ""
 ignore_stop = len(sys.argv) > 3 and sys.argv[3] == "yes"
+churn = int(sys.argv[4]) if len(sys.argv) > 4 and sys.argv[4] else 0
 if fail_on and os.environ.get("MIG_GRID") == fail_on:
     sys.exit(f"datawriter: refusing to run on grid {fail_on}")
 
@@ -27,6 +37,33 @@ def stop(signum, frame):
     running = False
 
 
+def existing_files():
+    """(paths, cumulative sizes) of the data to churn, chosen in proportion to size."""
+    paths, ends, total = [], [], 0
+    for dirpath, _dirs, names in os.walk(data_dir):
+        for name in names:
+            if name in ("journal.log", "counter.txt", "counter.txt.tmp"):
+                continue
+            path = os.path.join(dirpath, name)
+            size = os.path.getsize(path)
+            if size:
+                total += size
+                paths.append(path)
+                ends.append(total)
+    return paths, ends
+
+
+def churn_some(paths, ends, amount):
+    while amount > 0 and paths:
+        path = paths[bisect.bisect_right(ends, random.randrange(ends[-1]))]
+        size = os.path.getsize(path)
+        length = min(PIECE, size)
+        with open(path, "r+b") as f:
+            f.seek(random.randrange(size - length + 1))
+            f.write(os.urandom(length))
+        amount -= length
+
+
 signal.signal(signal.SIGTERM, signal.SIG_IGN if ignore_stop else stop)
 counter_file = os.path.join(data_dir, "counter.txt")
 try:
@@ -34,6 +71,7 @@ try:
         count = int(f.read().strip() or 0)
 except FileNotFoundError:
     count = 0
+paths, ends = existing_files() if churn else ([], [])
 while running:
     count += 1
     with open(os.path.join(data_dir, "journal.log"), "a") as f:
@@ -42,4 +80,5 @@ while running:
     with open(tmp, "w") as f:
         f.write(f"{count}\n")
     os.replace(tmp, counter_file)
-    time.sleep(0.2)
+    churn_some(paths, ends, int(churn * TICK))
+    time.sleep(TICK)

@@ -185,9 +185,15 @@ class HostGridDriver(Driver):
         self.state(app)  # installs the agent if needed, and fails early if the app is gone
         yield from self.transport.stream(argv, timeout=max_time + 30)
 
-    def recent_files(self, app, since):
-        """Files in the app's volumes (relative to volumes/) modified at or after `since`."""
-        return self._call("recent", validate_name(app), "--since", repr(float(since)))
+    def open_scan(self, app, hashes=False):
+        """Start listing the app's volumes (see the agent's `scan`); returns the process.
 
-    def checksums(self, app, volume):
-        return self._call("checksums", validate_name(app), validate_name(volume, "volume"))
+        Streaming operations cannot install the agent on the fly: call another operation
+        (describe, state) on this grid first.
+        """
+        args = [validate_name(app)] + (["--hashes"] if hashes else [])
+        return self.transport.popen(self._argv("scan", args))
+
+    def open_delta(self, app):
+        """Start sending changed blocks of the app's files (see the agent's `delta`)."""
+        return self.transport.popen(self._argv("delta", [validate_name(app)]))

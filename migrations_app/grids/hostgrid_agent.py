@@ -694,63 +694,151 @@ def op_follow(grid, args):
     return None
 
 
-def file_digest(path):
-    h = hashlib.sha256()
+# --- copying and verifying trees ----------------------------------------------------------
+#
+# The helper copies with rsync while the app runs; these functions serve the final pass,
+# after the app stopped, and the verification. A file is hashed in blocks of BLOCK bytes
+# (sha256, cut to 16 bytes); its digest is the sha256 of its block hashes, so either side
+# can compute it from blocks it already hashed, without reading the file twice.
+
+BLOCK = 64 * 1024
+HASH_BYTES = 16
+
+
+def tree_entries(base):
+    """(relative path, lstat) of everything under `base`, depth first, names sorted at each
+    level: the order of sort_key(), which both sides share. Memory stays flat: one listing
+    per directory level at a time."""
+
+    def listing(rel_dir):
+        try:
+            return iter(sorted(os.listdir(os.path.join(base, rel_dir))))
+        except FileNotFoundError:  # removed while the app runs
+            return iter(())
+
+    stack = [("", listing(""))]
+    while stack:
+        rel_dir, names = stack[-1]
+        name = next(names, None)
+        if name is None:
+            stack.pop()
+            continue
+        rel = f"{rel_dir}/{name}" if rel_dir else name
+        try:
+            st = os.lstat(os.path.join(base, rel))
+        except FileNotFoundError:
+            continue
+        yield rel, st
+        if stat.S_ISDIR(st.st_mode):
+            stack.append((rel, listing(rel)))
+
+
+def sort_key(rel):
+    """The order tree_entries() yields paths in: depth-first, names sorted at each level."""
+    return rel.split("/")
+
+
+def describe_entry(base, rel, st):
+    mode = stat.S_IMODE(st.st_mode)
+    entry = {"p": rel, "m": mode, "u": st.st_uid, "g": st.st_gid}
+    if stat.S_ISREG(st.st_mode):
+        entry.update(k="f", s=st.st_size, t=st.st_mtime_ns)
+    elif stat.S_ISDIR(st.st_mode):
+        entry["k"] = "d"
+    elif stat.S_ISLNK(st.st_mode):
+        entry.update(k="l", l=os.readlink(os.path.join(base, rel)))
+    else:
+        entry["k"] = "o"  # devices, sockets, fifos: not copied
+    return entry
+
+
+def block_hashes(path, on_block=None):
+    """(block hashes, file digest) of a file; on_block(index, data, hash) sees each block."""
+    hashes = []
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+        while True:
+            data = f.read(BLOCK)
+            if not data:
+                break
+            h = hashlib.sha256(data).digest()[:HASH_BYTES]
+            if on_block:
+                on_block(len(hashes), data, h)
+            hashes.append(h)
+    return hashes, file_digest(hashes)
 
 
-def op_recent(grid, args):
-    """Regular files in an app's volumes modified at or after --since (this host's clock).
+def file_digest(hashes):
+    return hashlib.sha256(b"".join(hashes)).hexdigest()
 
-    A copy whose size and mtime match may still be stale if the file changed again within
-    the same clock tick after it was read: these are the files to compare by content.
-    """
-    base = os.path.join(grid.app_dir(args.app), "volumes")
-    grid.manifest(args.app)
-    found = []
-    for dirpath, _dirnames, filenames in os.walk(base):
-        for name in filenames:
-            path = os.path.join(dirpath, name)
+
+def volumes_dir(grid, app):
+    grid.manifest(app)
+    return os.path.join(grid.app_dir(app), "volumes")
+
+
+def emit(entry):
+    sys.stdout.write(json.dumps(entry, separators=(",", ":")) + "\n")
+
+
+def op_scan(grid, args):
+    """Every entry of an app's volumes, one JSON line each; --hashes adds block hashes."""
+    base = volumes_dir(grid, args.app)
+    for rel, st in tree_entries(base):
+        entry = describe_entry(base, rel, st)
+        if args.hashes and entry["k"] == "f":
             try:
-                st = os.lstat(path)
+                hashes, entry["d"] = block_hashes(os.path.join(base, rel))
             except FileNotFoundError:
-                continue
-            if stat.S_ISREG(st.st_mode) and st.st_mtime >= args.since:
-                found.append(os.path.relpath(path, base))
-    return sorted(found)
+                continue  # deleted while the app runs: the final pass will see
+            entry["b"] = b"".join(hashes).hex()
+        emit(entry)
+    sys.stdout.flush()
 
 
-def op_checksums(grid, args):
-    """Every entry of a volume with its type, mode, size and content hash, for verify."""
-    manifest = grid.manifest(args.app)
-    if args.volume not in manifest["volumes"]:
-        raise AgentError(f"app {args.app!r} has no volume {args.volume!r}")
-    base = os.path.join(grid.app_dir(args.app), "volumes", args.volume)
-    return tree_checksums(base)
+def op_delta(grid, args):
+    """The blocks of files that differ from what the other side has.
+
+    Reads requests on stdin, one JSON line each: {"p": path, "b": hex of that side's block
+    hashes}. Answers, for each, on stdout:
+        F <path as JSON>\n
+        B <index> <length>\n<data>     for each block whose hash differs
+        E <JSON: size, mode, mtime, uid, gid, digest>\n
+    or `X <path as JSON>\n` if the file is gone.
+    """
+    base = volumes_dir(grid, args.app)
+    out = sys.stdout.buffer
+    for line in sys.stdin:
+        request = json.loads(line)
+        rel = check_relpath(request["p"])
+        theirs = bytes.fromhex(request.get("b", ""))
+        path = os.path.join(base, rel)
+
+        def send(index, data, h, theirs=theirs):
+            if theirs[index * HASH_BYTES : (index + 1) * HASH_BYTES] != h:
+                out.write(b"B %d %d\n" % (index, len(data)))
+                out.write(data)
+
+        try:
+            st = os.stat(path)
+            out.write(b"F " + json.dumps(rel).encode() + b"\n")
+            _, digest = block_hashes(path, send)
+        except FileNotFoundError:
+            out.write(b"X " + json.dumps(rel).encode() + b"\n")
+            continue
+        end = {
+            "s": st.st_size,
+            "m": stat.S_IMODE(st.st_mode),
+            "t": st.st_mtime_ns,
+            "u": st.st_uid,
+            "g": st.st_gid,
+            "d": digest,
+        }
+        out.write(b"E " + json.dumps(end).encode() + b"\n")
+    out.flush()
 
 
-def tree_checksums(base):
-    entries = {}
-    for dirpath, dirnames, filenames in os.walk(base):
-        dirnames.sort()
-        for name in dirnames + sorted(filenames):
-            path = os.path.join(dirpath, name)
-            rel = os.path.relpath(path, base)
-            st = os.lstat(path)
-            mode = stat.S_IMODE(st.st_mode)
-            if stat.S_ISLNK(st.st_mode):
-                entries[rel] = ["l", mode, 0, os.readlink(path)]
-            elif stat.S_ISDIR(st.st_mode):
-                entries[rel] = ["d", mode, 0, ""]
-            elif stat.S_ISREG(st.st_mode):
-                entries[rel] = ["f", mode, st.st_size, file_digest(path)]
-            else:
-                entries[rel] = ["o", mode, 0, ""]
-    return entries
-
+# These write their own output instead of one JSON answer.
+STREAMING = ("follow", "scan", "delta")
 
 OPERATIONS = {
     "info": op_info,
@@ -767,8 +855,8 @@ OPERATIONS = {
     "template-version": op_template_version,
     "read": op_read,
     "follow": op_follow,
-    "checksums": op_checksums,
-    "recent": op_recent,
+    "scan": op_scan,
+    "delta": op_delta,
 }
 
 
@@ -812,12 +900,10 @@ def parser():
     s.add_argument("path")
     s.add_argument("--offset", type=int, default=0)
     s.add_argument("--max-time", type=float, default=86400.0)
-    s = sub.add_parser("recent")
+    s = sub.add_parser("scan")
     s.add_argument("app")
-    s.add_argument("--since", type=float, required=True)
-    s = sub.add_parser("checksums")
-    s.add_argument("app")
-    s.add_argument("volume")
+    s.add_argument("--hashes", action="store_true")
+    sub.add_parser("delta").add_argument("app")
     return p
 
 
@@ -834,7 +920,7 @@ def main(argv=None):
         message = f"{errno.errorcode.get(e.errno, 'error')} {e.strerror}{where}"
         print(json.dumps({"ok": False, "error": "OperationFailed", "message": message}))
         return 1
-    if args.op != "follow":
+    if args.op not in STREAMING:
         print(json.dumps({"ok": True, "result": result}))
     return 0
 

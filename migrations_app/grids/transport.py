@@ -122,6 +122,13 @@ class Transport:
         """Write `data` to `path` on the host atomically, creating its directory."""
         raise NotImplementedError
 
+    def popen(self, argv):
+        """Start a command with pipes to its stdin, stdout and stderr, for streaming data.
+
+        Only the subprocess-based transports have it (local, OpenSSH): the helper's.
+        """
+        raise NotImplementedError(f"{self.name}: no streaming pipes here")
+
     def _exec(self, argv, input, timeout):
         """Yield ("out", bytes), ("err", bytes) as they arrive, then ("exit", status)."""
         raise NotImplementedError
@@ -177,6 +184,11 @@ class LocalTransport(Transport):
                 if pipe:
                     pipe.close()
         yield "exit", returncode
+
+    def popen(self, argv):
+        return subprocess.Popen(
+            _argv(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
 
     def put(self, data, path, mode=0o600):
         path = Path(path)
@@ -441,6 +453,9 @@ class OpenSSHTransport(LocalTransport):
     def remote_shell(self):
         """The ssh command line for rsync's -e option."""
         return shlex.join(self.ssh_argv)
+
+    def popen(self, argv):
+        return super().popen([*self.ssh_argv, self.host, "--", shlex.join(_argv(argv))])
 
     def _exec(self, argv, input, timeout):
         full = [*self.ssh_argv, self.host, "--", shlex.join(argv)]

@@ -27,17 +27,14 @@ class PassStats:
     seconds: float = 0.0
 
 
-def rsync_argv(source, dest, remote_shell=None, bwlimit_kbps=None, stall_timeout=60, files_from=None):
-    """rsync arguments copying directory `source` into `dest` (both ending in /).
-
-    With `files_from`, only the files it lists are copied, compared by content rather
-    than by size and time.
-    """
+def rsync_argv(source, dest, remote_shell=None, bwlimit_kbps=None, stall_timeout=60):
+    """rsync arguments copying directory `source` into `dest` (both ending in /)."""
     argv = [
         "rsync",
         "--archive",
         "--hard-links",
         "--numeric-ids",
+        "--delete",
         "--protect-args",
         "--no-inc-recursive",
         "--info=progress2",
@@ -46,10 +43,6 @@ def rsync_argv(source, dest, remote_shell=None, bwlimit_kbps=None, stall_timeout
     ]
     if bwlimit_kbps:
         argv.append(f"--bwlimit={int(bwlimit_kbps)}")
-    if files_from:
-        argv += ["--ignore-times", f"--files-from={files_from}"]
-    else:
-        argv.append("--delete")
     if remote_shell:
         argv += ["-e", remote_shell]
     return [*argv, source, dest]
@@ -120,18 +113,3 @@ def run_rsync(argv, on_progress, stall_timeout):
         raise CopyError(f"rsync failed (status {status}): {detail or '; '.join(lines[-2:])}")
     stats.seconds = time.monotonic() - start
     return stats
-
-
-def compare_trees(source, target):
-    """Differences between two checksum listings (see the agent's `checksums`), as text."""
-    problems = []
-    for path in sorted(set(source) | set(target)):
-        if path not in target:
-            problems.append(f"{path}: missing from the copy")
-        elif path not in source:
-            problems.append(f"{path}: only in the copy")
-        elif source[path] != target[path]:
-            kinds = ("type", "mode", "size", "content")
-            what = next(k for k, a, b in zip(kinds, source[path], target[path], strict=True) if a != b)
-            problems.append(f"{path}: {what} differs")
-    return problems

@@ -20,17 +20,18 @@ import os
 import signal
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from ..grids import AppExists, AppState, GridError, open_grid
 from ..grids.gridinfo import GridConfig
-from . import protocol
-from .copy import CopyError, compare_trees, rsync_argv, run_rsync
+from . import protocol, sync
+from .copy import CopyError, rsync_argv, run_rsync
 from .progress import ProgressLog
 from .status import serve_status
 
 LINGER_SECONDS = 3600
-RACY_MARGIN = 2.0  # seconds: coarse file-time ticks and clock jitter
+# Files modified this close before the hashing started may change again without their
+# time changing (coarse file-time ticks, clock jitter): the final pass reads them again.
+RACY_MARGIN = 1.0
 
 
 class Failure(Exception):
@@ -97,7 +98,7 @@ class Helper:
             self.step_verify()
             self.step_start()
             self.succeed()
-        except (Failure, Stopped, GridError, CopyError, OSError) as e:
+        except (Failure, Stopped, GridError, CopyError, sync.SyncError, OSError, ValueError) as e:
             self.fail(self.reason(e))
         self.linger()
         return 0
@@ -160,6 +161,7 @@ class Helper:
         self.target_created = True
         self.apps["target"] = "copying"
         self.target_path = self.target.describe(self.target_app, sizes=False).path
+        self.volumes_path = os.path.join(self.target_path, "volumes")
         self.log.event(
             f"Defined {self.target_app} on {self.target_grid.name}; copying {len(self.volumes)} "
             f"volume(s), {human_bytes(self.total_bytes)}, while the source runs",
@@ -180,6 +182,21 @@ class Helper:
             if number > 1 and (changed <= max(1 << 20, self.total_bytes // 1000) or changed >= previous / 2):
                 break
             previous = changed
+        self.step_index()
+
+    def step_index(self):
+        """Hash both sides now, while the app runs, so the stopped app is read only once."""
+        started = time.time()
+        self.clean_before_ns = int((started + self.source_clock_offset - RACY_MARGIN) * 1e9)
+        self.index = sync.Index(os.path.join(self.work_dir, "index.sqlite3"))
+        files, differing = sync.build_index(self.source, self.source_app, self.volumes_path, self.index)
+        self.log.event(
+            f"Hashed {files} files on both sides in {time.time() - started:.1f}s; "
+            f"{differing} differ (written to while copied)",
+            files=files,
+            differing=differing,
+            seconds=round(time.time() - started, 3),
+        )
 
     def step_stop_source(self):
         self.apps["source"] = "stopping"
@@ -195,43 +212,41 @@ class Helper:
 
     def step_final_sync(self):
         self.log.event("Final pass with the source stopped", phase=protocol.FINAL_SYNC)
-        last_read = self.last_pass_started
-        stats = self.copy_pass("final pass")
-        # A file changed twice within one clock tick around the last pre-copy read looks
-        # unchanged by size and time: compare such recent files by content.
-        since = last_read + self.source_clock_offset - RACY_MARGIN
-        racy = self.source.recent_files(self.source_app, since)
-        if racy:
-            listing = os.path.join(self.work_dir, "racy-files")
-            with open(listing, "w") as f:
-                f.write("".join(f"{path}\n" for path in racy))
-            recheck = self.copy_pass("final pass, recent files", files_from=listing)
-            stats.changed_bytes += recheck.changed_bytes
+        started = time.monotonic()
+
+        def on_progress(received):
+            self.log.progress(
+                received, received, received / max(time.monotonic() - started, 1e-3), 0, "final pass"
+            )
+
+        final = sync.FinalPass(
+            self.source,
+            self.source_app,
+            self.volumes_path,
+            self.index,
+            self.clean_before_ns,
+            on_progress,
+            self.bwlimit,
+        )
+        files, received = final.run()
         self.log.event(
-            f"Final pass: {human_bytes(stats.changed_bytes)} changed, sent in {stats.seconds:.1f}s; "
-            f"{len(racy)} recently written file(s) compared by content",
-            changed_bytes=stats.changed_bytes,
-            seconds=round(stats.seconds, 3),
-            recent_files=racy[:50],
+            f"Final pass: {files} file(s) changed since hashed; {human_bytes(received)} of changed "
+            f"blocks sent in {time.monotonic() - started:.1f}s",
+            files=files,
+            changed_bytes=received,
+            seconds=round(time.monotonic() - started, 3),
         )
 
     def step_verify(self):
         self.log.event("Verifying the copy file by file", phase=protocol.VERIFYING)
-        names = [v.name for v in self.volumes]
-        with ThreadPoolExecutor(max_workers=2 * len(names) or 1) as pool:
-            source = {n: pool.submit(self.source.checksums, self.source_app, n) for n in names}
-            target = {n: pool.submit(self.target.checksums, self.target_app, n) for n in names}
-            problems = []
-            files = 0
-            for name in names:
-                src, dst = source[name].result(), target[name].result()
-                files += len(src)
-                problems += [f"{name}/{p}" for p in compare_trees(src, dst)]
+        entries, problems = sync.verify(self.volumes_path, self.index)
         if problems:
             shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
             raise Failure(f"verify failed, {len(problems)} difference(s): {shown}")
         self.verified = True
-        self.log.event(f"Verified {files} entries in {len(names)} volume(s): the copy matches")
+        self.log.event(
+            f"Verified {entries} entries: type, mode, size, time and content match the stopped source"
+        )
 
     def step_start(self):
         if self.action == "migrate":
@@ -302,10 +317,9 @@ class Helper:
 
     # --- copying ------------------------------------------------------------------------
 
-    def copy_pass(self, label, files_from=None):
+    def copy_pass(self, label):
         """One rsync of the whole volumes/ directory, reporting progress."""
         started = time.monotonic()
-        self.last_pass_started = time.time()
         total = max(self.total_bytes, 1)
         if self.source_grid.transport == "ssh":
             source = f"{self.source_grid.host}:{self.source_path}/volumes/"
@@ -321,7 +335,7 @@ class Helper:
             self.log.progress(done, total, rate, eta, label)
 
         argv = rsync_argv(
-            source, f"{self.target_path}/volumes/", remote_shell, self.bwlimit, self.stall_timeout, files_from
+            source, f"{self.target_path}/volumes/", remote_shell, self.bwlimit, self.stall_timeout
         )
         stats = run_rsync(argv, on_progress, self.stall_timeout)
         self.log.progress(total, total, total / max(stats.seconds, 1e-3), 0, label, force=True)

@@ -1,26 +1,37 @@
-import os
-import sys
-
+from django import db
 from django.conf import settings
-from django.core.management import call_command
 from django.core.management.base import BaseCommand
+from gunicorn.app.base import Application
 
 from migrations_app import migration
 
 from .startup import Command as Startup
 
 
+class MigServer(Application):
+    """gunicorn in this very process: Django is loaded once, before the workers fork."""
+
+    def load_config(self):
+        self.load_config_from_file(str(settings.BASE_DIR / "conf" / "gunicorn.conf.py"))
+
+    def load(self):
+        from migsite.wsgi import application
+
+        return application
+
+
 class Command(BaseCommand):
     help = (
-        "MIG's component command: run `startup` (finishing any job that travelled with the app), "
-        "then serve the web interface with gunicorn (conf/gunicorn.conf.py)."
+        "MIG's component command: prepare the config volume and database, serve the web "
+        "interface (gunicorn, conf/gunicorn.conf.py), and meanwhile run the rest of `startup` "
+        "(grids, login user, and finishing any job that travelled with the app) in the background."
     )
 
     def handle(self, *args, **options):
-        startup = Startup(stdout=self.stdout, stderr=self.stderr)
-        call_command(startup)
-        if startup.following:
-            migration.start_follower(startup.following)
+        # Only what answering needs happens before serving: the app is down until it answers,
+        # so a migrated app's downtime ends here, not after the remote clean-up.
+        Startup(stdout=self.stdout, stderr=self.stderr).prepare()
+        migration.spawn_manage("startup", log=False)
+        db.connections.close_all()
         self.stdout.flush()
-        conf = str(settings.BASE_DIR / "conf" / "gunicorn.conf.py")
-        os.execv(sys.executable, [sys.executable, "-m", "gunicorn", "-c", conf, "migsite.wsgi"])
+        MigServer().run()

@@ -21,21 +21,28 @@ class Command(BaseCommand):
         "then finish or clean up a job whose lock travelled with the app (DESIGN.md's startup "
         "table). Safe to run any number of times; a second run changes nothing."
     )
-    following = None  # a job whose helper is still at work, for `serve` to keep following
+    following = None  # a job whose helper is still at work (only MIG restarted)
 
     def handle(self, **options):
-        self.changes = []
         # Read every input first, so bad configuration stops before anything is written.
         grids = self.read_grid_info()
-        self.step_config_dir()
-        self.step_database()
+        self.prepare()
         self.step_grids(grids)
         self.step_login_user()
         self.step_lock()
+        if self.following:
+            # Only MIG restarted while its helper works on: keep mirroring its progress.
+            migration.start_follower(self.following)
         if self.changes:
             self.stdout.write(f"startup: done, {len(self.changes)} change(s).")
         else:
             self.stdout.write("startup: nothing to do, everything was already in place.")
+
+    def prepare(self):
+        """What MIG needs before it can answer: the config volume and the database."""
+        self.changes = []
+        self.step_config_dir()
+        self.step_database()
 
     def changed(self, message):
         self.changes.append(message)

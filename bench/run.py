@@ -1,0 +1,567 @@
+#!/usr/bin/env python3
+"""
+MIG's benchmarks: each figure beside a baseline measured in the same run, and the ratio.
+
+    ./dev bench                      # everything, full size (about three minutes)
+    ./dev bench --size smoke         # tiny data: proves the benchmarks still work
+    ./dev bench --only bulk downtime # some scenarios
+
+Two hostgrid grids on two real OpenSSH servers on loopback (127.0.0.2 and 127.0.0.3), their
+roots on tmpfs (/dev/shm) so that disk noise does not drown what MIG does. Prints a table
+and writes it as JSON (bench/results/latest.json unless --out says otherwise).
+"""
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from http.cookiejar import CookieJar
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.sshd import keygen, start_sshd  # noqa: E402
+from tests.world import PYTHON, World  # noqa: E402
+
+MiB = 1 << 20
+
+
+@dataclass
+class Size:
+    big: int  # bytes in the one big file
+    small_files: int
+    small_total: int  # bytes across the small files
+    tiny: int  # bytes of the tiny app's data
+    pollers: int
+    poll_seconds: float
+    memory_factor: int  # the memory scenario's second run has this many times the files
+
+
+SIZES = {
+    "full": Size(512 * MiB, 20_000, 512 * MiB, 10 * MiB, 50, 10.0, 10),
+    "smoke": Size(2 * MiB, 100, 2 * MiB, 1 * MiB, 5, 2.0, 2),
+}
+
+
+@dataclass
+class Row:
+    scenario: str
+    metric: str
+    value: float
+    unit: str
+    baseline: float | None = None
+    baseline_name: str = ""
+    ratio: float | None = None
+    target: str = ""
+    ok: bool | None = None
+    notes: dict = field(default_factory=dict)
+
+
+def fill_data(size, files=None, big=None):
+    """A function filling a data volume: one big file and many small ones, incompressible."""
+    files = size.small_files if files is None else files
+    big = size.big if big is None else big
+
+    def fill(data_dir):
+        data_dir.mkdir(parents=True, exist_ok=True)
+        with open(data_dir / "big.bin", "wb") as f:
+            for _ in range(big // MiB):
+                f.write(os.urandom(MiB))
+            f.write(os.urandom(big % MiB))
+        per_file = size.small_total // max(files, 1)
+        blob = os.urandom(per_file + 4096)
+        for i in range(files):
+            sub = data_dir / "small" / f"{i // 1000:03d}"
+            if i % 1000 == 0:
+                sub.mkdir(parents=True, exist_ok=True)
+            start = random.randrange(4096)
+            (sub / f"f{i:06d}").write_bytes(blob[start : start + per_file])
+
+    return fill
+
+
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+class Bench:
+    def __init__(self, base, size):
+        self.base = Path(base)
+        self.size = size
+        self.base.mkdir(parents=True, exist_ok=True)
+        self.key = keygen(self.base / "id_ed25519", "mig-bench")
+        self.hosts = [
+            start_sshd(self.base / f"sshd{i}", a, f"{self.key}.pub")
+            for i, a in enumerate(("127.0.0.2", "127.0.0.3"))
+        ]
+        self.rows = []
+
+    def close(self):
+        for host in self.hosts:
+            host.stop()
+
+    def world(self, name):
+        path = self.base / name
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir()
+        return World(path, self.hosts, self.key)
+
+    def ssh(self, host):
+        """A plain OpenSSH command line, as an operator would type it (the baselines use it)."""
+        known = self.base / f"known_hosts-{host.address}"
+        known.write_text(f"[{host.address}]:{host.port} {host.host_key}\n")
+        return [
+            "ssh", "-i", str(self.key), "-p", str(host.port), "-l", host.user,
+            "-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes",
+        ]  # fmt: skip
+
+    def add(self, row):
+        if row.baseline is not None and row.baseline > 0 and row.ratio is None:
+            row.ratio = row.value / row.baseline
+        self.rows.append(row)
+        print(
+            f"  {row.scenario}/{row.metric}: {row.value:.3f} {row.unit}"
+            + (f" (ratio {row.ratio:.2f})" if row.ratio is not None else ""),
+            flush=True,
+        )
+
+    # --- helpers ---
+
+    def migrate(self, world, action="migrate", target_app="shop", watch=None):
+        """Run migrate_app --wait from the source app's MIG; returns (seconds, result)."""
+
+        def run():
+            return world.manage(
+                "east", "shop", "migrate_app", "west", target_app, "--action", action, "--wait", timeout=900
+            )
+
+        seconds, result = timed(run)
+        if result.returncode != 0:
+            raise RuntimeError(f"migrate_app failed:\n{result.stdout}\n{result.stderr}")
+        return seconds, result
+
+    def helper_events(self, world, app="shop"):
+        job = world.wait_job("west", app, 1, timeout=120)
+        events = [json.loads(e["data"]) for e in world.events("west", app, 1) if e["seq"] is not None]
+        return job, events
+
+    def rsync_baseline(self, world, dest):
+        source = world.app_dir("east", "shop") / "volumes"
+        ssh = " ".join(self.ssh(self.hosts[0]))
+        argv = ["rsync", "-a", "-e", ssh, f"{self.hosts[0].address}:{source}/", f"{dest}/"]
+        seconds, _ = timed(lambda: subprocess.run(argv, check=True))
+        return seconds
+
+    # --- scenarios ---
+
+    def bulk(self):
+        world = self.world("bulk")
+        try:
+            world.provision(fill=fill_data(self.size))
+            data_bytes = self.size.big + self.size.small_total
+            rsync_seconds = self.rsync_baseline(world, self.base / "bulk-rsync")
+            shutil.rmtree(self.base / "bulk-rsync")
+            big = world.app_dir("east", "shop") / "volumes/data/big.bin"
+            cat_seconds, _ = timed(
+                lambda: subprocess.run(
+                    [*self.ssh(self.hosts[0]), self.hosts[0].address, f"cat {big}"],
+                    stdout=subprocess.DEVNULL,
+                    check=True,
+                )
+            )
+            watcher = HelperMemory(world)
+            seconds, _ = self.migrate(world)
+            watcher.stop()
+            job, events = self.helper_events(world)
+            first = next(e for e in events if e.get("pass_number") == 1)
+            rate = data_bytes / first["seconds"]
+            cat_rate = self.size.big / cat_seconds
+            self.add(
+                Row(
+                    "bulk",
+                    "end to end",
+                    seconds,
+                    "s",
+                    rsync_seconds,
+                    "rsync -a",
+                    target="≤ 1.3",
+                    notes={"bytes": data_bytes},
+                )
+            )
+            self.rows[-1].ok = self.rows[-1].ratio <= 1.3
+            self.add(
+                Row("bulk", "transfer rate", rate / MiB, "MiB/s", cat_rate / MiB, "ssh cat", target="≥ 0.6")
+            )
+            self.rows[-1].ok = self.rows[-1].ratio >= 0.6
+            self.memory_rows = [("bulk", watcher.peak_kib)]
+        finally:
+            world.close()
+
+    def downtime(self):
+        data_bytes = self.size.big + self.size.small_total
+        # About 1% of the data changes during a copy of a few seconds.
+        churn = str(max(data_bytes // 100 // 3, 64 * 1024))
+        world = self.world("downtime")
+        try:
+            world.provision(fill=fill_data(self.size), properties={"churn": churn})
+            poller = FirstAnswer(world.url("west"))
+            self.migrate(world)
+            job, _ = self.helper_events(world)
+            stopped = datetime.fromisoformat(job["source_stopped"]).replace(tzinfo=UTC).timestamp()
+            mig_downtime = poller.wait() - stopped
+        finally:
+            world.close()
+        world = self.world("downtime-baseline")
+        try:
+            world.provision(fill=fill_data(self.size), properties={"churn": churn})
+            time.sleep(3)  # churning, as during MIG's pre-copy
+            east, west = world.drivers["east"], world.drivers["west"]
+            manifest = east.describe("shop", sizes=False).manifest
+            start = time.time()
+            east.stop("shop")
+            west.define("shop", manifest)
+            self.rsync_baseline(world, world.app_dir("west", "shop") / "volumes")
+            west.start("shop")
+            assert world.wait_answering("west", 120)
+            baseline = time.time() - start
+        finally:
+            world.close()
+        self.add(
+            Row(
+                "downtime",
+                "downtime",
+                mig_downtime,
+                "s",
+                baseline,
+                "stop, rsync -a, start",
+                target="≤ 0.15",
+                notes={"churn_bytes_per_s": int(churn)},
+            )
+        )
+        self.rows[-1].ok = self.rows[-1].ratio <= 0.15
+
+    def tiny(self):
+        world = self.world("tiny")
+        try:
+            files = 200
+            size = Size(self.size.tiny * 4 // 5, files, self.size.tiny // 5, 0, 0, 0, 0)
+            world.provision(fill=fill_data(size))
+            seconds, _ = self.migrate(world)
+            assert world.answering("west")
+        finally:
+            world.close()
+        self.add(
+            Row("tiny", "command to target MIG answering", seconds, "s", target="≤ 5 s", ok=seconds <= 5)
+        )
+
+    def status(self):
+        world = self.world("status")
+        try:
+            world.provision()
+            # A job with a history, as the monitor would poll it.
+            world.manage("east", "shop", "migrate_app", "west", "copy", "--action", "snapshot", "--wait")
+            assert world.wait_answering("east")
+            url = world.url("east")
+            cookie = login(url, world.LOGIN["MIG_USERNAME"], world.LOGIN["MIG_PASSWORD"])
+            job_latencies = poll(
+                f"{url}jobs/1/status.json", cookie, self.size.pollers, self.size.poll_seconds
+            )
+            ping_latencies = poll(f"{url}ping/", cookie, self.size.pollers, self.size.poll_seconds)
+        finally:
+            world.close()
+        for q in (50, 95, 99):
+            mine, base = percentile(job_latencies, q), percentile(ping_latencies, q)
+            row = Row(
+                "status",
+                f"p{q} with {self.size.pollers} pollers",
+                mine * 1000,
+                "ms",
+                base * 1000,
+                "/ping/ (Django's floor)",
+            )
+            if q == 95:
+                row.target, row.ok = "≤ 20 ms", mine <= 0.020
+            self.add(row)
+
+    def startup(self):
+        config = self.base / "startup-config"
+        shutil.rmtree(config, ignore_errors=True)
+        config.mkdir()
+        world_info = "".join(
+            f'[grids.g{i}]\ndriver = "hostgrid"\ntransport = "local"\nroot = "{self.base}/g{i}"\n'
+            for i in range(4)
+        )
+        (config / "grid.info").write_text(world_info)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MIG_")}
+        env.update(
+            MIG_CONFIG_DIR=str(config),
+            MIG_USERNAME="operator",
+            MIG_PASSWORD="pw",
+            DJANGO_SETTINGS_MODULE="migsite.settings",
+        )
+        subprocess.run([PYTHON, "manage.py", "startup"], cwd=ROOT, env=env, check=True, capture_output=True)
+        code = (
+            "import time; t0 = time.perf_counter(); import django; django.setup(); "
+            "from django.core.management import call_command; "
+            "from migrations_app.management.commands import startup; t1 = time.perf_counter(); "
+            "import io; call_command('startup', stdout=io.StringIO(), stderr=io.StringIO()); "
+            "print(t1 - t0, time.perf_counter() - t1)"
+        )
+        runs = []
+        for _ in range(7):
+            out = subprocess.run(
+                [PYTHON, "-c", code], cwd=ROOT, env=env, check=True, capture_output=True, text=True
+            )
+            runs.append([float(x) for x in out.stdout.split()])
+        imports = statistics.median(r[0] for r in runs)
+        work = statistics.median(r[1] for r in runs)
+        self.add(
+            Row(
+                "startup",
+                "no lock, beyond imports",
+                work,
+                "s",
+                imports,
+                "imports and django.setup()",
+                target="≤ 0.5 s",
+                ok=work <= 0.5,
+            )
+        )
+
+    def memory(self):
+        if not getattr(self, "memory_rows", None):
+            self.bulk()
+        factor = self.size.memory_factor
+        world = self.world("memory")
+        try:
+            world.provision(fill=fill_data(self.size, files=self.size.small_files * factor))
+            watcher = HelperMemory(world)
+            self.migrate(world)
+            watcher.stop()
+        finally:
+            world.close()
+        bulk_peak = self.memory_rows[0][1]
+        self.add(
+            Row(
+                "memory",
+                "helper peak RSS, bulk",
+                bulk_peak / 1024,
+                "MiB",
+                target="≤ 100 MiB",
+                ok=bulk_peak / 1024 <= 100,
+            )
+        )
+        row = Row(
+            "memory",
+            f"helper peak RSS, {factor}x files",
+            watcher.peak_kib / 1024,
+            "MiB",
+            bulk_peak / 1024,
+            "bulk",
+        )
+        row.target, row.ok = (
+            "≤ 100 MiB, flat",
+            watcher.peak_kib / 1024 <= 100 and watcher.peak_kib <= bulk_peak * 1.25,
+        )
+        self.add(row)
+
+
+class HelperMemory:
+    """Watches the helper's peak resident memory (VmHWM) while it runs."""
+
+    def __init__(self, world, helper="MigHelper_shop"):
+        self.pidfile = world.app_dir("west", helper) / "run" / "helper.pid"
+        self.peak_kib = 0
+        self.running = True
+        self.thread = threading.Thread(target=self.watch, daemon=True)
+        self.thread.start()
+
+    def watch(self):
+        while self.running:
+            try:
+                pid = self.pidfile.read_text().split()[0]
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        self.peak_kib = max(self.peak_kib, int(line.split()[1]))
+            except (OSError, IndexError):
+                pass
+            time.sleep(0.05)
+
+    def stop(self):
+        self.running = False
+        self.thread.join()
+
+
+class FirstAnswer:
+    """Notes when a MIG first answers, polling every 10 ms."""
+
+    def __init__(self, app_url):
+        self.url = app_url + "ping/"
+        self.at = None
+        self.thread = threading.Thread(target=self.watch, daemon=True)
+        self.thread.start()
+
+    def watch(self):
+        while self.at is None:
+            try:
+                with urllib.request.urlopen(self.url, timeout=1):
+                    self.at = time.time()
+            except OSError:
+                time.sleep(0.01)
+
+    def wait(self):
+        self.thread.join(300)
+        return self.at
+
+
+def login(url, username, password):
+    jar = CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    opener.open(url + "login/").read()
+    token = next(c.value for c in jar if c.name == "csrftoken")
+    data = urllib.parse.urlencode(
+        {"username": username, "password": password, "csrfmiddlewaretoken": token}
+    ).encode()
+    opener.open(urllib.request.Request(url + "login/", data, headers={"Referer": url + "login/"})).read()
+    return "; ".join(f"{c.name}={c.value}" for c in jar)
+
+
+def poll(url, cookie, pollers, seconds):
+    """`pollers` clients, each asking once a second like the monitor page, for `seconds`."""
+    code = (
+        "import http.client, json, sys, time, random, threading, urllib.parse\n"
+        "url, cookie, n, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])\n"
+        "u = urllib.parse.urlsplit(url); out = []\n"
+        "def client():\n"
+        "    c = http.client.HTTPConnection(u.hostname, u.port, timeout=10)\n"
+        "    time.sleep(random.random()); end = time.monotonic() + seconds\n"
+        "    while time.monotonic() < end:\n"
+        "        t = time.perf_counter(); c.request('GET', u.path, headers={'Cookie': cookie})\n"
+        "        r = c.getresponse(); r.read(); out.append(time.perf_counter() - t)\n"
+        "        assert r.status == 200, r.status\n"
+        "        time.sleep(max(0, 1 - (time.perf_counter() - t)))\n"
+        "ts = [threading.Thread(target=client) for _ in range(n)]\n"
+        "[t.start() for t in ts]; [t.join() for t in ts]\n"
+        "print(json.dumps(out))\n"
+    )
+    # Clients in several processes, so their own interpreter does not add to the latency.
+    groups = max(1, pollers // 10)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, url, cookie, str(pollers // groups), str(seconds)],
+            stdout=subprocess.PIPE,
+        )
+        for _ in range(groups)
+    ]
+    latencies = []
+    for p in procs:
+        out, _ = p.communicate()
+        latencies += json.loads(out)
+    return latencies
+
+
+def percentile(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+SCENARIOS = ["bulk", "downtime", "tiny", "status", "startup", "memory"]
+
+
+def machine():
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        ),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30), 1),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "rsync": subprocess.run(["rsync", "--version"], capture_output=True, text=True).stdout.split("\n")[0],
+        "ssh": subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.strip(),
+        "host": socket.gethostname(),
+    }
+
+
+def table(rows):
+    header = ("scenario", "metric", "MIG", "baseline", "ratio", "target", "ok", "baseline is")
+    cells = [header]
+    for r in rows:
+        cells.append(
+            (
+                r.scenario,
+                r.metric,
+                f"{r.value:.3f} {r.unit}",
+                f"{r.baseline:.3f} {r.unit}" if r.baseline is not None else "-",
+                f"{r.ratio:.2f}" if r.ratio is not None else "-",
+                r.target,
+                {True: "yes", False: "NO", None: "-"}[r.ok],
+                r.baseline_name,
+            )
+        )
+    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)).rstrip() for c in cells)
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size", choices=SIZES, default="full")
+    parser.add_argument("--only", nargs="+", choices=SCENARIOS, default=SCENARIOS)
+    parser.add_argument("--dir", help="where the grids live (default: a new directory in /dev/shm)")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
+    args = parser.parse_args()
+    base = (
+        Path(args.dir)
+        if args.dir
+        else Path(
+            tempfile.mkdtemp(prefix="mig-bench-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        )
+    )
+    bench = Bench(base, SIZES[args.size])
+    try:
+        for name in SCENARIOS:
+            if name in args.only:
+                print(f"{name}…", flush=True)
+                getattr(bench, name)()
+    finally:
+        bench.close()
+        if not args.dir:
+            shutil.rmtree(base, ignore_errors=True)
+    print()
+    print(table(bench.rows))
+    report = {
+        "size": args.size,
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "rows": [asdict(r) for r in bench.rows],
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwritten to {args.out}")
+    return 0 if all(r.ok is not False for r in bench.rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,345 @@
+"""
+The final pass and the verification, on block hashes kept from the pre-copy.
+
+rsync moves the bulk while the app runs. Then, still before the stop, `build_index` hashes
+both sides in 64 KiB blocks (the source's agent there, the copy here, at the same time) and
+keeps, per file, the source's metadata, the copy's block hashes, and whether the two
+matched. After the stop, `final_pass` lists the source (metadata only) and sends for only
+the files that changed since (or might have: modified too close to the hashing) the blocks
+that differ: the source is read once, the copy not at all. `verify` then compares every
+entry of the copy with the stopped source's listing: a file's content counts as verified
+when its digests matched, at the index for files unchanged since, or at the final pass.
+
+Everything per file lives in SQLite in the helper's work directory, and the listings are
+streamed, so memory stays flat however many files an app has.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import stat
+import threading
+import time
+
+from ..grids.hostgrid_agent import (
+    BLOCK,
+    HASH_BYTES,
+    block_hashes,
+    describe_entry,
+    file_digest,
+    sort_key,
+    tree_entries,
+)
+
+AS_ROOT = os.geteuid() == 0
+
+
+class SyncError(Exception):
+    pass
+
+
+def agent_lines(proc, what):
+    """JSON entries from a streaming agent operation; raises if it failed."""
+    for raw in proc.stdout:
+        entry = json.loads(raw)
+        if "ok" in entry:  # the agent's error answer
+            raise SyncError(f"{what}: {entry.get('message')}")
+        yield entry
+    err = proc.stderr.read().decode("utf-8", "replace").strip()
+    if proc.wait() != 0:
+        raise SyncError(f"{what} failed (status {proc.returncode}): {err[-400:]}")
+
+
+def merged(source_entries, target_base):
+    """(source entry or None, target entry or None) pairs, walking both trees in step."""
+    target = ((rel, describe_entry(target_base, rel, st)) for rel, st in tree_entries(target_base))
+    src, dst = next(source_entries, None), next(target, None)
+    while src is not None or dst is not None:
+        if dst is None or (src is not None and sort_key(src["p"]) < sort_key(dst[0])):
+            yield src, None
+            src = next(source_entries, None)
+        elif src is None or sort_key(dst[0]) < sort_key(src["p"]):
+            yield None, dst[1]
+            dst = next(target, None)
+        else:
+            yield src, dst[1]
+            src, dst = next(source_entries, None), next(target, None)
+
+
+class Index:
+    def __init__(self, path):
+        if os.path.exists(path):
+            os.unlink(path)
+        self.path = path
+        self.db = self.connect()
+        self.db.executescript(
+            """
+            CREATE TABLE src (path TEXT PRIMARY KEY, size INT, mtime INT, digest TEXT);
+            CREATE TABLE dst (path TEXT PRIMARY KEY, size INT, mtime INT, digest TEXT, blocks BLOB);
+            -- The stopped source, in listing order (rowid), for verify.
+            CREATE TABLE final (path TEXT, entry TEXT);
+            CREATE TABLE sent (path TEXT PRIMARY KEY, ok INT);
+            """
+        )
+
+    def connect(self):
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=OFF")
+        return db
+
+
+def build_index(source, source_app, target_base, index):
+    """Hash both sides (source by its agent, copy here, concurrently). Returns (files, differing)."""
+    proc = source.open_scan(source_app, hashes=True)
+    failure = []
+
+    def read_source():
+        db = index.connect()
+        try:
+            db.execute("BEGIN")
+            for e in agent_lines(proc, "hashing the source"):
+                if e["k"] == "f":
+                    db.execute("INSERT INTO src VALUES (?, ?, ?, ?)", (e["p"], e["s"], e["t"], e["d"]))
+            db.execute("COMMIT")
+        except Exception as error:  # reported by the caller
+            failure.append(error)
+        finally:
+            db.close()
+
+    reader = threading.Thread(target=read_source)
+    reader.start()
+    db = index.db
+    db.execute("BEGIN")
+    for rel, st in tree_entries(target_base):
+        if stat.S_ISREG(st.st_mode):
+            try:
+                hashes, digest = block_hashes(os.path.join(target_base, rel))
+            except FileNotFoundError:
+                continue
+            db.execute(
+                "INSERT INTO dst VALUES (?, ?, ?, ?, ?)",
+                (rel, st.st_size, st.st_mtime_ns, digest, b"".join(hashes)),
+            )
+    db.execute("COMMIT")
+    reader.join()
+    if failure:
+        raise SyncError(str(failure[0]))
+    files = db.execute("SELECT count(*) FROM src").fetchone()[0]
+    same = db.execute(
+        "SELECT count(*) FROM src JOIN dst USING (path) WHERE src.digest = dst.digest AND src.size = dst.size"
+    ).fetchone()[0]
+    return files, files - same
+
+
+class FinalPass:
+    """Bring the copy in line with the stopped source; see the module's docstring."""
+
+    def __init__(
+        self, source, source_app, target_base, index, clean_before_ns, on_progress, bwlimit_kbps=None
+    ):
+        self.source, self.source_app = source, source_app
+        self.bwlimit = bwlimit_kbps * 1024 if bwlimit_kbps else None
+        self.base = target_base
+        self.index = index
+        self.clean_before_ns = clean_before_ns
+        self.on_progress = on_progress
+        self.requests = []  # (path, hex of the copy's block hashes) to ask the source for
+        self.doomed = []  # paths only the copy has
+        self.dirs = []
+        self.bytes_received = 0
+
+    def run(self):
+        db = self.index.db
+        db.execute("BEGIN")
+        scan = self.source.open_scan(self.source_app)
+        for src, dst in merged(agent_lines(scan, "listing the source"), self.base):
+            if src is None:
+                self.doomed.append(dst["p"])
+                continue
+            db.execute("INSERT INTO final VALUES (?, ?)", (src["p"], json.dumps(src)))
+            self.reconcile(src, dst)
+        db.execute("COMMIT")
+        for rel in reversed(self.doomed):  # deepest first
+            remove(os.path.join(self.base, rel))
+        if self.requests:
+            self.fetch()
+        for entry in reversed(self.dirs):  # after their contents changed
+            path = os.path.join(self.base, entry["p"])
+            os.chmod(path, entry["m"])
+            if AS_ROOT:
+                os.lchown(path, entry["u"], entry["g"])
+        return len(self.requests), self.bytes_received
+
+    def clean(self, src, dst):
+        """Unchanged since both sides hashed equal: the copy needs nothing."""
+        if dst is None or dst["k"] != "f" or src["t"] >= self.clean_before_ns:
+            return False
+        row = self.index.db.execute(
+            "SELECT src.size, src.mtime, src.digest = dst.digest, dst.size, dst.mtime "
+            "FROM src JOIN dst USING (path) WHERE path = ?",
+            (src["p"],),
+        ).fetchone()
+        return row is not None and row == (src["s"], src["t"], 1, dst["s"], dst["t"])
+
+    def reconcile(self, src, dst):
+        path = os.path.join(self.base, src["p"])
+        if dst is not None and dst["k"] != src["k"]:
+            remove(path)
+            dst = None
+        if src["k"] == "d":
+            if dst is None:
+                os.mkdir(path, 0o700)
+            self.dirs.append(src)
+        elif src["k"] == "l":
+            if dst is None or dst.get("l") != src["l"]:
+                if dst is not None:
+                    os.unlink(path)
+                os.symlink(src["l"], path)
+            if AS_ROOT:
+                os.lchown(path, src["u"], src["g"], follow_symlinks=False)
+        elif src["k"] == "f" and not self.clean(src, dst):
+            known = b""
+            if dst is not None and os.lstat(path).st_nlink == 1:
+                row = self.index.db.execute(
+                    "SELECT blocks FROM dst WHERE path = ? AND mtime = ? AND size = ?",
+                    (src["p"], dst["t"], dst["s"]),
+                ).fetchone()
+                known = row[0] if row else b""
+            self.requests.append((src["p"], known))
+
+    def fetch(self):
+        """Ask the source's agent for the blocks that differ, and write them into the copy."""
+        proc = self.source.open_delta(self.source_app)
+
+        def ask():
+            try:
+                for rel, known in self.requests:
+                    proc.stdin.write(json.dumps({"p": rel, "b": known.hex()}).encode() + b"\n")
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass  # the agent failed; its answer says why
+
+        writer = threading.Thread(target=ask, daemon=True)
+        writer.start()
+        blocks = dict(self.requests)
+        out = proc.stdout
+        current = None
+        started = time.monotonic()
+        while True:
+            header = out.readline()
+            if not header:
+                break
+            kind, _, rest = header.rstrip(b"\n").partition(b" ")
+            if kind == b"F":
+                rel = json.loads(rest)
+                current = Receiving(self.base, rel, blocks[rel])
+            elif kind == b"B":
+                number, length = (int(x) for x in rest.split())
+                data = out.read(length)
+                if len(data) != length:
+                    raise SyncError(f"the source's answer broke off in {current.rel}")
+                current.write(number, data)
+                self.bytes_received += length
+                self.on_progress(self.bytes_received)
+                if self.bwlimit:
+                    # Reading no faster than the limit slows the sender down through the pipe.
+                    ahead = self.bytes_received / self.bwlimit - (time.monotonic() - started)
+                    if ahead > 0:
+                        time.sleep(ahead)
+            elif kind == b"E":
+                ok = current.finish(json.loads(rest))
+                self.index.db.execute("INSERT OR REPLACE INTO sent VALUES (?, ?)", (current.rel, int(ok)))
+                current = None
+            elif kind == b"X":
+                raise SyncError(f"{json.loads(rest)} vanished from the stopped source")
+            else:
+                detail = header + out.read(2000)
+                raise SyncError(
+                    f"unexpected answer from the source: {detail.decode('utf-8', 'replace')[:300]}"
+                )
+        writer.join()
+        err = proc.stderr.read().decode("utf-8", "replace").strip()
+        if proc.wait() != 0 or current is not None:
+            raise SyncError(f"sending changed blocks failed (status {proc.returncode}): {err[-400:]}")
+
+
+class Receiving:
+    """One file of the copy being brought up to date, block by block."""
+
+    def __init__(self, base, rel, known):
+        self.rel = rel
+        self.path = os.path.join(base, rel)
+        self.hashes = [known[i : i + HASH_BYTES] for i in range(0, len(known), HASH_BYTES)]
+        # Known blocks: patch the copy in place. Otherwise write a new file and rename it
+        # over the old one, which never writes through a hard link to another name.
+        self.partial = self.path if known else f"{self.path}.mig-partial"
+        self.file = open(self.partial, "r+b" if known else "wb")
+
+    def write(self, number, data):
+        self.file.seek(number * BLOCK)
+        self.file.write(data)
+        while len(self.hashes) <= number:
+            self.hashes.append(b"")
+        self.hashes[number] = hashlib.sha256(data).digest()[:HASH_BYTES]
+
+    def finish(self, end):
+        """Size, mode, owner and time as the source has them; True if the digests match."""
+        self.file.truncate(end["s"])
+        self.file.close()
+        blocks = -(-end["s"] // BLOCK)
+        os.chmod(self.partial, end["m"])
+        if AS_ROOT:
+            os.lchown(self.partial, end["u"], end["g"])
+        if self.partial != self.path:
+            os.replace(self.partial, self.path)
+        os.utime(self.path, ns=(end["t"], end["t"]))
+        return file_digest(self.hashes[:blocks]) == end["d"]
+
+
+def remove(path):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+def verify(target_base, index):
+    """Every entry of the copy against the stopped source. Returns (entries, problems)."""
+    db = index.db
+    rows = db.execute("SELECT entry FROM final ORDER BY rowid")
+    source = (json.loads(r[0]) for r in rows)
+    problems, count = [], 0
+    sent = dict(db.execute("SELECT path, ok FROM sent").fetchall())
+    for src, dst in merged(source, target_base):
+        count += 1
+        rel = (src or dst)["p"]
+        if dst is None:
+            if src["k"] != "o":
+                problems.append(f"{rel}: missing from the copy")
+            continue
+        if src is None:
+            problems.append(f"{rel}: only in the copy")
+            continue
+        fields = ["k", "m", "s", "t", "l"] + (["u", "g"] if AS_ROOT else [])
+        differ = [f for f in fields if src.get(f) != dst.get(f)]
+        if src["k"] == "d":
+            differ = [f for f in differ if f != "t"]
+        if differ:
+            problems.append(f"{rel}: {', '.join(differ)} differ")
+        elif src["k"] == "f" and not content_verified(db, sent, src):
+            problems.append(f"{rel}: content differs")
+    return count, problems
+
+
+def content_verified(db, sent, src):
+    if src["p"] in sent:
+        return bool(sent[src["p"]])
+    row = db.execute(
+        "SELECT src.digest = dst.digest FROM src JOIN dst USING (path) "
+        "WHERE path = ? AND src.size = ? AND src.mtime = ? AND dst.size = ? AND dst.mtime = ?",
+        (src["p"], src["s"], src["t"], src["s"], src["t"]),
+    ).fetchone()
+    return bool(row and row[0])
