@@ -93,6 +93,11 @@ def fill_data(size, files=None, big=None):
     return fill
 
 
+def stamp(text):
+    """A time stored by Django in SQLite (UTC, no zone) as a Unix timestamp."""
+    return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
+
+
 def timed(fn):
     start = time.perf_counter()
     result = fn()
@@ -142,8 +147,9 @@ class Bench:
 
     # --- helpers ---
 
-    def migrate(self, world, action="migrate", target_app="shop", watch=None):
+    def migrate(self, world, action="migrate", target_app="shop"):
         """Run migrate_app --wait from the source app's MIG; returns (seconds, result)."""
+        self.started_at = time.time()
 
         def run():
             return world.manage(
@@ -156,9 +162,15 @@ class Bench:
         return seconds, result
 
     def helper_events(self, world, app="shop"):
+        """The finished job, the helper's events, and where the time went (from the command's start)."""
         job = world.wait_job("west", app, 1, timeout=120)
-        events = [json.loads(e["data"]) for e in world.events("west", app, 1) if e["seq"] is not None]
-        return job, events
+        rows = world.events("west", app, 1)
+        events = [json.loads(e["data"]) for e in rows if e["seq"] is not None]
+        timeline = [
+            f"{stamp(e['created']) - self.started_at:6.2f}s {e['message'][:100]}"
+            for e in sorted(rows, key=lambda e: stamp(e["created"]))
+        ]
+        return job, events, timeline
 
     def rsync_baseline(self, world, dest):
         source = world.app_dir("east", "shop") / "volumes"
@@ -187,7 +199,7 @@ class Bench:
             watcher = HelperMemory(world)
             seconds, _ = self.migrate(world)
             watcher.stop()
-            job, events = self.helper_events(world)
+            job, events, timeline = self.helper_events(world)
             first = next(e for e in events if e.get("pass_number") == 1)
             rate = data_bytes / first["seconds"]
             cat_rate = self.size.big / cat_seconds
@@ -200,7 +212,7 @@ class Bench:
                     rsync_seconds,
                     "rsync -a",
                     target="≤ 1.3",
-                    notes={"bytes": data_bytes},
+                    notes={"bytes": data_bytes, "timeline": timeline},
                 )
             )
             self.rows[-1].ok = self.rows[-1].ratio <= 1.3
@@ -221,8 +233,8 @@ class Bench:
             world.provision(fill=fill_data(self.size), properties={"churn": churn})
             poller = FirstAnswer(world.url("west"))
             self.migrate(world)
-            job, _ = self.helper_events(world)
-            stopped = datetime.fromisoformat(job["source_stopped"]).replace(tzinfo=UTC).timestamp()
+            job, _, timeline = self.helper_events(world)
+            stopped = stamp(job["source_stopped"])
             mig_downtime = poller.wait() - stopped
         finally:
             world.close()
@@ -250,7 +262,7 @@ class Bench:
                 baseline,
                 "stop, rsync -a, start",
                 target="≤ 0.15",
-                notes={"churn_bytes_per_s": int(churn)},
+                notes={"churn_bytes_per_s": int(churn), "timeline": timeline},
             )
         )
         self.rows[-1].ok = self.rows[-1].ratio <= 0.15

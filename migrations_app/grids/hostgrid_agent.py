@@ -803,7 +803,7 @@ def op_delta(grid, args):
         F <path as JSON>\n
         B <index> <length>\n<data>     for each block whose hash differs
         E <JSON: size, mode, mtime, uid, gid, digest>\n
-    or `X <path as JSON>\n` if the file is gone.
+    or `X <path as JSON>\n` if it is gone or no longer a regular file.
     """
     base = volumes_dir(grid, args.app)
     out = sys.stdout.buffer
@@ -819,12 +819,15 @@ def op_delta(grid, args):
                 out.write(data)
 
         try:
-            st = os.stat(path)
-            out.write(b"F " + json.dumps(rel).encode() + b"\n")
-            _, digest = block_hashes(path, send)
-        except FileNotFoundError:
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode):
+                raise FileNotFoundError(path)
+            open(path, "rb").close()
+        except (FileNotFoundError, NotADirectoryError):  # gone, or no longer a file
             out.write(b"X " + json.dumps(rel).encode() + b"\n")
             continue
+        out.write(b"F " + json.dumps(rel).encode() + b"\n")
+        _, digest = block_hashes(path, send)
         end = {
             "s": st.st_size,
             "m": stat.S_IMODE(st.st_mode),

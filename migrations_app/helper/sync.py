@@ -10,6 +10,9 @@ that differ: the source is read once, the copy not at all. `verify` then compare
 entry of the copy with the stopped source's listing: a file's content counts as verified
 when its digests matched, at the index for files unchanged since, or at the final pass.
 
+Between the hashing and verify the copy is the helper's alone: a copy file whose size and
+time are unchanged since it was hashed is taken to hold what was hashed.
+
 Everything per file lives in SQLite in the helper's work directory, and the listings are
 streamed, so memory stays flat however many files an app has.
 """
@@ -34,6 +37,8 @@ from ..grids.hostgrid_agent import (
 )
 
 AS_ROOT = os.geteuid() == 0
+METADATA = ("m", "t", "u", "g") if AS_ROOT else ("m", "t")
+NAMES = {"k": "type", "m": "mode", "s": "size", "t": "mtime", "l": "link", "u": "owner", "g": "group"}
 
 
 class SyncError(Exception):
@@ -80,6 +85,7 @@ class Index:
             CREATE TABLE dst (path TEXT PRIMARY KEY, size INT, mtime INT, digest TEXT, blocks BLOB);
             -- The stopped source, in listing order (rowid), for verify.
             CREATE TABLE final (path TEXT, entry TEXT);
+            -- Files the final pass settled: sent, or only their times set; ok = digests matched.
             CREATE TABLE sent (path TEXT PRIMARY KEY, ok INT);
             """
         )
@@ -152,6 +158,42 @@ class FinalPass:
         self.bytes_received = 0
 
     def run(self):
+        """Returns (files fetched, bytes of changed blocks received)."""
+        # Files that were changing while the app ran will have changed again: fetch them
+        # while the source is being listed, so the two reads of the source overlap.
+        hot = self.index.db.execute(
+            "SELECT path, dst.blocks FROM src JOIN dst USING (path) WHERE src.digest != dst.digest "
+            "OR src.mtime >= ? ORDER BY dst.rowid",
+            (self.clean_before_ns,),
+        ).fetchall()
+        self.prefetched = {path for path, _ in hot}
+        failures = []
+
+        def prefetch():
+            try:
+                self.fetch(hot, gone_ok=True)
+            except (SyncError, OSError, ValueError) as error:
+                failures.append(error)
+
+        fetcher = threading.Thread(target=prefetch)
+        fetcher.start()
+        try:
+            self.reconcile_all()
+        finally:
+            fetcher.join()
+        if failures:
+            raise failures[0]
+        if self.requests:
+            self.fetch(self.requests, gone_ok=False)
+        for entry in reversed(self.dirs):  # after their contents changed
+            path = os.path.join(self.base, entry["p"])
+            os.chmod(path, entry["m"])
+            if AS_ROOT:
+                os.lchown(path, entry["u"], entry["g"])
+        return len(hot) + len(self.requests), self.bytes_received
+
+    def reconcile_all(self):
+        """List the stopped source, and make the copy's tree like it, file contents aside."""
         db = self.index.db
         db.execute("BEGIN")
         scan = self.source.open_scan(self.source_app)
@@ -164,17 +206,13 @@ class FinalPass:
         db.execute("COMMIT")
         for rel in reversed(self.doomed):  # deepest first
             remove(os.path.join(self.base, rel))
-        if self.requests:
-            self.fetch()
-        for entry in reversed(self.dirs):  # after their contents changed
-            path = os.path.join(self.base, entry["p"])
-            os.chmod(path, entry["m"])
-            if AS_ROOT:
-                os.lchown(path, entry["u"], entry["g"])
-        return len(self.requests), self.bytes_received
 
-    def clean(self, src, dst):
-        """Unchanged since both sides hashed equal: the copy needs nothing."""
+    def same_content(self, src, dst):
+        """Both sides hashed equal, and neither changed since: the copy's content is right.
+
+        Its time may still be off: rsync sets the time it listed, and the app may have
+        written between that listing and the read.
+        """
         if dst is None or dst["k"] != "f" or src["t"] >= self.clean_before_ns:
             return False
         row = self.index.db.execute(
@@ -199,8 +237,14 @@ class FinalPass:
                     os.unlink(path)
                 os.symlink(src["l"], path)
             if AS_ROOT:
-                os.lchown(path, src["u"], src["g"], follow_symlinks=False)
-        elif src["k"] == "f" and not self.clean(src, dst):
+                os.lchown(path, src["u"], src["g"])
+        elif src["k"] == "f" and src["p"] in self.prefetched:
+            pass
+        elif src["k"] == "f" and self.same_content(src, dst):
+            if any(src[f] != dst[f] for f in METADATA):
+                set_metadata(path, src)
+                self.index.db.execute("INSERT OR REPLACE INTO sent VALUES (?, 1)", (src["p"],))
+        elif src["k"] == "f":
             known = b""
             if dst is not None and os.lstat(path).st_nlink == 1:
                 row = self.index.db.execute(
@@ -210,13 +254,18 @@ class FinalPass:
                 known = row[0] if row else b""
             self.requests.append((src["p"], known))
 
-    def fetch(self):
-        """Ask the source's agent for the blocks that differ, and write them into the copy."""
+    def fetch(self, requests, gone_ok):
+        """Ask the source's agent for the blocks that differ, and write them into the copy.
+
+        `requests` are (path, the copy's block hashes). A file the source no longer has is
+        an error, unless `gone_ok` (the listing then decides what becomes of it).
+        """
         proc = self.source.open_delta(self.source_app)
+        db = self.index.connect()  # this may run in a thread of its own
 
         def ask():
             try:
-                for rel, known in self.requests:
+                for rel, known in requests:
                     proc.stdin.write(json.dumps({"p": rel, "b": known.hex()}).encode() + b"\n")
                 proc.stdin.close()
             except BrokenPipeError:
@@ -224,14 +273,11 @@ class FinalPass:
 
         writer = threading.Thread(target=ask, daemon=True)
         writer.start()
-        blocks = dict(self.requests)
+        blocks = dict(requests)
         out = proc.stdout
         current = None
         started = time.monotonic()
-        while True:
-            header = out.readline()
-            if not header:
-                break
+        while header := out.readline():
             kind, _, rest = header.rstrip(b"\n").partition(b" ")
             if kind == b"F":
                 rel = json.loads(rest)
@@ -244,26 +290,30 @@ class FinalPass:
                 current.write(number, data)
                 self.bytes_received += length
                 self.on_progress(self.bytes_received)
-                if self.bwlimit:
-                    # Reading no faster than the limit slows the sender down through the pipe.
-                    ahead = self.bytes_received / self.bwlimit - (time.monotonic() - started)
-                    if ahead > 0:
-                        time.sleep(ahead)
+                self.throttle(started)
             elif kind == b"E":
                 ok = current.finish(json.loads(rest))
-                self.index.db.execute("INSERT OR REPLACE INTO sent VALUES (?, ?)", (current.rel, int(ok)))
+                db.execute("INSERT OR REPLACE INTO sent VALUES (?, ?)", (current.rel, int(ok)))
                 current = None
+            elif kind == b"X" and gone_ok:
+                continue
             elif kind == b"X":
                 raise SyncError(f"{json.loads(rest)} vanished from the stopped source")
             else:
-                detail = header + out.read(2000)
-                raise SyncError(
-                    f"unexpected answer from the source: {detail.decode('utf-8', 'replace')[:300]}"
-                )
+                detail = (header + out.read(2000)).decode("utf-8", "replace")
+                raise SyncError(f"unexpected answer from the source: {detail[:300]}")
         writer.join()
+        db.close()
         err = proc.stderr.read().decode("utf-8", "replace").strip()
         if proc.wait() != 0 or current is not None:
             raise SyncError(f"sending changed blocks failed (status {proc.returncode}): {err[-400:]}")
+
+    def throttle(self, started):
+        """Read no faster than the bandwidth limit: the pipe slows the sender down in turn."""
+        if self.bwlimit:
+            ahead = self.bytes_received / self.bwlimit - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(ahead)
 
 
 class Receiving:
@@ -290,13 +340,18 @@ class Receiving:
         self.file.truncate(end["s"])
         self.file.close()
         blocks = -(-end["s"] // BLOCK)
-        os.chmod(self.partial, end["m"])
-        if AS_ROOT:
-            os.lchown(self.partial, end["u"], end["g"])
         if self.partial != self.path:
             os.replace(self.partial, self.path)
-        os.utime(self.path, ns=(end["t"], end["t"]))
+        set_metadata(self.path, end)
         return file_digest(self.hashes[:blocks]) == end["d"]
+
+
+def set_metadata(path, entry):
+    """Mode, owner (when root) and time of a file as the source has them."""
+    os.chmod(path, entry["m"])
+    if AS_ROOT:
+        os.lchown(path, entry["u"], entry["g"])
+    os.utime(path, ns=(entry["t"], entry["t"]))
 
 
 def remove(path):
@@ -328,7 +383,8 @@ def verify(target_base, index):
         if src["k"] == "d":
             differ = [f for f in differ if f != "t"]
         if differ:
-            problems.append(f"{rel}: {', '.join(differ)} differ")
+            detail = ", ".join(f"{NAMES[f]} {src.get(f)} ≠ {dst.get(f)}" for f in differ)
+            problems.append(f"{rel}: {detail} (source ≠ copy)")
         elif src["k"] == "f" and not content_verified(db, sent, src):
             problems.append(f"{rel}: content differs")
     return count, problems

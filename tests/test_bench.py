@@ -1,0 +1,26 @@
+"""The benchmarks still run (tiny data; their targets are for the full size, see bench/)."""
+
+import json
+import subprocess
+import sys
+
+from .conftest import ROOT
+
+
+def test_benchmarks_run_in_smoke_size(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "bench/run.py", "--size", "smoke", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode in (0, 1), result.stdout + result.stderr  # 1: a target missed
+    report = json.loads(out.read_text())
+    scenarios = {row["scenario"] for row in report["rows"]}
+    assert scenarios == {"bulk", "downtime", "tiny", "status", "startup", "memory"}
+    for row in report["rows"]:
+        assert row["value"] > 0, row
+    assert report["machine"]["cpus"] >= 1
+    assert "scenario" in result.stdout and "baseline" in result.stdout

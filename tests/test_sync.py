@@ -1,0 +1,141 @@
+"""The helper's final pass and verify, step by step, on a real source app and a real copy."""
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from migrations_app.grids import gridinfo, open_grid
+from migrations_app.grids.hostgrid_agent import BLOCK
+from migrations_app.helper import sync
+
+from .sshd import GRID_PYTHON
+
+
+@pytest.fixture
+def pair(tmp_path):
+    """A stopped source app on a local grid with some data, and an rsync'd copy of it."""
+    config = gridinfo.parse(
+        f'[grids.east]\ndriver = "hostgrid"\ntransport = "local"\nroot = "{tmp_path / "east"}"\n'
+        f'python = "{GRID_PYTHON}"\n'
+    )["east"]
+    source = open_grid(config, "")
+    source.init()
+    source.define("app", {"volumes": ["data"], "components": []})
+    data = tmp_path / "east/apps/app/volumes/data"
+    (data / "dir").mkdir()
+    (data / "big.bin").write_bytes(os.urandom(8 * BLOCK + 100))
+    (data / "dir/small.txt").write_text("small\n")
+    (data / "gone.txt").write_text("to be deleted\n")
+    os.symlink("dir/small.txt", data / "link")
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "east/apps/app/volumes", copy, symlinks=True, copy_function=shutil.copy2)
+    return source, data, copy, tmp_path
+
+
+def index_now(pair):
+    source, data, copy, tmp_path = pair
+    index = sync.Index(str(tmp_path / "index.sqlite3"))
+    files, differing = sync.build_index(source, "app", str(copy), index)
+    # Everything written so far is older than "now" minus the margin the helper uses.
+    time.sleep(0.05)
+    return index, files, differing
+
+
+def final(pair, index, clean_before_ns=None):
+    source, data, copy, tmp_path = pair
+    clean_before = clean_before_ns or time.time_ns()
+    received = []
+    run = sync.FinalPass(source, "app", str(copy), index, clean_before, received.append)
+    files, sent = run.run()
+    return files, sent, sync.verify(str(copy), index)
+
+
+def test_unchanged_source_sends_nothing(pair):
+    index, files, differing = index_now(pair)
+    assert (files, differing) == (3, 0)
+    files, sent, (entries, problems) = final(pair, index)
+    assert (files, sent, problems) == (0, 0, [])
+    assert entries == 6  # big.bin, dir, dir/small.txt, gone.txt, link, and the volume itself
+
+
+def test_only_changed_blocks_are_sent_and_the_tree_follows(pair):
+    source, data, copy, _ = pair
+    index, _, _ = index_now(pair)
+    with open(data / "big.bin", "r+b") as f:
+        f.seek(3 * BLOCK + 10)
+        f.write(b"changed")
+    (data / "gone.txt").unlink()
+    (data / "new").mkdir()
+    (data / "new/file.txt").write_text("new\n")
+    (data / "dir/small.txt").chmod(0o600)
+    (data / "link").unlink()
+    os.symlink("big.bin", data / "link")
+    files, sent, (entries, problems) = final(pair, index)
+    assert problems == []
+    assert sent == BLOCK + len("new\n")  # one block of big.bin, and the new file
+    assert (copy / "data/big.bin").read_bytes() == (data / "big.bin").read_bytes()
+    assert not (copy / "data/gone.txt").exists()
+    assert (copy / "data/new/file.txt").read_text() == "new\n"
+    assert os.readlink(copy / "data/link") == "big.bin"
+    assert (copy / "data/dir/small.txt").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_file_written_within_the_clock_tick_is_read_again(pair):
+    source, data, copy, _ = pair
+    index, _, _ = index_now(pair)
+    # Same size and time as when hashed, different content: only "too recent" catches it.
+    st = os.stat(data / "dir/small.txt")
+    (data / "dir/small.txt").write_text("SMALL\n")
+    os.utime(data / "dir/small.txt", ns=(st.st_atime_ns, st.st_mtime_ns))
+    files, sent, (entries, problems) = final(pair, index, clean_before_ns=st.st_mtime_ns)
+    assert problems == [] and sent == len("SMALL\n")
+    assert (copy / "data/dir/small.txt").read_text() == "SMALL\n"
+
+
+def test_right_content_with_the_wrong_time_gets_the_time(pair):
+    # rsync sets the time it listed; the app may have written before rsync read the file.
+    source, data, copy, _ = pair
+    os.utime(copy / "data/dir/small.txt", ns=(1, 1_000_000_000))
+    index, _, differing = index_now(pair)
+    assert differing == 0
+    files, sent, (entries, problems) = final(pair, index)
+    assert (sent, problems) == (0, [])
+    assert os.stat(copy / "data/dir/small.txt").st_mtime_ns == os.stat(data / "dir/small.txt").st_mtime_ns
+
+
+def test_a_hard_link_in_the_copy_is_not_written_through(pair):
+    source, data, copy, _ = pair
+    os.link(copy / "data/dir/small.txt", copy / "data/other-name")
+    (data / "other-name").write_text("small\n")
+    shutil.copystat(copy / "data/dir/small.txt", data / "other-name")
+    index, _, _ = index_now(pair)
+    (data / "dir/small.txt").write_text("changed\n")
+    files, sent, (entries, problems) = final(pair, index)
+    assert problems == []
+    assert (copy / "data/other-name").read_text() == "small\n"
+    assert (copy / "data/dir/small.txt").read_text() == "changed\n"
+
+
+def test_verify_finds_a_copy_that_differs(pair):
+    source, data, copy, _ = pair
+    index, _, _ = index_now(pair)
+    final(pair, index)
+    with open(copy / "data/big.bin", "r+b") as f:
+        f.write(b"corrupt")
+    Path(copy / "data/extra").write_text("x")
+    (copy / "data/dir/small.txt").unlink()
+    entries, problems = sync.verify(str(copy), index)
+    assert "data/extra: only in the copy" in problems
+    assert "data/dir/small.txt: missing from the copy" in problems
+    assert any(p.startswith("data/big.bin: mtime") for p in problems), problems
+
+
+def test_a_missing_source_app_fails_cleanly(pair, tmp_path):
+    source, data, copy, _ = pair
+    index, _, _ = index_now(pair)
+    source.destroy("app")
+    with pytest.raises(sync.SyncError, match="does not exist"):
+        final(pair, index)
