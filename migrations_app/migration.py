@@ -42,7 +42,7 @@ from .grids import (
 )
 from .grids.transport import load_private_key
 from .helper import protocol
-from .helper.progress import parse_lines
+from .helper.progress import human_bytes, parse_lines
 from .models import Lock, MigrationJob
 
 log = logging.getLogger("mig.migration")
@@ -61,13 +61,6 @@ class PreflightError(Exception):
 
 class LaunchError(Exception):
     pass
-
-
-def human_bytes(n):
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
 
 
 def allowed_actions():

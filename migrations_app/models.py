@@ -127,16 +127,7 @@ class MigrationJob(models.Model):
         FAILED = "failed"
         OVERRIDDEN = "overridden"
 
-    ACTIVE_STATES = [
-        State.PENDING,
-        State.PROVISIONING,
-        State.PRECOPY,
-        State.STOPPING,
-        State.FINAL_SYNC,
-        State.VERIFYING,
-        State.STARTING,
-        State.FINISHING,
-    ]
+    # The phases the helper reports, in order.
     HELPER_PHASES = [
         State.PRECOPY,
         State.STOPPING,
@@ -145,6 +136,7 @@ class MigrationJob(models.Model):
         State.STARTING,
         State.FINISHING,
     ]
+    ACTIVE_STATES = [State.PENDING, State.PROVISIONING, *HELPER_PHASES]
 
     action = models.CharField(max_length=16, choices=Action.choices)
     state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING)

@@ -498,17 +498,8 @@ def open_transport(grid, key_file, ssh_client="paramiko"):
     """
     if grid.transport == "local":
         return LocalTransport(grid.command_timeout)
-    if ssh_client == "openssh":
-        return OpenSSHTransport(
-            grid.host,
-            grid.port,
-            grid.user,
-            grid.host_key,
-            key_file,
-            grid.connect_timeout,
-            grid.command_timeout,
-        )
-    return SSHTransport(
+    transport = OpenSSHTransport if ssh_client == "openssh" else SSHTransport
+    return transport(
         grid.host,
         grid.port,
         grid.user,

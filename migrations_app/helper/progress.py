@@ -10,6 +10,16 @@ from datetime import UTC, datetime
 from . import protocol
 
 
+def human_bytes(n):
+    """1536 -> "1.5 KiB"; None -> "?"."""
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
 def now_iso():
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 

@@ -25,7 +25,7 @@ from ..grids import AppExists, AppState, GridError, open_grid
 from ..grids.gridinfo import GridConfig
 from . import protocol, sync
 from .copy import CopyError, rsync_argv, run_rsync
-from .progress import ProgressLog
+from .progress import ProgressLog, human_bytes
 from .status import serve_status
 
 LINGER_SECONDS = 3600
@@ -40,13 +40,6 @@ class Failure(Exception):
 
 class Stopped(BaseException):
     """SIGTERM arrived: someone stopped or destroyed the helper."""
-
-
-def human_bytes(n):
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
 
 
 class Helper:

@@ -6,16 +6,8 @@ from django.db import connection
 
 from migrations_app import config
 from migrations_app.grids import AuthError, ConfigError, GridError, HostKeyError, TransportError
+from migrations_app.helper.progress import human_bytes
 from migrations_app.models import Grid
-
-
-def human_bytes(n):
-    if n is None:
-        return "?"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
 
 
 @dataclass

@@ -9,6 +9,7 @@ from django.core.management.base import BaseCommand, CommandError
 from migrations_app import config, migration
 from migrations_app.grids import ConfigError
 from migrations_app.helper import protocol
+from migrations_app.helper.progress import human_bytes
 from migrations_app.models import LockHeld, MigrationJob
 
 
@@ -40,8 +41,8 @@ class ProgressPrinter:
         eta = f"ETA {line['eta']:.0f}s" if line.get("eta") else ""
         return (
             f"[{'#' * filled}{'-' * (width - filled)}] {100 * done / total:5.1f}% "
-            f"{migration.human_bytes(done)}/{migration.human_bytes(total)} "
-            f"{migration.human_bytes(line['rate'])}/s {eta} {line.get('message', '')}"
+            f"{human_bytes(done)}/{human_bytes(total)} "
+            f"{human_bytes(line['rate'])}/s {eta} {line.get('message', '')}"
         ).ljust(100)
 
 
