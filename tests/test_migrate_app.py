@@ -188,20 +188,22 @@ def test_helper_killed_during_precopy(world):
     assert_failed_cleanly(world, 1, "the helper stopped unexpectedly during precopy")
 
 
-def test_source_refusing_to_stop(world):
-    world.provision(properties={"ignore_stop": "yes"})
+@pytest.mark.parametrize(
+    ("misbehaviour", "reason", "detail"),
+    [
+        # The source refuses to stop: its data component ignores SIGTERM.
+        ({"ignore_stop": "yes"}, "the source app did not stop", "did not stop within 5s of SIGTERM: data"),
+        # The target fails to start: its data component will not run on grid west.
+        ({"fail_on_grid": "west"}, "the target app failed to start", "refusing to run on grid west"),
+    ],
+    ids=["source-refusing-to-stop", "target-failing-to-start"],
+)
+def test_app_misbehaving(world, misbehaviour, reason, detail):
+    world.provision(properties=misbehaviour)
     result = world.manage("east", "shop", "migrate_app", "west", "shop", "--action", "migrate", "--wait")
     assert result.returncode != 0
-    job = assert_failed_cleanly(world, 1, "the source app did not stop")
-    assert "did not stop within 5s of SIGTERM: data" in job["error"]
-
-
-def test_target_failing_to_start(world):
-    world.provision(properties={"fail_on_grid": "west"})
-    result = world.manage("east", "shop", "migrate_app", "west", "shop", "--action", "migrate", "--wait")
-    assert result.returncode != 0
-    job = assert_failed_cleanly(world, 1, "the target app failed to start")
-    assert "refusing to run on grid west" in job["error"]
+    job = assert_failed_cleanly(world, 1, reason)
+    assert detail in job["error"]
 
 
 def test_stalled_copy_fails_instead_of_hanging(world):

@@ -123,22 +123,22 @@ class Command(BaseCommand):
         for row in rows:
             self.stdout.write("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
 
-    def list_apps(self, grid_config):
+    def on_grid(self, grid_config, operation):
+        """Run operation(driver) on one grid; a grid error is the command's error."""
         try:
             with config.driver_for(grid_config) as driver:
-                apps = driver.list_apps()
+                return operation(driver)
         except GridError as e:
             raise CommandError(str(e)) from None
+
+    def list_apps(self, grid_config):
+        apps = self.on_grid(grid_config, lambda driver: driver.list_apps())
         if not apps:
             self.stdout.write(f"no apps on grid {grid_config.name}")
         for app in apps:
             self.stdout.write(f"{app.name:<40} {app.state}")
 
     def init(self, grid_config):
-        try:
-            with config.driver_for(grid_config) as driver:
-                changed = driver.init()
-        except GridError as e:
-            raise CommandError(str(e)) from None
+        changed = self.on_grid(grid_config, lambda driver: driver.init())
         verb = "initialised" if changed else "already initialised"
         self.stdout.write(f"grid {grid_config.name}: {grid_config.root} {verb}")
