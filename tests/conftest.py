@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-MIG_VARS = ("MIG_CONFIG_DIR", "MIG_USERNAME", "MIG_PASSWORD", "MIG_MODE", "MIG_GRID", "MIG_APP")
 
 
 def mig_env(config_dir, **extra):
