@@ -197,9 +197,8 @@ def check_target(plan):
     try:
         with config.driver_for(plan.target_grid) as target:
             info = target.info()
-            problem = target_problem(plan.target_grid, info)
-            if problem:
-                raise PreflightError(problem, "target_grid")
+            if problem := info.problem(plan.target_grid):
+                raise PreflightError(f"{name}: {problem[1]}", "target_grid")
             apps = {a.name: a.state for a in target.list_apps()}
     except HostKeyError as e:
         raise PreflightError(f"{name}: {e}", "target_grid") from None
@@ -215,18 +214,6 @@ def check_target(plan):
         )
     plan.stale_helper = helper_state is not None
     plan.target_free = info.free_bytes or 0
-
-
-def target_problem(grid, info):
-    if not info.initialised:
-        return f"{grid.name} is not initialised: run manage.py grids --init {grid.name}"
-    if info.name != grid.name:
-        return f"{grid.root} on that host is grid {info.name!r}, not {grid.name!r}"
-    if not info.writable:
-        return f"{grid.name}: {grid.root}/apps is not writable"
-    if not info.rsync:
-        return f"rsync is not installed on {grid.name}'s host"
-    return None
 
 
 # --- launch ------------------------------------------------------------------------------
@@ -320,7 +307,8 @@ def spawn_manage(*args, new_log=False, log=True):
     """
     # One log per migration, overwritten by the next, as in the original.
     log_path = settings.CONFIG_DIR / "logs" / "migration.log"
-    log_path.parent.mkdir(exist_ok=True)
+    if log:
+        log_path.parent.mkdir(exist_ok=True)
     with open(log_path, "w" if new_log else "a") if log else nullcontext(None) as out:
         proc = subprocess.Popen(
             [sys.executable, str(settings.BASE_DIR / "manage.py"), *args],

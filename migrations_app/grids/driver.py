@@ -72,6 +72,18 @@ class GridInfo:
     rsync: bool
     time: float  # the host's clock, for comparing file times there
 
+    def problem(self, grid: GridConfig):
+        """(short label, message) of what keeps `grid` from taking apps, or None if nothing."""
+        if not self.initialised:
+            return "not initialised", f"{grid.root} is not a grid yet: run manage.py grids --init {grid.name}"
+        if self.name != grid.name:
+            return "WRONG GRID", f"{grid.root} is grid {self.name!r}, not {grid.name!r}"
+        if not self.writable:
+            return "read-only", f"{grid.root}/apps is not writable"
+        if not self.rsync:
+            return "no rsync", f"rsync is not installed on {grid.name}'s host"
+        return None
+
 
 class Driver:
     """Operations on one grid. Subclasses implement them for one kind of grid."""

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 RSYNC_VANISHED = 24
 PROGRESS_RE = re.compile(rb"^\s*([\d,]+)\s+(\d+)%\s+(\S+)\s+(\d+:\d{2}:\d{2})")
-STAT_RE = re.compile(rb"^(Total file size|Total transferred file size|Literal data|Matched data): ([\d,]+)")
+STAT_RE = re.compile(rb"^(Total transferred file size|Literal data): ([\d,]+)")
+STAT_FIELDS = {b"Total transferred file size": "changed_bytes", b"Literal data": "literal_bytes"}
 
 
 class CopyError(Exception):
@@ -21,7 +22,6 @@ class CopyError(Exception):
 class PassStats:
     """What one rsync pass moved."""
 
-    total_bytes: int = 0  # size of everything compared
     changed_bytes: int = 0  # size of the files that differed
     literal_bytes: int = 0  # data actually sent
     seconds: float = 0.0
@@ -87,14 +87,8 @@ def run_rsync(argv, on_progress, stall_timeout):
                                 last_bytes, last_change = done, time.monotonic()
                             on_progress(done, int(m.group(2)))
                         elif m := STAT_RE.match(piece):
-                            value = int(m.group(2).replace(b",", b""))
-                            name = m.group(1)
-                            if name == b"Total file size":
-                                stats.total_bytes = value
-                            elif name == b"Total transferred file size":
-                                stats.changed_bytes = value
-                            elif name == b"Literal data":
-                                stats.literal_bytes = value
+                            field = STAT_FIELDS[m.group(1)]
+                            setattr(stats, field, int(m.group(2).replace(b",", b"")))
             if time.monotonic() - last_change > stall_timeout:
                 raise CopyError(f"the copy made no progress for {stall_timeout:g}s")
         status = proc.wait()

@@ -63,7 +63,7 @@ class Helper:
         self.stall_timeout = float(self.config.get("stall_timeout", 60))
         self.max_passes = int(self.config.get("max_passes", 4))
         self.source = self.target = None
-        self.target_created = self.source_stopped = self.verified = False
+        self.target_created = self.verified = False
         self.finished = False
         self.volumes = []
         self.total_bytes = 0
@@ -183,12 +183,13 @@ class Helper:
         self.clean_before_ns = int((started + self.source_clock_offset - RACY_MARGIN) * 1e9)
         self.index = sync.Index(os.path.join(self.work_dir, "index.sqlite3"))
         files, differing = sync.build_index(self.source, self.source_app, self.volumes_path, self.index)
+        seconds = time.time() - started
         self.log.event(
-            f"Hashed {files} files on both sides in {time.time() - started:.1f}s; "
+            f"Hashed {files} files on both sides in {seconds:.1f}s; "
             f"{differing} differ (written to while copied)",
             files=files,
             differing=differing,
-            seconds=round(time.time() - started, 3),
+            seconds=round(seconds, 3),
         )
 
     def step_stop_source(self):
@@ -199,7 +200,6 @@ class Helper:
             self.source.stop(self.source_app)
         except GridError as e:
             raise Failure(f"the source app did not stop: {e}") from None
-        self.source_stopped = True
         self.apps["source"] = "stopped"
         self.log.event("Source stopped")
 
@@ -222,12 +222,13 @@ class Helper:
             self.bwlimit,
         )
         files, received = final.run()
+        seconds = time.monotonic() - started
         self.log.event(
             f"Final pass: {files} file(s) changed since hashed; {human_bytes(received)} of changed "
-            f"blocks sent in {time.monotonic() - started:.1f}s",
+            f"blocks sent in {seconds:.1f}s",
             files=files,
             changed_bytes=received,
-            seconds=round(time.monotonic() - started, 3),
+            seconds=round(seconds, 3),
         )
 
     def step_verify(self):
@@ -327,9 +328,7 @@ class Helper:
             eta = (total - done) / rate if rate > 0 else None
             self.log.progress(done, total, rate, eta, label)
 
-        argv = rsync_argv(
-            source, f"{self.target_path}/volumes/", remote_shell, self.bwlimit, self.stall_timeout
-        )
+        argv = rsync_argv(source, f"{self.volumes_path}/", remote_shell, self.bwlimit, self.stall_timeout)
         stats = run_rsync(argv, on_progress, self.stall_timeout)
         self.log.progress(total, total, total / max(stats.seconds, 1e-3), 0, label, force=True)
         return stats

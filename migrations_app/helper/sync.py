@@ -246,7 +246,7 @@ class FinalPass:
                 self.index.db.execute("INSERT OR REPLACE INTO sent VALUES (?, 1)", (src["p"],))
         elif src["k"] == "f":
             known = b""
-            if dst is not None and os.lstat(path).st_nlink == 1:
+            if dst is not None:
                 row = self.index.db.execute(
                     "SELECT blocks FROM dst WHERE path = ? AND mtime = ? AND size = ?",
                     (src["p"], dst["t"], dst["s"]),
@@ -323,9 +323,14 @@ class Receiving:
         self.rel = rel
         self.path = os.path.join(base, rel)
         self.hashes = [known[i : i + HASH_BYTES] for i in range(0, len(known), HASH_BYTES)]
-        # Known blocks: patch the copy in place. Otherwise write a new file and rename it
-        # over the old one, which never writes through a hard link to another name.
-        self.partial = self.path if known else f"{self.path}.mig-partial"
+        # Known blocks: patch the copy in place, unless another name shares its inode (a
+        # hard link): then patch a copy of it and rename that over this name only.
+        # Unknown blocks: write a new file and rename it over the old one.
+        self.partial = self.path
+        if not known or os.lstat(self.path).st_nlink > 1:
+            self.partial = f"{self.path}.mig-partial"
+            if known:
+                shutil.copyfile(self.path, self.partial)
         self.file = open(self.partial, "r+b" if known else "wb")
 
     def write(self, number, data):

@@ -48,20 +48,7 @@ def check_grid(grid_config):
     if grid_config.transport == "ssh":
         check.reachable, check.host_key = "yes", "ok"
     check.free, check.apps = human_bytes(info.free_bytes), str(info.apps)
-    if not info.initialised:
-        check.driver = "not initialised"
-        check.problem = f"{grid_config.root} is not a grid yet: run manage.py grids --init {grid_config.name}"
-    elif info.name != grid_config.name:
-        check.driver = "WRONG GRID"
-        check.problem = f"{grid_config.root} is grid {info.name!r}, not {grid_config.name!r}"
-    elif not info.writable:
-        check.driver = "read-only"
-        check.problem = f"{grid_config.root}/apps is not writable"
-    elif not info.rsync:
-        check.driver = "no rsync"
-        check.problem = "rsync is not installed on the grid host"
-    else:
-        check.driver = "ok"
+    check.driver, check.problem = info.problem(grid_config) or ("ok", "")
     return check
 
 
