@@ -1,21 +1,27 @@
 """
 The hostgrid driver: a grid is a directory on a POSIX host with Python.
 
-Each operation runs the agent (hostgrid_agent.py) on the grid host through the transport.
-The agent is installed on first use at <root>/.mig/agent-<version>.py, so a host needs no
-set-up beyond Python, and an upgraded MIG never talks to an old agent.
+Operations are answered by the agent (hostgrid_agent.py) on the grid host. One serving
+agent, started on first use, answers every operation of a driver over one connection: an
+operation then costs a round trip, not an SSH session, a login shell and an interpreter
+(about 0.1 s each on the hosts we measured). Streaming operations (follow, scan, delta)
+run an agent of their own. The agent is installed on first use at
+<root>/.mig/agent-<version>.py, so a host needs no set-up beyond Python, and an upgraded
+MIG never talks to an old agent.
 """
 
 import hashlib
 import io
 import json
 import posixpath
+import subprocess
 import tarfile
+import threading
 import uuid
 from pathlib import Path
 
 from .driver import App, AppState, Component, Driver, GridInfo, Volume
-from .errors import AppExists, AppNotFound, GridError, InvalidName, OperationFailed
+from .errors import AppExists, AppNotFound, CommandTimeout, GridError, InvalidName, OperationFailed
 from .names import validate_name
 
 AGENT_SOURCE = Path(__file__).with_name("hostgrid_agent.py").read_bytes()
@@ -35,7 +41,54 @@ def check_relpath(path):
     return path
 
 
+class AgentSession:
+    """A serving agent: one request line in, one answer line out, one at a time."""
+
+    def __init__(self, proc):
+        self.proc = proc
+        self.lock = threading.Lock()
+        self.timed_out = False
+
+    def ask(self, request, timeout):
+        """The answer line, or b"" if the agent ended (see end()). Kills it after `timeout`."""
+        with self.lock:
+            timer = threading.Timer(timeout, self._expire)
+            timer.start()
+            try:
+                self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+                self.proc.stdin.flush()
+                return self.proc.stdout.readline()
+            except (OSError, ValueError):  # the agent or its connection ended
+                return b""
+            finally:
+                timer.cancel()
+
+    def _expire(self):
+        self.timed_out = True
+        self.proc.kill()
+
+    def end(self):
+        """Close the agent's input and return (exit status, its error output)."""
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            status = self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            status = self.proc.wait()
+        err = self.proc.stderr.read().decode("utf-8", "replace")
+        for stream in (self.proc.stdout, self.proc.stderr):
+            stream.close()
+        return status, err
+
+
 class HostGridDriver(Driver):
+    def __init__(self, grid, transport):
+        super().__init__(grid, transport)
+        self._session = None
+
     @property
     def agent_path(self):
         return f"{self.grid.root}/.mig/agent-{AGENT_VERSION}.py"
@@ -47,20 +100,48 @@ class HostGridDriver(Driver):
         self.transport.put(AGENT_SOURCE, self.agent_path, mode=0o644)
 
     def _call(self, op, *args, timeout=None):
-        result = self.transport.run(self._argv(op, args), timeout=timeout, check=False)
-        if result.returncode == 2 and "can't open file" in result.err:
-            self._install_agent()
-            result = self.transport.run(self._argv(op, args), timeout=timeout, check=False)
+        line = self._ask([op, *args], timeout or self.grid.command_timeout)
         try:
-            reply = json.loads(result.out.strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            detail = result.err.strip().splitlines()[-3:] or ["no output"]
-            raise GridError(
-                f"grid {self.grid.name!r}: {op} failed (status {result.returncode}): " + "; ".join(detail)
-            ) from None
+            reply = json.loads(line)
+        except ValueError:
+            raise GridError(f"grid {self.grid.name!r}: {op}: unexpected answer {line[:200]!r}") from None
         if not reply["ok"]:
             raise ERRORS.get(reply["error"], OperationFailed)(f"grid {self.grid.name!r}: {reply['message']}")
         return reply["result"]
+
+    def _ask(self, request, timeout):
+        """Send one request to the serving agent, starting (and installing) it if needed."""
+        installed = False
+        while True:
+            if self._session is not None and self._session.proc.poll() is not None:
+                self._end_session()  # it ended while idle (a dropped connection): start another
+            if self._session is None:
+                self._session = AgentSession(self.transport.popen(self._argv("serve", [])))
+            session = self._session
+            line = session.ask(request, timeout)
+            if line:
+                return line
+            status, err = self._end_session()
+            if session.timed_out:
+                raise CommandTimeout(f"grid {self.grid.name!r}: {request[0]} did not finish in {timeout:g}s")
+            if error := self.transport.failure(status, err.encode()):
+                raise error
+            if status == 2 and "can't open file" in err and not installed:
+                self._install_agent()
+                installed = True
+                continue
+            detail = err.strip().splitlines()[-3:] or ["no output"]
+            raise GridError(
+                f"grid {self.grid.name!r}: {request[0]} failed (status {status}): " + "; ".join(detail)
+            )
+
+    def _end_session(self):
+        session, self._session = self._session, None
+        return session.end() if session else (None, "")
+
+    def close(self):
+        self._end_session()
+        super().close()
 
     # --- the grid ---
 

@@ -7,8 +7,11 @@ MIG installs this file at <root>/.mig/agent-<version>.py and runs it through a t
     python3 agent.py ROOT OPERATION [ARGS...]
 
 It prints one JSON object, {"ok": true, "result": ...} or {"ok": false, "error": KIND,
-"message": ...}, except `follow`, which streams the lines of a file. It uses the Python
-standard library only, so a grid host needs nothing but Python (and rsync for copies).
+"message": ...}, except the streaming operations (follow, scan, delta). `serve` answers
+many operations, one per line: each request is a JSON list [OPERATION, ARGS...], each
+answer that JSON object; one connection and one interpreter then serve a whole job. It
+uses the Python standard library only, so a grid host needs nothing but Python (and rsync
+for copies).
 
 A grid is a directory:
     grid.json                   the grid's own name and app URL (written by `init`)
@@ -167,6 +170,7 @@ class Grid:
         self.root = root
         self.apps = os.path.join(root, "apps")
         self.catalog = os.path.join(root, "catalog")
+        self.ops = set()  # apps whose state.json names an operation of this process
 
     def config(self):
         return read_json(os.path.join(self.root, "grid.json"), {})
@@ -225,6 +229,17 @@ class Grid:
             info = proc_stat(os.getpid()) if have_proc() else None
             data["op"] = {"name": op, "pid": os.getpid(), "start_time": info[2] if info else None}
         write_json(os.path.join(self.app_dir(app), "state.json"), data)
+        (self.ops.add if op else self.ops.discard)(app)
+
+    def end_ops(self):
+        """Clear the marks of operations that failed half-way.
+
+        A mark names this process, and counts while it lives: a one-shot agent exits right
+        after, but a serving one lives on and would keep the app "starting" forever.
+        """
+        for app in list(self.ops):
+            desired = read_json(os.path.join(self.app_dir(app), "state.json"), {}).get("desired")
+            self.set_state(app, desired or "stopped")
 
     # placeholders
 
@@ -776,6 +791,14 @@ def volumes_dir(grid, app):
     return os.path.join(grid.app_dir(app), "volumes")
 
 
+def widen_pipe(stream):
+    """A 1 MiB pipe instead of 64 KiB: the reader wakes up less often per byte sent."""
+    try:
+        fcntl.fcntl(stream.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+    except OSError:  # not a pipe, or the system's limit is lower: the default works too
+        pass
+
+
 def emit(entry):
     sys.stdout.write(json.dumps(entry, separators=(",", ":")) + "\n")
 
@@ -807,6 +830,7 @@ def op_delta(grid, args):
     """
     base = volumes_dir(grid, args.app)
     out = sys.stdout.buffer
+    widen_pipe(out)
     for line in sys.stdin:
         request = json.loads(line)
         rel = check_relpath(request["p"])
@@ -815,8 +839,7 @@ def op_delta(grid, args):
 
         def send(index, data, h, theirs=theirs):
             if theirs[index * HASH_BYTES : (index + 1) * HASH_BYTES] != h:
-                out.write(b"B %d %d\n" % (index, len(data)))
-                out.write(data)
+                out.write(b"B %d %d\n" % (index, len(data)) + data)  # one write, not two
 
         try:
             st = os.lstat(path)
@@ -863,10 +886,22 @@ OPERATIONS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """Bad arguments are an answer like any other error, not an exit: `serve` goes on.
+    No --help either, which would print into the answers: this module's docstring is it."""
+
+    def __init__(self, **kwargs):
+        super().__init__(add_help=False, **kwargs)
+
+    def error(self, message):
+        raise AgentError(f"{self.prog}: {message}")
+
+
 def parser():
-    p = argparse.ArgumentParser(prog="hostgrid-agent")
+    p = Parser(prog="hostgrid-agent")
     p.add_argument("root")
-    sub = p.add_subparsers(dest="op", required=True)
+    sub = p.add_subparsers(dest="op", required=True, parser_class=Parser)
+    sub.add_parser("serve")
     sub.add_parser("info")
     s = sub.add_parser("init")
     s.add_argument("--name", required=True)
@@ -910,21 +945,50 @@ def parser():
     return p
 
 
-def main(argv=None):
-    args = parser().parse_args(argv)
+def answer(argv, served=False):
+    """Do one operation; its JSON answer, or None once a streaming one has written its own."""
+    grid = None
     try:
+        args = parser().parse_args(argv)
+        if args.op == "serve" or (served and args.op in STREAMING):
+            raise AgentError(f"{args.op} cannot be asked of a serving agent")
         grid = Grid(args.root)
         result = OPERATIONS[args.op](grid, args)
     except AgentError as e:
-        print(json.dumps({"ok": False, "error": e.kind, "message": str(e)}))
-        return 1
+        return {"ok": False, "error": e.kind, "message": str(e)}
     except OSError as e:
         where = f": {e.filename}" if e.filename else ""
         message = f"{errno.errorcode.get(e.errno, 'error')} {e.strerror}{where}"
-        print(json.dumps({"ok": False, "error": "OperationFailed", "message": message}))
-        return 1
-    if args.op not in STREAMING:
-        print(json.dumps({"ok": True, "result": result}))
+        return {"ok": False, "error": "OperationFailed", "message": message}
+    finally:
+        if grid is not None:
+            grid.end_ops()
+    return None if args.op in STREAMING else {"ok": True, "result": result}
+
+
+def serve(root):
+    """Answer operations read from stdin until it closes (see the module's docstring)."""
+    for line in sys.stdin:
+        try:
+            request = json.loads(line)
+            if not isinstance(request, list) or not all(isinstance(a, str) for a in request):
+                raise ValueError("a request is a JSON list of strings")
+            reply = answer([root, *request], served=True)
+        except ValueError as e:
+            reply = {"ok": False, "error": "OperationFailed", "message": f"bad request: {e}"}
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+    return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[1:2] == ["serve"]:
+        return serve(argv[0])
+    reply = answer(argv)
+    if reply is not None:
+        print(json.dumps(reply))
+        return 0 if reply["ok"] else 1
     return 0
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from .errors import AuthError, CommandFailed, CommandTimeout, HostKeyError, TransportError
 
 CHUNK = 64 * 1024
+PIPE_BUFFER = 1 << 20
 
 
 @dataclass
@@ -125,9 +126,14 @@ class Transport:
     def popen(self, argv):
         """Start a command with pipes to its stdin, stdout and stderr, for streaming data.
 
-        Only the subprocess-based transports have it (local, OpenSSH): the helper's.
+        Returns a subprocess.Popen, or an object with the same stdin, stdout, stderr,
+        poll(), wait() and kill().
         """
-        raise NotImplementedError(f"{self.name}: no streaming pipes here")
+        raise NotImplementedError
+
+    def failure(self, status, stderr):
+        """The error a popen()ed command's exit means about the connection, if it is one."""
+        return None
 
     def _exec(self, argv, input, timeout):
         """Yield ("out", bytes), ("err", bytes) as they arrive, then ("exit", status)."""
@@ -186,8 +192,13 @@ class LocalTransport(Transport):
         yield "exit", returncode
 
     def popen(self, argv):
+        # A large read buffer: these pipes carry file data, in 64 KiB blocks.
         return subprocess.Popen(
-            _argv(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            _argv(argv),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            bufsize=PIPE_BUFFER,
         )
 
     def put(self, data, path, mode=0o600):
@@ -374,6 +385,18 @@ class SSHTransport(Transport):
             sel.close()
             chan.close()
 
+    def popen(self, argv):
+        import paramiko
+
+        client = self._connect()
+        try:
+            chan = client.get_transport().open_session(timeout=self.connect_timeout)
+            chan.exec_command(shlex.join(_argv(argv)))
+        except (OSError, EOFError, paramiko.SSHException) as e:
+            self.close()
+            raise TransportError(f"{self.name}: cannot start {argv[0]}: {e}") from None
+        return ChannelProcess(chan)
+
     def put(self, data, path, mode=0o600):
         client = self._connect()
         path = str(path)
@@ -396,6 +419,53 @@ class SSHTransport(Transport):
         if self._client is not None:
             self._client.close()
             self._client = None
+
+
+def cpu_has_aes():
+    """Whether this CPU encrypts AES in hardware (x86 `aes` flag, ARM `aes` feature)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return "aes" in value.split()
+    except OSError:
+        pass
+    return False
+
+
+# OpenSSH prefers ChaCha20, the fastest cipher without AES instructions. With them,
+# AES-GCM moves bulk data about 1.5x faster, which is the helper's whole job.
+CIPHERS_WITH_AES = (
+    "aes128-gcm@openssh.com,chacha20-poly1305@openssh.com,aes256-gcm@openssh.com,"
+    "aes128-ctr,aes192-ctr,aes256-ctr"
+)
+
+
+class ChannelProcess:
+    """A command on an SSH channel, with the part of subprocess.Popen that streaming uses."""
+
+    def __init__(self, chan):
+        self.chan = chan
+        self.stdin = chan.makefile_stdin("wb")
+        self.stdout = chan.makefile("rb", PIPE_BUFFER)
+        self.stderr = chan.makefile_stderr("rb")
+        self.returncode = None
+
+    def poll(self):
+        if self.returncode is None and self.chan.exit_status_ready():
+            self.returncode = self.chan.recv_exit_status()
+        return self.returncode
+
+    def wait(self, timeout=None):
+        if self.returncode is None:
+            if not self.chan.status_event.wait(timeout):
+                raise subprocess.TimeoutExpired("ssh channel", timeout)
+            self.returncode = self.chan.recv_exit_status()
+        return self.returncode
+
+    def kill(self):
+        self.chan.close()
 
 
 class OpenSSHTransport(LocalTransport):
@@ -449,6 +519,8 @@ class OpenSSHTransport(LocalTransport):
             "-o",
             "LogLevel=ERROR",
         ]
+        if cpu_has_aes():
+            self.ssh_argv += ["-o", f"Ciphers={CIPHERS_WITH_AES}"]
 
     def remote_shell(self):
         """The ssh command line for rsync's -e option."""
@@ -463,12 +535,18 @@ class OpenSSHTransport(LocalTransport):
         for kind, data in super()._exec(full, input, timeout):
             if kind == "err":
                 err += data
-            if kind == "exit" and data == 255:
-                detail = err.decode("utf-8", "replace").strip()
-                if "Host key verification failed" in detail or "IDENTIFICATION HAS CHANGED" in detail:
-                    raise HostKeyError(f"{self.name}: host key does not match the pinned key: {detail}")
-                raise TransportError(f"{self.name}: {detail or 'ssh failed'}")
+            if kind == "exit" and (error := self.failure(data, err)):
+                raise error
             yield kind, data
+
+    def failure(self, status, stderr):
+        # ssh itself exits 255 when it cannot connect; a remote command's status is its own.
+        if status != 255:
+            return None
+        detail = stderr.decode("utf-8", "replace").strip()
+        if "Host key verification failed" in detail or "IDENTIFICATION HAS CHANGED" in detail:
+            return HostKeyError(f"{self.name}: host key does not match the pinned key: {detail}")
+        return TransportError(f"{self.name}: {detail or 'ssh failed'}")
 
     def put(self, data, path, mode=0o600):
         path = str(path)
