@@ -266,13 +266,14 @@ class HostGridDriver(Driver):
         self.state(app)  # installs the agent if needed, and fails early if the app is gone
         yield from self.transport.stream(argv, timeout=max_time + 30)
 
-    def open_scan(self, app, hashes=False):
+    def open_scan(self, app, hashes=False, wait=False):
         """Start listing the app's volumes (see the agent's `scan`); returns the process.
+        With `wait`, the listing begins once a line is written to its stdin.
 
         Streaming operations cannot install the agent on the fly: call another operation
         (describe, state) on this grid first.
         """
-        args = [validate_name(app)] + (["--hashes"] if hashes else [])
+        args = [validate_name(app)] + (["--hashes"] if hashes else []) + (["--wait"] if wait else [])
         return self.transport.popen(self._argv("scan", args))
 
     def open_delta(self, app):

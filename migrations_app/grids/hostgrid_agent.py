@@ -804,8 +804,14 @@ def emit(entry):
 
 
 def op_scan(grid, args):
-    """Every entry of an app's volumes, one JSON line each; --hashes adds block hashes."""
+    """Every entry of an app's volumes, one JSON line each; --hashes adds block hashes.
+
+    --wait: first wait for a line on stdin (and list nothing if it closes instead), so the
+    listing can be set up before the app stops and begin the moment it has.
+    """
     base = volumes_dir(grid, args.app)
+    if args.wait and not sys.stdin.readline():
+        return
     for rel, st in tree_entries(base):
         entry = describe_entry(base, rel, st)
         if args.hashes and entry["k"] == "f":
@@ -941,6 +947,7 @@ def parser():
     s = sub.add_parser("scan")
     s.add_argument("app")
     s.add_argument("--hashes", action="store_true")
+    s.add_argument("--wait", action="store_true")
     sub.add_parser("delta").add_argument("app")
     return p
 

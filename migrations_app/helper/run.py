@@ -62,7 +62,7 @@ class Helper:
         self.bwlimit = self.config.get("bwlimit_kbps")
         self.stall_timeout = float(self.config.get("stall_timeout", 60))
         self.max_passes = int(self.config.get("max_passes", 4))
-        self.source = self.target = None
+        self.source = self.target = self.final = None
         self.target_created = self.verified = False
         self.finished = False
         self.volumes = []
@@ -86,6 +86,7 @@ class Helper:
         try:
             self.step_open()
             self.step_precopy()
+            self.step_prepare_final()
             self.step_stop_source()
             self.step_final_sync()
             self.step_verify()
@@ -192,6 +193,22 @@ class Helper:
             seconds=round(seconds, 3),
         )
 
+    def step_prepare_final(self):
+        def on_progress(received):
+            elapsed = max(time.monotonic() - self.final_started, 1e-3)
+            self.log.progress(received, received, received / elapsed, 0, "final pass")
+
+        self.final = sync.FinalPass(
+            self.source,
+            self.source_app,
+            self.volumes_path,
+            self.index,
+            self.clean_before_ns,
+            on_progress,
+            self.bwlimit,
+        )
+        self.final.open()
+
     def step_stop_source(self):
         self.apps["source"] = "stopping"
         message = f"Stopping the source app {self.source_app}"
@@ -205,23 +222,8 @@ class Helper:
 
     def step_final_sync(self):
         self.log.event("Final pass with the source stopped", phase=protocol.FINAL_SYNC)
-        started = time.monotonic()
-
-        def on_progress(received):
-            self.log.progress(
-                received, received, received / max(time.monotonic() - started, 1e-3), 0, "final pass"
-            )
-
-        final = sync.FinalPass(
-            self.source,
-            self.source_app,
-            self.volumes_path,
-            self.index,
-            self.clean_before_ns,
-            on_progress,
-            self.bwlimit,
-        )
-        files, received = final.run()
+        self.final_started = started = time.monotonic()
+        files, received = self.final.run()
         seconds = time.monotonic() - started
         self.log.event(
             f"Final pass: {files} file(s) changed since hashed; {human_bytes(received)} of changed "
@@ -280,6 +282,8 @@ class Helper:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         failed_during = self.log.phase
         self.log.event(f"Failed during {failed_during}: {reason}", level="error", phase=protocol.FAILED)
+        if self.final is not None:
+            self.final.close()
         if self.target_created:
             try:
                 result = self.target.destroy(self.target_app)

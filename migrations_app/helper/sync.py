@@ -20,6 +20,7 @@ streamed, so memory stays flat however many files an app has.
 import hashlib
 import json
 import os
+import queue
 import shutil
 import sqlite3
 import stat
@@ -152,15 +153,35 @@ class FinalPass:
         self.index = index
         self.clean_before_ns = clean_before_ns
         self.on_progress = on_progress
-        self.requests = []  # (path, hex of the copy's block hashes) to ask the source for
+        # (path, the copy's block hashes) to ask the source for, as the listing finds them
+        self.requests = queue.SimpleQueue()
+        self.requested = 0
         self.doomed = []  # paths only the copy has
         self.dirs = []
         self.bytes_received = 0
+        self.counting = threading.Lock()
+        self.scan = self.deltas = None
+
+    def open(self):
+        """Start the source's agents, before the app stops: starting one costs an SSH
+        session and an interpreter, which the stopped time need not include. The listing
+        waits for run()."""
+        self.scan = self.source.open_scan(self.source_app, wait=True)
+        self.deltas = [self.source.open_delta(self.source_app) for _ in range(2)]
+
+    def close(self):
+        """Stop whatever of the source's agents still runs (after a failure)."""
+        for proc in [self.scan, *(self.deltas or [])]:
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
     def run(self):
         """Returns (files fetched, bytes of changed blocks received)."""
         # Files that were changing while the app ran will have changed again: fetch them
-        # while the source is being listed, so the two reads of the source overlap.
+        # while the source is being listed. Files the listing finds changed are fetched
+        # as it finds them. The source is read by three agents at once, the copy's tree
+        # is walked meanwhile, and the stopped time is the longest of these, not their sum.
         hot = self.index.db.execute(
             "SELECT path, dst.blocks FROM src JOIN dst USING (path) WHERE src.digest != dst.digest "
             "OR src.mtime >= ? ORDER BY dst.rowid",
@@ -169,35 +190,43 @@ class FinalPass:
         self.prefetched = {path for path, _ in hot}
         failures = []
 
-        def prefetch():
-            try:
-                self.fetch(hot, gone_ok=True)
-            except (SyncError, OSError, ValueError) as error:
-                failures.append(error)
+        def fetching(proc, requests, gone_ok):
+            def fetch():
+                try:
+                    self.fetch(proc, requests, gone_ok)
+                except (SyncError, OSError, ValueError) as error:
+                    failures.append(error)
 
-        fetcher = threading.Thread(target=prefetch)
-        fetcher.start()
+            thread = threading.Thread(target=fetch)
+            thread.start()
+            return thread
+
+        if self.scan is None:
+            self.open()
+        self.scan.stdin.write(b"go\n")
+        self.scan.stdin.close()
+        hot_delta, delta = self.deltas
+        fetchers = [fetching(hot_delta, hot, True), fetching(delta, iter(self.requests.get, None), False)]
         try:
             self.reconcile_all()
         finally:
-            fetcher.join()
+            self.requests.put(None)  # the end of the requests
+            for thread in fetchers:
+                thread.join()
         if failures:
             raise failures[0]
-        if self.requests:
-            self.fetch(self.requests, gone_ok=False)
         for entry in reversed(self.dirs):  # after their contents changed
             path = os.path.join(self.base, entry["p"])
             os.chmod(path, entry["m"])
             if AS_ROOT:
                 os.lchown(path, entry["u"], entry["g"])
-        return len(hot) + len(self.requests), self.bytes_received
+        return len(hot) + self.requested, self.bytes_received
 
     def reconcile_all(self):
         """List the stopped source, and make the copy's tree like it, file contents aside."""
         db = self.index.db
         db.execute("BEGIN")
-        scan = self.source.open_scan(self.source_app)
-        for src, dst in merged(agent_lines(scan, "listing the source"), self.base):
+        for src, dst in merged(agent_lines(self.scan, "listing the source"), self.base):
             if src is None:
                 self.doomed.append(dst["p"])
                 continue
@@ -252,28 +281,32 @@ class FinalPass:
                     (src["p"], dst["t"], dst["s"]),
                 ).fetchone()
                 known = row[0] if row else b""
-            self.requests.append((src["p"], known))
+            self.requests.put((src["p"], known))
+            self.requested += 1
 
-    def fetch(self, requests, gone_ok):
-        """Ask the source's agent for the blocks that differ, and write them into the copy.
+    def fetch(self, proc, requests, gone_ok):
+        """Ask the source's agent (`proc`, see open()) for the blocks that differ, and write
+        them into the copy.
 
-        `requests` are (path, the copy's block hashes). A file the source no longer has is
-        an error, unless `gone_ok` (the listing then decides what becomes of it).
+        `requests` (an iterable, possibly still growing) are (path, the copy's block hashes).
+        A file the source no longer has is an error, unless `gone_ok` (the listing then
+        decides what becomes of it).
         """
-        proc = self.source.open_delta(self.source_app)
         db = self.index.connect()  # this may run in a thread of its own
+        blocks = {}
 
         def ask():
             try:
                 for rel, known in requests:
+                    blocks[rel] = known
                     proc.stdin.write(json.dumps({"p": rel, "b": known.hex()}).encode() + b"\n")
+                    proc.stdin.flush()
                 proc.stdin.close()
             except BrokenPipeError:
                 pass  # the agent failed; its answer says why
 
         writer = threading.Thread(target=ask, daemon=True)
         writer.start()
-        blocks = dict(requests)
         out = proc.stdout
         current = None
         started = time.monotonic()
@@ -288,7 +321,8 @@ class FinalPass:
                 if len(data) != length:
                     raise SyncError(f"the source's answer broke off in {current.rel}")
                 current.write(number, data)
-                self.bytes_received += length
+                with self.counting:
+                    self.bytes_received += length
                 self.on_progress(self.bytes_received)
                 self.throttle(started)
             elif kind == b"E":
