@@ -268,6 +268,7 @@ def helper_config(job):
         "target": {"grid": target.name, "app": job.target_app, "table": target.to_table()},
         "bwlimit_kbps": job.bwlimit_kbps,
         "stall_timeout": settings.MIG_STALL_TIMEOUT,
+        "bytes_total": job.bytes_total,
     }
 
 

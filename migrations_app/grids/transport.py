@@ -401,10 +401,10 @@ class SSHTransport(Transport):
         client = self._connect()
         path = str(path)
         directory = os.path.dirname(path)
-        self.run(["mkdir", "-p", "--", directory])
         tmp = f"{directory}/.{os.path.basename(path)}.{uuid.uuid4().hex}.tmp"
         try:
             with client.open_sftp() as sftp:
+                sftp_makedirs(sftp, directory)
                 # Create the file with its final mode before any secret is written into it.
                 with sftp.open(tmp, "wx") as f:
                     f.chmod(mode)
@@ -440,6 +440,20 @@ CIPHERS_WITH_AES = (
     "aes128-gcm@openssh.com,chacha20-poly1305@openssh.com,aes256-gcm@openssh.com,"
     "aes128-ctr,aes192-ctr,aes256-ctr"
 )
+
+
+def sftp_makedirs(sftp, directory):
+    """`mkdir -p` over SFTP: no shell, so no login scripts to wait for."""
+    try:
+        sftp.stat(directory)
+    except FileNotFoundError:
+        parent = os.path.dirname(directory)
+        if parent != directory:
+            sftp_makedirs(sftp, parent)
+        try:
+            sftp.mkdir(directory, 0o755)
+        except OSError:
+            sftp.stat(directory)  # made meanwhile by someone else: fine; otherwise say why
 
 
 class ChannelProcess:

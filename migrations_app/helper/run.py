@@ -32,6 +32,8 @@ LINGER_SECONDS = 3600
 # Files modified this close before the hashing started may change again without their
 # time changing (coarse file-time ticks, clock jitter): the final pass reads them again.
 RACY_MARGIN = 1.0
+# Seconds a pre-copy pass must have taken for another one to be worth it (see step_precopy).
+ANOTHER_PASS_AFTER = 30.0
 
 
 class Failure(Exception):
@@ -137,13 +139,14 @@ class Helper:
         self.target = open_grid(self.target_grid, self.key_file)
         # File times on the source are in its clock; mind the difference to ours.
         self.source_clock_offset = self.source.info().time - time.time()
-        app = self.source.describe(self.source_app, sizes=True)
+        # Pre-flight measured the data a moment ago; walking it again would only delay the copy.
+        app = self.source.describe(self.source_app, sizes=False)
         if app.state != AppState.RUNNING:
             raise Failure(f"the source app is {app.state}, not running")
         self.manifest = app.manifest
         self.volumes = app.volumes
         self.source_path = app.path
-        self.total_bytes = app.bytes
+        self.total_bytes = int(self.config.get("bytes_total") or 0)
 
     def step_precopy(self):
         try:
@@ -172,7 +175,12 @@ class Helper:
                 changed_bytes=changed,
                 seconds=round(stats.seconds, 3),
             )
-            # Another pass pays off only while the delta keeps shrinking and is not tiny.
+            # Another rsync pass reads every file that changed meanwhile on both sides, and
+            # the hashing then reads them again. After a short pass, little has changed: the
+            # final pass sends it block by block, reading only the source. After a long
+            # one, another pass pays off while the delta keeps shrinking and is not tiny.
+            if stats.seconds < ANOTHER_PASS_AFTER:
+                break
             if number > 1 and (changed <= max(1 << 20, self.total_bytes // 1000) or changed >= previous / 2):
                 break
             previous = changed
