@@ -5,6 +5,7 @@ MIG_BIND says otherwise.
 """
 
 import os
+import sys
 from urllib.parse import urlsplit
 
 
@@ -33,3 +34,18 @@ errorlog = "-"
 # gunicorn's control socket defaults to one path per user: two apps on one host would
 # fight over it, and MIG has no use for it.
 control_socket_disable = True
+
+
+def worker_exit(server, worker):
+    """A worker that is done exits at once, with the status it was exiting with.
+
+    Tearing down an interpreter with Django in it takes 0.1 s idle and 0.4 s on a busy
+    host, and a stopping app is down meanwhile. Nothing is lost: requests are finished,
+    Django closed its database connections after each, and log lines are flushed here.
+    The status matters: it tells the arbiter that a worker failed to boot.
+    """
+    error = sys.exc_info()[1]
+    code = error.code if isinstance(error, SystemExit) else 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0 if code is None else code if isinstance(code, int) else 1)

@@ -342,7 +342,7 @@ def wait_until_answering(app_url, timeout):
                 if response.status == 200:
                     return True
         except OSError:
-            time.sleep(0.3)
+            time.sleep(0.05)
     return False
 
 

@@ -182,6 +182,39 @@ def test_failed_start_reports_the_log(grid):
     assert grid.state("broken") == AppState.FAILED
 
 
+def listener_app(grid, name, port, delay):
+    """An app that starts listening on `port` after `delay` seconds, and says it needs 30 s."""
+    code = (
+        "import socket, sys, time; time.sleep(float(sys.argv[2])); s = socket.socket(); "
+        "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+        f"s.bind(({GRID_HOSTS[0]!r}, int(sys.argv[1]))); s.listen(); time.sleep(600)"
+    )
+    grid.define(
+        name,
+        {
+            "volumes": [],
+            "start_settle": 30,
+            "components": [{"name": "main", "command": ["{python}", "-c", code, str(port), str(delay)]}],
+        },
+    )
+
+
+def test_start_ends_once_the_app_listens(grid, web_port):
+    listener_app(grid, "server", web_port, delay=0.5)
+    started = time.monotonic()
+    result = grid.start("server", listen=(GRID_HOSTS[0], web_port), timeout=20)
+    assert result["listening"] is True
+    assert 0.5 <= time.monotonic() - started < 10  # not the 30 s settle time
+    assert grid.state("server") == AppState.RUNNING
+
+
+def test_start_reports_an_app_that_does_not_listen(grid, web_port):
+    listener_app(grid, "quiet", web_port, delay=600)
+    result = grid.start("quiet", listen=(GRID_HOSTS[0], web_port), timeout=0.5)
+    assert result["listening"] is False
+    assert grid.state("quiet") == AppState.RUNNING  # reported, not stopped: a proxy may front it
+
+
 def test_provision_checks_template_and_properties(grid):
     with pytest.raises(OperationFailed, match="template 'nope' is not in this grid's catalog"):
         grid.provision("x", "nope")

@@ -119,7 +119,7 @@ class Driver:
     def provision(self, app, template, properties=None, secrets=None, start=True):
         raise NotImplementedError
 
-    def start(self, app):
+    def start(self, app, listen=None, timeout=30.0):
         raise NotImplementedError
 
     def stop(self, app, grace=None, force=False):

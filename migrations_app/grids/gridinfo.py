@@ -66,6 +66,14 @@ class GridConfig:
         """The address apps on this grid listen on, taken from app_url."""
         return urlsplit(self.app_url).hostname or ""
 
+    @property
+    def app_listen(self):
+        """(host, port) an app with MIG in it listens on here, or None without an app_url."""
+        url = urlsplit(self.app_url)
+        if not url.hostname:
+            return None
+        return url.hostname, url.port or (443 if url.scheme == "https" else 80)
+
     def to_table(self):
         """This grid as its grid.info table: what the helper receives as JSON."""
         table = asdict(self)

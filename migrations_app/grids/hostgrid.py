@@ -209,8 +209,15 @@ class HostGridDriver(Driver):
         """Write a file inside an app's directory (a volume's content, a secret)."""
         self.transport.put(data, f"{self.grid.root}/apps/{validate_name(app)}/{check_relpath(path)}", mode)
 
-    def start(self, app):
-        return self._call("start", validate_name(app))
+    def start(self, app, listen=None, timeout=30.0):
+        """Start the app's components: started once they have stayed up for the manifest's
+        settle time, or, with `listen` (host, port), as soon as something listens there.
+        The answer's "listening" is False if nothing did within `timeout` seconds."""
+        args = [validate_name(app)]
+        if listen:
+            host, port = listen
+            args += ["--listen-host", host, "--listen-port", str(int(port)), "--timeout", str(float(timeout))]
+        return self._call("start", *args, timeout=timeout + 30 if listen else None)
 
     def stop(self, app, grace=None, force=False):
         args = [validate_name(app)]

@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -500,6 +501,14 @@ def start_component(grid, app, manifest, component):
     return proc
 
 
+def listening(host, port):
+    try:
+        socket.create_connection((host, port), timeout=0.5).close()
+    except OSError:
+        return False
+    return True
+
+
 def log_tail(grid, app, component, lines=5):
     path = os.path.join(grid.app_dir(app), "logs", f"{component}.log")
     try:
@@ -526,14 +535,23 @@ def op_start(grid, args):
             stop_app(grid, args.app, manifest, grace=2.0, force=True)
             grid.set_state(args.app, "running")
             raise
-        settle = float(manifest.get("start_settle", DEFAULT_START_SETTLE))
-        deadline = time.monotonic() + (settle if started else 0)
-        dead = []
+        # Started means: still up after the manifest's settle time; or, with --listen-port,
+        # listening there (within --timeout), the sooner and surer sign for an app that
+        # serves. Not listening by then is reported, not fatal: a proxy may front the app.
+        wait = args.timeout if args.listen_port else float(manifest.get("start_settle", DEFAULT_START_SETTLE))
+        deadline = time.monotonic() + (wait if started else 0)
+        listens = None
         while True:
             dead = [(n, p) for n, p in started if p.poll() is not None]
-            if dead or time.monotonic() >= deadline:
+            if dead:
                 break
-            time.sleep(0.05)
+            if args.listen_port and listening(args.listen_host, args.listen_port):
+                listens = True
+                break
+            if time.monotonic() >= deadline:
+                listens = False if args.listen_port else None
+                break
+            time.sleep(0.02)
         if dead:
             name, proc = dead[0]
             stop_app(grid, args.app, manifest, grace=2.0, force=True)
@@ -543,7 +561,7 @@ def op_start(grid, args):
                 f"{log_tail(grid, args.app, name) or 'no output'}"
             )
         grid.set_state(args.app, "running")
-        return {"started": [n for n, _ in started]}
+        return {"started": [n for n, _ in started], "listening": listens}
     finally:
         os.close(fd)
 
@@ -913,8 +931,13 @@ def parser():
     s.add_argument("--name", required=True)
     s.add_argument("--app-url", default="")
     sub.add_parser("list")
-    for op in ("state", "start", "destroy"):
+    for op in ("state", "destroy"):
         sub.add_parser(op).add_argument("app")
+    s = sub.add_parser("start")
+    s.add_argument("app")
+    s.add_argument("--listen-host", default="127.0.0.1")
+    s.add_argument("--listen-port", type=int)
+    s.add_argument("--timeout", type=float, default=60.0)
     s = sub.add_parser("describe")
     s.add_argument("app")
     s.add_argument("--sizes", action="store_true")

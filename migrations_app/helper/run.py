@@ -34,6 +34,8 @@ LINGER_SECONDS = 3600
 RACY_MARGIN = 1.0
 # Seconds a pre-copy pass must have taken for another one to be worth it (see step_precopy).
 ANOTHER_PASS_AFTER = 30.0
+# Seconds a started app has to listen where its grid publishes it (see start_app).
+LISTEN_TIMEOUT = 30.0
 
 
 class Failure(Exception):
@@ -257,7 +259,7 @@ class Helper:
             self.apps["target"] = "starting"
             self.log.event(f"Starting {self.target_app} on {self.target_grid.name}", phase=protocol.STARTING)
             try:
-                self.target.start(self.target_app)
+                self.start_app(self.target, self.target_grid, self.target_app)
             except GridError as e:
                 raise Failure(f"the target app failed to start: {e}") from None
             self.apps["target"] = "running"
@@ -266,10 +268,22 @@ class Helper:
             self.apps["source"] = "starting"
             self.log.event(f"Restarting the source app {self.source_app}", phase=protocol.STARTING)
             try:
-                self.source.start(self.source_app)
+                self.start_app(self.source, self.source_grid, self.source_app)
             except GridError as e:
                 raise Failure(f"the source app failed to restart: {e}") from None
             self.apps["source"] = "running"
+
+    def start_app(self, grid, grid_config, app):
+        """Start an app, which has MIG in it: it counts as started once it listens where its
+        grid publishes apps, which is sooner and surer than its staying up for a while."""
+        listen = grid_config.app_listen
+        result = grid.start(app, listen=listen, timeout=LISTEN_TIMEOUT)
+        if result.get("listening") is False:
+            self.log.event(
+                f"{app} runs, but nothing listens on {listen[0]}:{listen[1]} ({grid_config.name}'s "
+                f"app_url) after {LISTEN_TIMEOUT:g}s",
+                level="warning",
+            )
 
     # --- endings ------------------------------------------------------------------------
 
@@ -304,7 +318,7 @@ class Helper:
         if self.source is not None:
             try:
                 if self.source.state(self.source_app) != AppState.RUNNING:
-                    self.source.start(self.source_app)
+                    self.start_app(self.source, self.source_grid, self.source_app)
                     self.apps["source"] = "running"
                     self.log.event(f"Restarted the source app {self.source_app}")
             except GridError as e:

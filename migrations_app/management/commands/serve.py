@@ -1,3 +1,6 @@
+import os
+import sys
+
 from django import db
 from django.conf import settings
 from django.core.management.base import BaseCommand
@@ -34,4 +37,12 @@ class Command(BaseCommand):
         migration.spawn_manage("startup", log=False)
         db.connections.close_all()
         self.stdout.flush()
-        MigServer().run()
+        try:
+            MigServer().run()
+        except SystemExit as stop:
+            # gunicorn has stopped its workers and said so. Leave now, with its status: an
+            # interpreter teardown would only add to the time a stopping app is down (see
+            # worker_exit in conf/gunicorn.conf.py).
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0 if stop.code is None else stop.code if isinstance(stop.code, int) else 1)
