@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from migrations_app.grids import AppExists, AppNotFound, AppState, GridError, InvalidName, OperationFailed
+from migrations_app.grids.errors import CommandTimeout
 
 from .conftest import GRID_HOSTS
 
@@ -213,6 +214,51 @@ def test_start_reports_an_app_that_does_not_listen(grid, web_port):
     result = grid.start("quiet", listen=(GRID_HOSTS[0], web_port), timeout=0.5)
     assert result["listening"] is False
     assert grid.state("quiet") == AppState.RUNNING  # reported, not stopped: a proxy may front it
+
+
+def test_one_serving_agent_answers_many_operations(grid, web_port):
+    provision_web(grid, "shop", web_port)
+    session = grid._session
+    for _ in range(3):
+        assert grid.state("shop") == AppState.RUNNING
+    with pytest.raises(AppNotFound):
+        grid.state("nothere")
+    assert grid._session is session and session.proc.poll() is None  # an error ends nothing
+
+
+def test_an_agent_that_ended_is_replaced(grid, web_port):
+    provision_web(grid, "shop", web_port)
+    grid._session.proc.kill()  # as a dropped connection would
+    grid._session.proc.wait()
+    assert grid.state("shop") == AppState.RUNNING
+
+
+def test_an_operation_that_takes_too_long_times_out(grid, web_port):
+    listener_app(grid, "slow", web_port, delay=600)
+    with pytest.raises(CommandTimeout, match="start did not finish in 0.5s"):
+        grid._call("start", "slow", "--listen-port", str(web_port), "--timeout", "3", timeout=0.5)
+    assert grid.state("slow") in (AppState.STARTING, AppState.RUNNING)  # a new agent answers
+
+
+def test_requests_the_agent_cannot_take_are_answered(grid):
+    for request, message in [
+        (["scan", "x"], "scan cannot be asked of a serving agent"),
+        (["serve"], "serve cannot be asked of a serving agent"),
+        (["info", "--help"], "unrecognized arguments: --help"),
+        (["bogus"], "invalid choice: 'bogus'"),
+    ]:
+        with pytest.raises(OperationFailed, match=message):
+            grid._call(*request)
+    assert grid.info().initialised
+
+
+def test_scan_streams_over_every_transport(grid, web_port):
+    provision_web(grid, "shop", web_port)
+    proc = grid.open_scan("shop", hashes=True)
+    entries = [json.loads(line) for line in proc.stdout]
+    assert proc.wait() == 0
+    page = next(e for e in entries if e["p"] == "www/index.html")
+    assert (page["k"], page["s"], len(page["b"])) == ("f", 23, 32)
 
 
 def test_provision_checks_template_and_properties(grid):
