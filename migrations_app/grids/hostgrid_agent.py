@@ -577,8 +577,9 @@ def stop_app(grid, app, manifest, grace, force):
     for pids in members.values():
         signal_all(pids, signal.SIGTERM)
     deadline = time.monotonic() + grace
+    # Polled often: the app is down from the signal on, and a migration waits for the end.
     while time.monotonic() < deadline and any(pid_alive(p) for ps in members.values() for p in ps):
-        time.sleep(0.05)
+        time.sleep(0.01)
     survivors = {n: [p for p in ps if pid_alive(p)] for n, ps in members.items()}
     survivors = {n: ps for n, ps in survivors.items() if ps}
     if survivors and force:

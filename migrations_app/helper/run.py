@@ -1,8 +1,9 @@
 """
 The helper's job, as small steps:
 
-    precopy      define the target app, copy every volume while the source runs, repeating
-                 while the remaining delta shrinks
+    precopy      define the target app, copy every volume with rsync while the source runs
+                 (again only after a long pass, while the delta shrinks), hash both sides,
+                 and start the source's agents for the final pass
     stopping     stop the source app (never by force)
     final_sync   copy what changed since, with the source stopped
     verifying    the copy matches the stopped source, file by file
