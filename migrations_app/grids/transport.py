@@ -397,6 +397,13 @@ class SSHTransport(Transport):
             raise TransportError(f"{self.name}: cannot start {argv[0]}: {e}") from None
         return ChannelProcess(chan)
 
+    def failure(self, status, stderr):
+        # A channel that closed without an exit status: the connection went.
+        if status == -1:
+            self.close()
+            return TransportError(f"{self.name}: connection lost")
+        return None
+
     def put(self, data, path, mode=0o600):
         client = self._connect()
         path = str(path)
