@@ -352,10 +352,12 @@ def wait_until_answering(app_url, timeout):
 class Follower:
     """Mirrors the helper's progress log into the job while MIG runs.
 
-    Once the helper starts stopping the source, the follower stops writing to the
-    database: the final pass is about to copy it, and must find it still. A background
-    follower (`until_stop`) then has nothing left to do and returns "handed over"; one in
-    a terminal keeps showing progress until the helper's result.
+    Once the helper says hands off (before it hashes, then stops, the source), the
+    follower stops writing to the database: the final pass will copy it, and must find it
+    still. When the source starts stopping, a background follower (`until_stop`) has
+    nothing left to do and returns "handed over"; one in a terminal keeps showing progress
+    until the helper's result. If the helper ends without stopping the source, MIG runs
+    on here, and the follower completes the job.
     """
 
     def __init__(self, job, on_line=None, until_stop=False):
@@ -363,6 +365,7 @@ class Follower:
         self.on_line = on_line or (lambda line: None)
         self.until_stop = until_stop
         self.write_db = True
+        self.source_stopping = False
         self.result = self.error = None
 
     def run(self):
@@ -385,8 +388,10 @@ class Follower:
                         # (or be the one to checkpoint) while the helper copies the file.
                         db.connection.close()
                     self.on_line(line)
-                    if line.get("phase") == protocol.STOPPING:
+                    if line.get("fact") == protocol.HANDS_OFF:
                         self.write_db = False
+                    if line.get("fact") == protocol.SOURCE_STOPPING:
+                        self.source_stopping = True
                         if self.until_stop:
                             return "handed over"
                     if line.get("fact") == protocol.RESULT:
@@ -394,7 +399,7 @@ class Follower:
                         break
         except GridError as e:
             log.warning("job %s: lost the helper's progress: %s", job.pk, e)
-        if self.write_db:
+        if not self.source_stopping:
             # MIG still runs, so this is the source: the helper failed or is gone.
             return complete(job, wait=0)
         return self.result

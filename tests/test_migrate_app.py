@@ -188,6 +188,27 @@ def test_helper_killed_during_precopy(world):
     assert_failed_cleanly(world, 1, "the helper stopped unexpectedly during precopy")
 
 
+def test_helper_killed_after_hands_off_before_the_stop(world):
+    # MIG stopped writing to its volumes for the final pass, but the source never stopped:
+    # MIG runs on, so its background follower must finish the job here.
+    def many_files(data):
+        for i in range(20_000):  # hashing them takes a while: time to act in between
+            (data / f"f{i:05d}").write_bytes(b"x" * 100)
+
+    world.provision(fill=many_files)
+    launched = world.manage("east", "shop", "migrate_app", "west", "shop", "--action", "migrate")
+    assert launched.returncode == 0, launched.stderr
+
+    def hands_off():
+        return any(line.get("fact") == "hands_off" for line in world.helper_log("west", HELPER))
+
+    assert wait_for(hands_off, 60, interval=0.01)
+    pid = int((world.app_dir("west", HELPER) / "run/helper.pid").read_text().split()[0])
+    os.kill(pid, signal.SIGKILL)
+    job = assert_failed_cleanly(world, 1, "the helper stopped unexpectedly")
+    assert job["source_stopped"] is None
+
+
 @pytest.mark.parametrize(
     ("misbehaviour", "reason", "detail"),
     [

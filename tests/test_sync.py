@@ -2,12 +2,14 @@
 
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from migrations_app.grids import gridinfo, open_grid
+from migrations_app.grids import hostgrid_agent as agent
 from migrations_app.grids.hostgrid_agent import BLOCK
 from migrations_app.helper import sync
 
@@ -38,7 +40,7 @@ def pair(tmp_path):
 def index_now(pair):
     source, data, copy, tmp_path = pair
     index = sync.Index(str(tmp_path / "index.sqlite3"))
-    files, differing = sync.build_index(source, "app", str(copy), index)
+    files, _, differing = sync.build_index(source, "app", str(copy), index)
     # Everything written so far is older than "now" minus the margin the helper uses.
     time.sleep(0.05)
     return index, files, differing
@@ -139,3 +141,55 @@ def test_a_missing_source_app_fails_cleanly(pair, tmp_path):
     source.destroy("app")
     with pytest.raises(sync.SyncError, match="does not exist"):
         final(pair, index)
+
+
+def test_copies_untouched_since_the_copy_began_are_not_read(pair):
+    source, data, copy, tmp_path = pair
+    # Bytes changed behind rsync's back, size and time kept: only reading the copy sees it.
+    # A copy of a file untouched since the copy began is what rsync sent and checked, so
+    # the index takes the source's hashes for it and does not read it.
+    with open(copy / "data/big.bin", "r+b") as f:
+        f.write(b"X")
+    shutil.copystat(data / "big.bin", copy / "data/big.bin")
+    began = time.time_ns()
+    trusting = sync.build_index(source, "app", str(copy), sync.Index(str(tmp_path / "a.sqlite3")), began)
+    assert trusting == (3, 0, 0)
+    reading = sync.build_index(source, "app", str(copy), sync.Index(str(tmp_path / "b.sqlite3")))
+    assert reading == (3, 3, 1)
+
+
+def test_copies_of_files_changed_since_the_copy_began_are_read(pair):
+    source, data, copy, tmp_path = pair
+    began = time.time_ns()
+    time.sleep(0.05)
+    (data / "dir/small.txt").write_text("SMALL\n")  # after the copy began, before the hashing
+    files, read, differing = sync.build_index(
+        source, "app", str(copy), sync.Index(str(tmp_path / "i.sqlite3")), began
+    )
+    assert (files, read, differing) == (3, 1, 1)
+
+
+def test_a_file_written_while_hashed_says_so(tmp_path):
+    # Its change time once read is what the index trusts (see build_index): a write during
+    # the read must show in it.
+    path = tmp_path / "busy.bin"
+    path.write_bytes(os.urandom(64 << 20))  # tens of ms to hash: change times tick meanwhile
+    writing = True
+
+    def write():
+        with open(path, "r+b") as f:
+            while writing:
+                f.seek(0)
+                f.write(os.urandom(BLOCK))
+                f.flush()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        time.sleep(0.02)
+        before = os.lstat(path).st_ctime_ns  # what a listing just before would have said
+        entry = agent.hashed_entry(str(tmp_path), {"p": "busy.bin", "k": "f"})
+    finally:
+        writing = False
+        writer.join()
+    assert entry["c"] > before

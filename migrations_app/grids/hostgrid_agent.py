@@ -822,6 +822,20 @@ def emit(entry):
     sys.stdout.write(json.dumps(entry, separators=(",", ":")) + "\n")
 
 
+def hashed_entry(base, entry):
+    """`entry` with its file's block hashes ("b"), digest ("d"), and the file's change time
+    once read ("c"): a later time than the listing's means it changed while it was read.
+    None if the file is gone (deleted while the app runs: the final pass will see)."""
+    path = os.path.join(base, entry["p"])
+    try:
+        hashes, entry["d"] = block_hashes(path)
+        entry["c"] = os.lstat(path).st_ctime_ns
+    except FileNotFoundError:
+        return None
+    entry["b"] = b"".join(hashes).hex()
+    return entry
+
+
 def op_scan(grid, args):
     """Every entry of an app's volumes, one JSON line each; --hashes adds block hashes.
 
@@ -834,12 +848,9 @@ def op_scan(grid, args):
     for rel, st in tree_entries(base):
         entry = describe_entry(base, rel, st)
         if args.hashes and entry["k"] == "f":
-            try:
-                hashes, entry["d"] = block_hashes(os.path.join(base, rel))
-            except FileNotFoundError:
-                continue  # deleted while the app runs: the final pass will see
-            entry["b"] = b"".join(hashes).hex()
-        emit(entry)
+            entry = hashed_entry(base, entry)
+        if entry is not None:
+            emit(entry)
     sys.stdout.flush()
 
 

@@ -26,6 +26,10 @@ FAILED = "failed"
 
 # Facts the helper reports as events with a "fact" key; MIG acts on them.
 TARGET_CREATED = "target_created"
+# The source stops soon: MIG writes nothing more to its volumes (its database, its logs),
+# so that the last listing before the final pass finds them still. Sent before the hashing,
+# which leaves a follower lagging behind the progress log time to catch up.
+HANDS_OFF = "hands_off"
 # Downtime starts when the helper starts stopping the source: from then on it serves no one.
 SOURCE_STOPPING = "source_stopping"
 RESULT = "result"

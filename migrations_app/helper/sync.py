@@ -2,13 +2,15 @@
 The final pass and the verification, on block hashes kept from the pre-copy.
 
 rsync moves the bulk while the app runs. Then, still before the stop, `build_index` hashes
-both sides in 64 KiB blocks (the source's agent there, the copy here, at the same time) and
-keeps, per file, the source's metadata, the copy's block hashes, and whether the two
-matched. After the stop, `final_pass` lists the source (metadata only) and sends for only
-the files that changed since (or might have: modified too close to the hashing) the blocks
-that differ: the source is read once, the copy not at all. `verify` then compares every
-entry of the copy with the stopped source's listing: a file's content counts as verified
-when its digests matched, at the index for files unchanged since, or at the final pass.
+the source in 64 KiB blocks (by its agent), and the copies of the files that changed since
+the copy began (here, at the same time), and keeps, per file, the source's metadata, the
+copy's block hashes, and whether the two matched. After the stop, `final_pass` lists the
+source (metadata only) and sends for only the files that changed since (or might have:
+modified too close to the hashing) the blocks that differ: the source is read once, the
+copy not at all. `verify` then compares every entry of the copy with the stopped source's
+listing: a file's content counts as verified when its digests matched, at the index for
+files unchanged since (for a file untouched since the copy began, by rsync's check as it
+sent it), or at the final pass.
 
 Between the hashing and verify the copy is the helper's alone: a copy file whose size and
 time are unchanged since it was hashed is taken to hold what was hashed.
@@ -98,47 +100,83 @@ class Index:
         return db
 
 
-def build_index(source, source_app, target_base, index):
-    """Hash both sides (source by its agent, copy here, concurrently). Returns (files, differing)."""
+def build_index(source, source_app, target_base, index, copy_began_ns=None):
+    """Hash the source (its agent does, streaming) and take the copy's block hashes.
+
+    A copy file is read only if its source may have changed since the copy began
+    (`copy_began_ns`, in the source's clock). One whose change time, which no program can
+    set back, was older still once it was hashed, and whose copy has its size and time, is
+    what rsync sent; rsync checks each file it sends against a whole-file checksum, so the
+    source's hashes are the copy's. The others are hashed here, in a thread, while the
+    source's hashes stream in. Returns (files, copies read, files differing).
+    """
     proc = source.open_scan(source_app, hashes=True)
+    db = index.db
+    lock = threading.Lock()  # one connection, one transaction, two threads
+    to_read = queue.Queue(maxsize=256)
     failure = []
 
-    def read_source():
-        db = index.connect()
-        try:
-            db.execute("BEGIN")
-            for e in agent_lines(proc, "hashing the source"):
-                if e["k"] == "f":
-                    db.execute("INSERT INTO src VALUES (?, ?, ?, ?)", (e["p"], e["s"], e["t"], e["d"]))
-            db.execute("COMMIT")
-        except Exception as error:  # reported by the caller
-            failure.append(error)
-        finally:
-            db.close()
-
-    reader = threading.Thread(target=read_source)
-    reader.start()
-    db = index.db
-    db.execute("BEGIN")
-    for rel, st in tree_entries(target_base):
-        if stat.S_ISREG(st.st_mode):
+    def read_copies():
+        while (rel := to_read.get()) is not None:
+            if failure:
+                continue  # keep taking requests, so the listing never waits on a full queue
+            path = os.path.join(target_base, rel)
             try:
-                hashes, digest = block_hashes(os.path.join(target_base, rel))
+                st = os.lstat(path)
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                hashes, digest = block_hashes(path)
             except FileNotFoundError:
                 continue
-            db.execute(
-                "INSERT INTO dst VALUES (?, ?, ?, ?, ?)",
-                (rel, st.st_size, st.st_mtime_ns, digest, b"".join(hashes)),
-            )
-    db.execute("COMMIT")
-    reader.join()
+            except OSError as error:
+                failure.append(error)
+                continue
+            with lock:
+                db.execute(
+                    "INSERT INTO dst VALUES (?, ?, ?, ?, ?)",
+                    (rel, st.st_size, st.st_mtime_ns, digest, b"".join(hashes)),
+                )
+
+    def untouched_since_copied(entry):
+        if copy_began_ns is None or entry["c"] >= copy_began_ns:
+            return False
+        try:
+            st = os.lstat(os.path.join(target_base, entry["p"]))
+        except FileNotFoundError:
+            return False
+        return stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (entry["s"], entry["t"])
+
+    reader = threading.Thread(target=read_copies)
+    reader.start()
+    read = 0
+    try:
+        with lock:
+            db.execute("BEGIN")
+        for e in agent_lines(proc, "hashing the source"):
+            if e["k"] != "f":
+                continue
+            with lock:
+                db.execute("INSERT INTO src VALUES (?, ?, ?, ?)", (e["p"], e["s"], e["t"], e["d"]))
+            if untouched_since_copied(e):
+                with lock:
+                    db.execute(
+                        "INSERT INTO dst VALUES (?, ?, ?, ?, ?)",
+                        (e["p"], e["s"], e["t"], e["d"], bytes.fromhex(e["b"])),
+                    )
+            else:
+                to_read.put(e["p"])
+                read += 1
+    finally:
+        to_read.put(None)
+        reader.join()
     if failure:
-        raise SyncError(str(failure[0]))
+        raise SyncError(f"reading the copy: {failure[0]}")
+    db.execute("COMMIT")
     files = db.execute("SELECT count(*) FROM src").fetchone()[0]
     same = db.execute(
         "SELECT count(*) FROM src JOIN dst USING (path) WHERE src.digest = dst.digest AND src.size = dst.size"
     ).fetchone()[0]
-    return files, files - same
+    return files, read, files - same
 
 
 class FinalPass:

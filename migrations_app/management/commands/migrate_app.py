@@ -135,7 +135,7 @@ class Command(BaseCommand):
         follower = migration.Follower(job, ProgressPrinter(self.stdout, self.stdout.isatty()))
         outcome = follower.run()
         if outcome == "failed":
-            if follower.write_db:
+            if not follower.source_stopping:  # it completed the job here
                 job.refresh_from_db()
             raise CommandError(f"job {job.pk} failed: {follower.error or job.error}")
         if outcome == "done":
