@@ -192,7 +192,8 @@ class Helper:
         self.step_index()
 
     def step_index(self):
-        """Hash both sides now, while the app runs, so the stopped app is read only once."""
+        """Take both sides' block hashes now, while the app runs, so the stopped app is read
+        only once (see sync.build_index)."""
         self.log.event(
             "Hashing for the final pass; MIG leaves the source's volumes alone", fact=protocol.HANDS_OFF
         )
