@@ -117,10 +117,3 @@ def parse_lines(text):
         if isinstance(line, dict) and "seq" in line:
             lines.append(line)
     return lines
-
-
-def summarise(text):
-    summary = Summary()
-    for line in parse_lines(text):
-        summary.add(line)
-    return summary

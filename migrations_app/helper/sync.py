@@ -155,15 +155,15 @@ def build_index(source, source_app, target_base, index, copy_began_ns=None):
         for e in agent_lines(proc, "hashing the source"):
             if e["k"] != "f":
                 continue
+            trusted = untouched_since_copied(e)
             with lock:
                 db.execute("INSERT INTO src VALUES (?, ?, ?, ?)", (e["p"], e["s"], e["t"], e["d"]))
-            if untouched_since_copied(e):
-                with lock:
+                if trusted:
                     db.execute(
                         "INSERT INTO dst VALUES (?, ?, ?, ?, ?)",
                         (e["p"], e["s"], e["t"], e["d"], bytes.fromhex(e["b"])),
                     )
-            else:
+            if not trusted:
                 to_read.put(e["p"])
                 read += 1
     finally:
