@@ -5,10 +5,11 @@ A driver turns operations into commands and runs them through a transport. Every
 validated here, before any command is built from it.
 """
 
+import abc
 import enum
 from dataclasses import dataclass, field
 
-from .errors import GridError
+from .errors import AppNotFound, GridError
 from .gridinfo import GridConfig
 from .transport import open_transport
 
@@ -85,8 +86,50 @@ class GridInfo:
         return None
 
 
-class Driver:
-    """Operations on one grid. Subclasses implement them for one kind of grid."""
+@dataclass(frozen=True)
+class Cutover:
+    """The cut-over record of a migration from an app (DESIGN.md, "The cut-over protocol")."""
+
+    job: str  # the job's uid
+    job_id: int
+    action: str  # migrate | snapshot
+    target: str  # "grid/app"
+    timeout: float  # seconds of silence after which the watchdog rolls back
+    armed_at: float
+    decision: str | None = None  # commit | rollback, once made; never changes after
+    decided_by: str = ""  # helper | watchdog | operator
+    decided_at: str | None = None
+    reason: str = ""
+    abandoned: bool = False  # a committed target that never started was given up
+    closed: bool = False  # the helper carried out the decision
+    heartbeat_age: float | None = None
+    watchdog: bool = False  # the watchdog process is alive
+
+    COMMIT = "commit"
+    ROLLBACK = "rollback"
+
+    @property
+    def source_may_run(self) -> bool:
+        """Whether the source app may run again (migrate: only if not moved for good)."""
+        if self.decision == self.ROLLBACK or self.abandoned:
+            return True
+        return self.decision == self.COMMIT and self.action == "snapshot"
+
+    @property
+    def moved(self) -> bool:
+        """A migration committed, not given up: the target is the app now."""
+        return self.decision == self.COMMIT and self.action == "migrate" and not self.abandoned
+
+
+class Driver(abc.ABC):
+    """Operations on one grid; a subclass implements them for one kind of grid.
+
+    This is the whole contract: callers use nothing else, and know nothing of a grid's
+    layout. Every operation validates the names it is given before any command is built
+    (InvalidName), raises TransportError when the grid cannot be reached (HostKeyError for a
+    host key other than the pinned one), AppNotFound for an app that does not exist, and
+    OperationFailed with the grid's reason when the grid refuses or fails.
+    """
 
     def __init__(self, grid: GridConfig, transport):
         self.grid = grid
@@ -101,36 +144,132 @@ class Driver:
     def __exit__(self, *exc):
         self.close()
 
+    # --- the grid ---
+
+    @abc.abstractmethod
     def info(self) -> GridInfo:
-        raise NotImplementedError
+        """What the grid says about itself: name, free space, programs, clock."""
 
+    @abc.abstractmethod
+    def init(self) -> bool:
+        """Make the grid ready to take apps; True if anything changed. Idempotent."""
+
+    # --- apps ---
+
+    @abc.abstractmethod
     def list_apps(self) -> list[App]:
-        raise NotImplementedError
+        """Every app on the grid, with its state."""
 
-    def state(self, app) -> AppState:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def state(self, app: str) -> AppState:
+        """The app's state. Raises AppNotFound."""
 
-    def exists(self, app) -> bool:
-        raise NotImplementedError
+    def exists(self, app: str) -> bool:
+        try:
+            self.state(app)
+        except AppNotFound:
+            return False
+        return True
 
-    def describe(self, app, sizes=True) -> App:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def describe(self, app: str, sizes: bool = True) -> App:
+        """The app's manifest, components and volumes (with sizes unless sizes=False)."""
 
-    def provision(self, app, template, properties=None, secrets=None, start=True):
-        raise NotImplementedError
+    @abc.abstractmethod
+    def provision(self, app: str, template: str, properties=None, secrets=None, start=True):
+        """Create an app from a catalog template, give it its secrets (files only the app
+        can read, never in a command line), and start it. Raises AppExists."""
 
-    def start(self, app, listen=None, timeout=30.0):
-        raise NotImplementedError
+    @abc.abstractmethod
+    def define(self, app: str, manifest: dict, owner: str = ""):
+        """Create a stopped, empty app with `manifest` (its volumes without data), recording
+        `owner` (who created it: clean-up removes only what it owns). Raises AppExists."""
 
-    def stop(self, app, grace=None, force=False):
-        raise NotImplementedError
+    @abc.abstractmethod
+    def start(self, app: str, listen=None, timeout: float = 30.0) -> dict:
+        """Start the app's stopped components. Started means: up for the manifest's settle
+        time, or with `listen` (host, port), listening there; the answer's "listening" is
+        False if nothing listened within `timeout`. A component that exits at start fails
+        the start, and the app is stopped again. Refused (OperationFailed) while the app's
+        cut-over record forbids it to run. Idempotent."""
 
-    def destroy(self, app) -> dict:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def stop(self, app: str, grace: float | None = None, force: bool = False) -> dict:
+        """Stop every component (SIGTERM, then SIGKILL only with `force`). Idempotent.
+        Raises OperationFailed if a component outlived the grace time."""
 
-    def define(self, app, manifest):
-        """Create a stopped, empty app with `manifest` (volumes without data)."""
-        raise NotImplementedError
+    @abc.abstractmethod
+    def destroy(self, app: str) -> dict:
+        """Stop the app by force and remove it with its data; {"existed", "leftovers"}.
+        Idempotent."""
+
+    # --- catalog ---
+
+    @abc.abstractmethod
+    def ensure_template(self, template: str, files: dict, version: str) -> bool:
+        """Install a catalog template from {relative path: bytes} unless this version is
+        there; True if it was installed."""
+
+    # --- files inside an app ---
+
+    @abc.abstractmethod
+    def put_file(self, app: str, path: str, data: bytes, mode: int = 0o600):
+        """Write a file inside the app (a volume's content, a secret), atomically."""
+
+    @abc.abstractmethod
+    def read_file(self, app: str, path: str, offset: int = 0) -> tuple[str, int]:
+        """(text, new offset) of an app's file from `offset`; ("", offset) if absent."""
+
+    @abc.abstractmethod
+    def follow(self, app: str, path: str, offset: int = 0, max_time: float = 86400):
+        """Yield the lines of an app's file as they are written, until the app stops."""
+
+    # --- the final pass ---
+
+    @abc.abstractmethod
+    def open_scan(self, app: str, hashes: bool = False, wait: bool = False):
+        """Start listing the app's volumes, one JSON entry per line (see the sync module);
+        a process-like object. With `wait`, the listing begins once a line is written to
+        its stdin."""
+
+    @abc.abstractmethod
+    def open_delta(self, app: str):
+        """Start the sender of changed blocks of the app's files (see the sync module)."""
+
+    # --- the cut-over record (DESIGN.md, "The cut-over protocol") ---
+
+    @abc.abstractmethod
+    def arm_cutover(
+        self, app: str, job: str, job_id: int, action: str, target: str, timeout: float
+    ) -> Cutover:
+        """Create the app's cut-over record for `job` and start its watchdog on the grid,
+        which rolls back if no heartbeat comes for `timeout` seconds. Idempotent for the
+        same job; refused while another job's cut-over of this app is unfinished."""
+
+    @abc.abstractmethod
+    def beat_cutover(self, app: str, job: str):
+        """The helper is alive. Raises AppNotFound if the record is not `job`'s."""
+
+    @abc.abstractmethod
+    def claim_cutover(self, app: str, job: str, decision: str, by: str, reason: str = "") -> Cutover:
+        """Decide commit or rollback, unless a decision was made: the answer holds the one
+        that stands, which the caller obeys. Durable before it returns."""
+
+    @abc.abstractmethod
+    def abandon_cutover(self, app: str, job: str, by: str, reason: str = "") -> Cutover:
+        """Give up a committed target that never started, so the source may run again."""
+
+    @abc.abstractmethod
+    def close_cutover(self, app: str, job: str) -> Cutover:
+        """The decision was carried out: the watchdog may leave."""
+
+    @abc.abstractmethod
+    def read_cutover(self, app: str) -> Cutover | None:
+        """The app's cut-over record, or None."""
+
+    @abc.abstractmethod
+    def clear_cutover(self, app: str, job: str) -> bool:
+        """Remove `job`'s record once its job has ended; False if there was none."""
 
 
 def open_grid(grid: GridConfig, key_file, ssh_client="paramiko") -> Driver:

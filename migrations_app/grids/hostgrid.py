@@ -10,6 +10,7 @@ run an agent of their own. The agent is installed on first use at
 MIG never talks to an old agent.
 """
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -20,12 +21,13 @@ import threading
 import uuid
 from pathlib import Path
 
-from .driver import App, AppState, Component, Driver, GridInfo, Volume
+from .driver import App, AppState, Component, Cutover, Driver, GridInfo, Volume
 from .errors import AppExists, AppNotFound, CommandTimeout, GridError, InvalidName, OperationFailed
 from .names import validate_name
 
 AGENT_SOURCE = Path(__file__).with_name("hostgrid_agent.py").read_bytes()
 AGENT_VERSION = hashlib.sha256(AGENT_SOURCE).hexdigest()[:16]
+CUTOVER_FIELDS = {f.name for f in dataclasses.fields(Cutover)}
 ERRORS = {
     "AppNotFound": AppNotFound,
     "AppExists": AppExists,
@@ -161,13 +163,6 @@ class HostGridDriver(Driver):
     def state(self, app):
         return AppState(self._call("state", validate_name(app)))
 
-    def exists(self, app):
-        try:
-            self.state(app)
-        except AppNotFound:
-            return False
-        return True
-
     def describe(self, app, sizes=True):
         args = [validate_name(app)] + (["--sizes"] if sizes else [])
         data = self._call("describe", *args)
@@ -230,8 +225,8 @@ class HostGridDriver(Driver):
     def destroy(self, app):
         return self._call("destroy", validate_name(app))
 
-    def define(self, app, manifest):
-        return self._call("define", validate_name(app), "--manifest", json.dumps(manifest))
+    def define(self, app, manifest, owner=""):
+        return self._call("define", validate_name(app), "--manifest", json.dumps(manifest), "--owner", owner)
 
     # --- catalog ---
 
@@ -286,3 +281,35 @@ class HostGridDriver(Driver):
     def open_delta(self, app):
         """Start sending changed blocks of the app's files (see the agent's `delta`)."""
         return self.transport.popen(self._argv("delta", [validate_name(app)]))
+
+    # --- the cut-over record ---
+
+    def _cutover(self, op, app, *args):
+        state = self._call(op, validate_name(app), *args)
+        return Cutover(**{k: v for k, v in state.items() if k in CUTOVER_FIELDS}) if state else None
+
+    def arm_cutover(self, app, job, job_id, action, target, timeout):
+        return self._cutover(
+            "cutover-arm", app, "--job", job, "--job-id", str(int(job_id)), "--action", action,
+            "--target", target, "--timeout", str(float(timeout)),
+        )  # fmt: skip
+
+    def beat_cutover(self, app, job):
+        self._call("cutover-beat", validate_name(app), "--job", job)
+
+    def claim_cutover(self, app, job, decision, by, reason=""):
+        return self._cutover(
+            "cutover-claim", app, "--job", job, "--decision", decision, "--by", by, "--reason", reason
+        )
+
+    def abandon_cutover(self, app, job, by, reason=""):
+        return self._cutover("cutover-abandon", app, "--job", job, "--by", by, "--reason", reason)
+
+    def close_cutover(self, app, job):
+        return self._cutover("cutover-close", app, "--job", job)
+
+    def read_cutover(self, app):
+        return self._cutover("cutover-read", app)
+
+    def clear_cutover(self, app, job):
+        return self._call("cutover-clear", validate_name(app), "--job", job)["cleared"]

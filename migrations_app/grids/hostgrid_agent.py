@@ -7,7 +7,8 @@ MIG installs this file at <root>/.mig/agent-<version>.py and runs it through a t
     python3 agent.py ROOT OPERATION [ARGS...]
 
 It prints one JSON object, {"ok": true, "result": ...} or {"ok": false, "error": KIND,
-"message": ...}, except the streaming operations (follow, scan, delta). `serve` answers
+"message": ...}, except the streaming operations (follow, scan, delta) and the long-lived
+ones it starts itself (supervise, a component's supervisor; watchdog, a cut-over's). `serve` answers
 many operations, one per line: each request is a JSON list [OPERATION, ARGS...], each
 answer that JSON object; one connection and one interpreter then serve a whole job. It
 uses the Python standard library only, so a grid host needs nothing but Python (and rsync
@@ -22,6 +23,7 @@ A grid is a directory:
     apps/<app>/run/<c>.pid      "<pid> <start time>" of each running component
     apps/<app>/logs/<c>.log     each component's output
     apps/<app>/secrets/         files MIG puts there (mode 0600), never in a manifest
+    apps/<app>/cutover/         the cut-over record of a migration from this app (see Cutover)
 """
 
 import argparse
@@ -291,15 +293,22 @@ def validate_manifest(manifest):
             raise AgentError(f"component {c['name']!r}: command arguments must be strings")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in c.get("env", {}).items()):
             raise AgentError(f"component {c['name']!r}: env must map strings to strings")
+        restarts = c.get("restarts", 0)
+        if isinstance(restarts, bool) or not isinstance(restarts, int) or not 0 <= restarts <= 100:
+            raise AgentError(f"component {c['name']!r}: restarts must be a whole number from 0 to 100")
     props = manifest.get("properties", {})
     if not isinstance(props, dict):
         raise AgentError("manifest properties must be an object")
+    owner = manifest.get("owner", "")
+    if not isinstance(owner, str) or len(owner) > 200:
+        raise AgentError("manifest owner must be a string of at most 200 characters")
     clean = {
         "format": MANIFEST_FORMAT,
         "template": manifest.get("template", ""),
         "properties": props,
         "volumes": volumes,
         "components": components,
+        "owner": owner,
     }
     for key in ("start_settle", "stop_grace"):
         if key in manifest:
@@ -454,10 +463,13 @@ def op_create(grid, args):
 def op_define(grid, args):
     check_name(args.app)
     try:
-        manifest = validate_manifest(json.loads(args.manifest))
+        manifest = json.loads(args.manifest)
     except json.JSONDecodeError as e:
         raise AgentError(f"manifest is not valid JSON: {e}") from None
-    make_app(grid, args.app, manifest)
+    if isinstance(manifest, dict):
+        # Who defined it: clean-up removes an app only if its owner is the job cleaning up.
+        manifest["owner"] = args.owner
+    make_app(grid, args.app, validate_manifest(manifest))
     return {"defined": args.app}
 
 
@@ -476,6 +488,9 @@ def start_component(grid, app, manifest, component):
         env[key] = grid.expand(app, manifest, value, name)
     command = [grid.expand(app, manifest, a, name) for a in component["command"]]
     cwd = grid.expand(app, manifest, component.get("cwd", "{app_dir}"), name)
+    if component.get("restarts"):
+        # A supervisor runs it, and runs it again if it dies (see op_supervise).
+        command = [sys.executable, os.path.abspath(__file__), grid.root, "supervise", app, name]
     log_path = os.path.join(app_dir, "logs", f"{name}.log")
     with open(log_path, "ab") as log:
         log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting {name}\n".encode())
@@ -524,6 +539,8 @@ def op_start(grid, args):
     manifest = grid.manifest(args.app)
     fd = grid.lock(args.app)
     try:
+        if refusal := Cutover(grid, args.app).start_refusal():
+            raise AgentError(refusal)
         grid.set_state(args.app, "running", op="starting")
         started = []
         try:
@@ -728,6 +745,328 @@ def op_follow(grid, args):
     return None
 
 
+# --- supervised components ---------------------------------------------------------------
+
+RESTART_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0)
+
+
+def op_supervise(grid, args):
+    """Run one component, and start it again each time it dies, at most its `restarts` times.
+
+    The supervisor is the component's session leader (its pid is the one in the pid file), so
+    a stop signals both: then the supervisor restarts nothing, waits for the component and
+    leaves with its status. A component that exits with status 0 is done, not dead.
+    """
+    manifest = grid.manifest(args.app)
+    component = next((c for c in manifest["components"] if c["name"] == args.component), None)
+    if component is None:
+        raise NotFound(f"app {args.app!r} has no component {args.component!r}")
+    name = component["name"]
+    command = [grid.expand(args.app, manifest, a, name) for a in component["command"]]
+    cwd = grid.expand(args.app, manifest, component.get("cwd", "{app_dir}"), name)
+    limit = int(component.get("restarts", 0))
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
+    restarts = 0
+    while True:
+        # Its output goes where the supervisor's goes: the component's log.
+        child = subprocess.Popen(command, cwd=cwd, stdin=subprocess.DEVNULL, close_fds=True)
+        status = child.wait()
+        if stopping or status == 0:
+            sys.exit(0 if stopping else status)
+        if restarts >= limit:
+            say(f"{name} exited with status {status}; restarted {restarts} time(s) already: giving up")
+            sys.exit(status if 0 < status < 256 else 1)
+        delay = RESTART_DELAYS[min(restarts, len(RESTART_DELAYS) - 1)]
+        restarts += 1
+        say(f"{name} exited with status {status}; restart {restarts} of {limit} in {delay:g}s")
+        deadline = time.monotonic() + delay
+        while time.monotonic() < deadline and not stopping:
+            time.sleep(0.05)
+        if stopping:
+            sys.exit(0)
+
+
+def say(message):
+    """A line in the log this process writes to (a component's, the watchdog's)."""
+    print(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {message}", flush=True)
+
+
+# --- the cut-over record ------------------------------------------------------------------
+#
+# One decision per migration, made once, durably, next to the source app: commit (the copy
+# is the app from now on) or roll back (the source is). See DESIGN.md, "The cut-over
+# protocol". The decision file is created with link(2): exactly one claimant succeeds, and
+# the file is whole the moment it exists.
+
+DECISIONS = ("commit", "rollback")
+WATCH_INTERVAL = 0.2
+WATCHDOG_START_ATTEMPTS = 5
+
+
+def write_durably(path, data):
+    """Write a new file and make it, and its name, survive a crash."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    sync_dir(os.path.dirname(path))
+
+
+def sync_dir(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_json_or_none(path):
+    try:
+        return read_json(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except ValueError:  # torn or damaged: as good as absent, but say so where it matters
+        return None
+
+
+class Cutover:
+    """The cut-over record of one app: <app>/cutover/ (never copied: not in a volume)."""
+
+    def __init__(self, grid, app):
+        self.grid, self.app = grid, app
+        self.dir = os.path.join(grid.app_dir(app), "cutover")
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    def state(self):
+        """The record as a dict, or None if there is none."""
+        record = read_json_or_none(self.path("record.json"))
+        if record is None:
+            return None
+        decision = read_json_or_none(self.path("decision")) or {}
+        abandoned = read_json_or_none(self.path("abandoned"))
+        try:
+            heartbeat_age = max(0.0, time.time() - os.stat(self.path("heartbeat")).st_mtime)
+        except FileNotFoundError:
+            heartbeat_age = None
+        return {
+            **record,
+            "decision": decision.get("decision"),
+            "decided_by": decision.get("by", ""),
+            "decided_at": decision.get("at"),
+            "reason": decision.get("reason", ""),
+            "abandoned": abandoned is not None,
+            "closed": os.path.exists(self.path("closed")),
+            "heartbeat_age": heartbeat_age,
+            "watchdog": self.watchdog_pid() is not None,
+        }
+
+    def current(self, job):
+        """The record, which must be `job`'s."""
+        state = self.state()
+        if state is None or state["job"] != job:
+            raise NotFound(f"app {self.app!r} has no cut-over record for this job")
+        return state
+
+    def start_refusal(self):
+        """Why the app must not start now, or None. What "never both" rests on."""
+        state = self.state()
+        if state is None:
+            return None
+        job = f"job #{state['job_id']}"
+        if state["decision"] is None:
+            return (
+                f"refusing to start {self.app}: a cut-over ({job}) is under way and not decided; "
+                f"if that job is over, run `manage.py recover {state['job_id']}` in the app's MIG"
+            )
+        if state["decision"] == "commit" and state["action"] == "migrate" and not state["abandoned"]:
+            return (
+                f"refusing to start {self.app}: it moved to {state['target']} ({job} committed at "
+                f"{state['decided_at']}), and both copies would take writes; to undo a move whose "
+                f"target never started, run `manage.py recover {state['job_id']} --give-up-target`"
+            )
+        return None
+
+    def arm(self, job, job_id, action, target, timeout):
+        current = self.state()
+        if current is not None and current["job"] != job:
+            if self.start_refusal() is not None:
+                raise AgentError(
+                    f"app {self.app!r}: the cut-over of job #{current['job_id']} is not finished"
+                )
+            shutil.rmtree(self.dir)
+            current = None
+        if current is None:
+            ensure_dir(self.dir, 0o700)
+            record = {
+                "job": job,
+                "job_id": job_id,
+                "action": action,
+                "target": target,
+                "timeout": timeout,
+                "armed_at": time.time(),
+            }
+            tmp = self.path(f".record.{uuid.uuid4().hex}.tmp")
+            write_durably(tmp, json.dumps(record).encode())
+            os.replace(tmp, self.path("record.json"))
+            sync_dir(self.dir)
+        self.beat(job)
+        if self.watchdog_pid() is None:
+            self.start_watchdog(job)
+        return self.state()
+
+    def beat(self, job):
+        self.current(job)
+        path = self.path("heartbeat")
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+
+    def claim(self, job, decision, by, reason):
+        """Make `decision` unless one was made; returns the state, with the one that holds."""
+        if decision not in DECISIONS:
+            raise Invalid(f"a decision is one of {', '.join(DECISIONS)}, not {decision!r}")
+        self.current(job)
+        self.link_once("decision", {"decision": decision, "by": by, "reason": reason, "at": now()})
+        return self.state()
+
+    def abandon(self, job, by, reason):
+        """Give up a committed target that never started: the source may start again."""
+        state = self.current(job)
+        if state["decision"] != "commit":
+            raise AgentError(f"app {self.app!r}: job #{state['job_id']} did not commit: nothing to give up")
+        self.link_once("abandoned", {"by": by, "reason": reason, "at": now()})
+        return self.state()
+
+    def link_once(self, name, content):
+        tmp = self.path(f".{name}.{uuid.uuid4().hex}.tmp")
+        write_durably(tmp, json.dumps(content).encode())
+        try:
+            os.link(tmp, self.path(name))
+        except FileExistsError:
+            pass  # someone was first: theirs holds
+        finally:
+            os.unlink(tmp)
+        sync_dir(self.dir)
+
+    def close(self, job):
+        self.current(job)
+        if not os.path.exists(self.path("closed")):
+            write_durably(self.path("closed"), now().encode())
+        return self.state()
+
+    def clear(self, job):
+        state = self.state()
+        if state is None or state["job"] != job:
+            return False
+        shutil.rmtree(self.dir)
+        return True
+
+    def watchdog_pid(self):
+        try:
+            with open(self.path("watchdog.pid")) as f:
+                pid, start_time = f.read().split()
+        except (FileNotFoundError, NotADirectoryError, ValueError):
+            return None
+        return int(pid) if pid_alive(int(pid), start_time if have_proc() else None) else None
+
+    def start_watchdog(self, job):
+        with open(self.path("watchdog.log"), "ab") as log:
+            # Its own session: it outlives this agent, the connection and the helper.
+            agent = os.path.abspath(__file__)
+            proc = subprocess.Popen(
+                [sys.executable, agent, self.grid.root, "watchdog", self.app, "--job", job],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+            )
+        info = proc_stat(proc.pid) if have_proc() else None
+        with open(self.path("watchdog.pid"), "w") as f:
+            f.write(f"{proc.pid} {info[2] if info else 0}\n")
+
+
+def now():
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def op_watchdog(grid, args):
+    """Roll back a cut-over whose helper went silent before its decision was carried out.
+
+    Claims rollback once the heartbeat is older than the record's timeout. If rollback holds
+    (or the job is a snapshot, whose source restarts either way), starts the source app; if a
+    migration's commit holds, the target side goes on, and it leaves the source alone.
+    """
+    cut = Cutover(grid, args.app)
+    say(f"watching the cut-over of {args.app} (pid {os.getpid()})")
+    while True:
+        state = cut.state()
+        if state is None or state["job"] != args.job:
+            say("the record is gone or belongs to another job: leaving")
+            return
+        if state["closed"]:
+            say("the helper carried out the decision: leaving")
+            return
+        age = state["heartbeat_age"]
+        if age is None or age > state["timeout"]:
+            break
+        time.sleep(WATCH_INTERVAL)
+    silent = "no heartbeat" if age is None else f"no heartbeat for {age:.0f}s"
+    state = cut.claim(args.job, "rollback", "watchdog", f"the helper gave no sign of life ({silent})")
+    say(f"{silent}: the decision is {state['decision']} (by {state['decided_by']})")
+    if state["decision"] == "commit" and state["action"] == "migrate" and not state["abandoned"]:
+        say("committed: the target is the app now; not starting the source")
+        return
+    start = parser().parse_args([grid.root, "start", args.app])
+    for attempt in range(1, WATCHDOG_START_ATTEMPTS + 1):
+        try:
+            op_start(grid, start)
+            say(f"started {args.app}")
+            return
+        except (AgentError, OSError) as e:
+            say(f"could not start {args.app} (attempt {attempt}): {e}")
+        finally:
+            grid.end_ops()
+        time.sleep(RESTART_DELAYS[min(attempt - 1, len(RESTART_DELAYS) - 1)])
+    sys.exit(1)
+
+
+def op_cutover(grid, args):
+    """The cut-over record operations; each answers the record's state (see Cutover)."""
+    cut = Cutover(grid, args.app)
+    if args.op == "cutover-read":
+        return cut.state()
+    grid.manifest(args.app)  # the app must exist
+    if args.op == "cutover-arm":
+        if args.action not in ("migrate", "snapshot"):
+            raise Invalid(f"invalid action {args.action!r}")
+        fd = grid.lock(args.app)
+        try:
+            return cut.arm(args.job, args.job_id, args.action, args.target, args.timeout)
+        finally:
+            os.close(fd)
+    if args.op == "cutover-beat":
+        cut.beat(args.job)
+        return {"beat": True}
+    if args.op == "cutover-claim":
+        fd = grid.lock(args.app)  # a claim and a start's check never interleave
+        try:
+            return cut.claim(args.job, args.decision, args.by, args.reason)
+        finally:
+            os.close(fd)
+    if args.op == "cutover-abandon":
+        return cut.abandon(args.job, args.by, args.reason)
+    if args.op == "cutover-close":
+        return cut.close(args.job)
+    return {"cleared": cut.clear(args.job)}
+
+
 # --- copying and verifying trees ----------------------------------------------------------
 #
 # The helper copies with rsync while the app runs; these functions serve the final pass,
@@ -900,7 +1239,9 @@ def op_delta(grid, args):
 
 
 # These write their own output instead of one JSON answer.
-STREAMING = ("follow", "scan", "delta")
+STREAMING = ("follow", "scan", "delta", "supervise", "watchdog")
+CUTOVER_OPS = ("cutover-arm", "cutover-beat", "cutover-claim", "cutover-abandon", "cutover-close")
+CUTOVER_OPS += ("cutover-read", "cutover-clear")
 
 OPERATIONS = {
     "info": op_info,
@@ -919,6 +1260,9 @@ OPERATIONS = {
     "follow": op_follow,
     "scan": op_scan,
     "delta": op_delta,
+    "supervise": op_supervise,
+    "watchdog": op_watchdog,
+    **dict.fromkeys(CUTOVER_OPS, op_cutover),
 }
 
 
@@ -964,6 +1308,7 @@ def parser():
     s = sub.add_parser("define")
     s.add_argument("app")
     s.add_argument("--manifest", required=True)
+    s.add_argument("--owner", default="")
     s = sub.add_parser("install-template")
     s.add_argument("template")
     s.add_argument("--archive", required=True)
@@ -984,6 +1329,26 @@ def parser():
     s.add_argument("--hashes", action="store_true")
     s.add_argument("--wait", action="store_true")
     sub.add_parser("delta").add_argument("app")
+    s = sub.add_parser("supervise")
+    s.add_argument("app")
+    s.add_argument("component")
+    s = sub.add_parser("watchdog")
+    s.add_argument("app")
+    s.add_argument("--job", required=True)
+    for op in CUTOVER_OPS:
+        s = sub.add_parser(op)
+        s.add_argument("app")
+        if op != "cutover-read":
+            s.add_argument("--job", required=True)
+    s = sub.choices["cutover-arm"]
+    s.add_argument("--job-id", type=int, required=True)
+    s.add_argument("--action", required=True)
+    s.add_argument("--target", required=True)
+    s.add_argument("--timeout", type=float, required=True)
+    for op in ("cutover-claim", "cutover-abandon"):
+        sub.choices[op].add_argument("--by", required=True)
+        sub.choices[op].add_argument("--reason", default="")
+    sub.choices["cutover-claim"].add_argument("--decision", required=True)
     return p
 
 
