@@ -16,6 +16,7 @@ from .helper import protocol
 PROJECT = Path(__file__).resolve().parent.parent
 HELPER_PACKAGES = ("migrations_app/grids", "migrations_app/helper")
 MIG_APP_TEMPLATE = "MigApp"
+HELPER_RESTARTS = 3
 MIG_APP_PATHS = ("manage.py", "requirements.txt", "migsite", "migrations_app", "templates", "conf")
 
 
@@ -61,6 +62,8 @@ def helper_template():
                 ],
                 "cwd": "{volume:code}",
                 "env": {"PYTHONDONTWRITEBYTECODE": "1"},
+                # A helper that dies is started again, and resumes from its journal.
+                "restarts": HELPER_RESTARTS,
             }
         ],
     }

@@ -1,18 +1,25 @@
 """
-A migration or snapshot, as MIG drives it: pre-flight, launch, follow, and completion.
+A migration or snapshot, as MIG drives it (docs/DESIGN.md): pre-flight, launch, run, and
+completion.
 
-    preflight()  checks everything it can before the lock is taken (DESIGN.md, phase 1)
+    preflight()  checks everything it can before the lock is taken
     acquire()    takes the lock and creates the job
-    provision()  provisions the helper on the target grid (phase 2)
-    Follower     mirrors the helper's progress into the job while MIG still runs (phase 4)
-    complete()   the startup decision table: finish or clean up, wherever the app came up
+    provision()  provisions the helper on the target grid
+    Runner       `run_job`: provisions the helper if that is still to do, then mirrors its
+                 journal into the job while MIG runs
+    complete()   the startup decision table: finish or clean up, wherever the app came up,
+                 deciding from facts (the cut-over record and the helper's journal)
+    recover()    an operator carries out the cut-over record's decision (`manage.py recover`)
 
 Every remote step is idempotent, so completing twice, or after a crash half-way, ends in
-the same state. Nothing is deleted unless the job's own record says this job created it.
+the same state. Nothing is removed unless the grid says this job created it.
 """
 
+import enum
+import itertools
 import json
 import logging
+import os
 import secrets
 import subprocess
 import sys
@@ -26,6 +33,7 @@ from pathlib import Path
 
 from django import db
 from django.conf import settings
+from django.db import models
 from django.utils import timezone
 
 from . import catalog, config
@@ -33,6 +41,8 @@ from .grids import (
     AppNotFound,
     AppState,
     ConfigError,
+    Cutover,
+    Decision,
     GridError,
     HostKeyError,
     InvalidName,
@@ -40,14 +50,17 @@ from .grids import (
     helper_name,
     validate_name,
 )
+from .grids.hostgrid_agent import pid_alive, proc_stat
 from .grids.transport import load_private_key
 from .helper import protocol
-from .helper.progress import human_bytes, parse_lines
-from .models import Lock, MigrationJob
+from .helper.progress import Summary, human_bytes, parse_lines
+from .models import JobEvent, Lock, MigrationJob
 
 log = logging.getLogger("mig.migration")
 
 SPACE_MARGIN = 64 << 20
+# An app in one of these states may be serving, or about to.
+UP = (AppState.RUNNING, AppState.STARTING)
 DEFAULT_RATE = 50 << 20  # bytes/s, for estimates before any job has been measured
 
 
@@ -168,14 +181,20 @@ def preflight(target_grid_name, target_app, action):
         # Target problems concern what the operator typed: report them first.
         target_check.result()
         source_check.result()
-    need = plan.bytes + plan.bytes // 10 + SPACE_MARGIN
-    if plan.target_free < need:
+    headroom = headroom_for(plan.bytes)
+    if plan.target_free < plan.bytes + headroom:
         raise PreflightError(
-            f"not enough space on {target_grid.name}: the copy needs {human_bytes(need)}, "
-            f"{human_bytes(plan.target_free)} is free",
+            f"not enough space on {target_grid.name}: the copy needs {human_bytes(plan.bytes + headroom)} "
+            f"({human_bytes(plan.bytes)} of data and {human_bytes(headroom)} of headroom for the app to "
+            f"go on writing), {human_bytes(plan.target_free)} is free",
             "target_grid",
         )
     return plan
+
+
+def headroom_for(data_bytes):
+    """Free space a target needs beyond the data: a tenth more, and at least SPACE_MARGIN."""
+    return max(data_bytes // 10, SPACE_MARGIN)
 
 
 def check_source(plan):
@@ -207,7 +226,7 @@ def check_target(plan):
     if plan.target_app in apps:
         raise PreflightError(f"an app named {plan.target_app} already exists on {name}", "target_app")
     helper_state = apps.get(plan.helper)
-    if helper_state in (AppState.RUNNING, AppState.STARTING):
+    if helper_state in UP:
         raise PreflightError(
             f"{plan.helper} is already running on {name}: another job is copying to this name",
             "target_app",
@@ -252,8 +271,7 @@ def provision(job):
                 raise
     except (GridError, ConfigError, OSError) as e:
         reason = f"could not provision the helper: {e}"
-        job.finish(MigrationJob.State.FAILED, reason)
-        job.release_lock()
+        job.end(MigrationJob.State.FAILED, reason)
         raise LaunchError(reason) from None
     return job
 
@@ -263,6 +281,7 @@ def helper_config(job):
     source, target = grids[job.source_grid], grids[job.target_grid]
     return {
         "job": job.pk,
+        "job_uid": job.uid,
         "action": job.action,
         "source": {"grid": source.name, "app": job.source_app, "table": source.to_table()},
         "target": {"grid": target.name, "app": job.target_app, "table": target.to_table()},
@@ -323,14 +342,10 @@ def spawn_manage(*args, new_log=False, log=True):
     return proc
 
 
-def start_follower(job):
-    """Follow the job in the background (migrate_app without --wait, or after a restart)."""
-    return spawn_manage("follow_job", str(job.pk))
-
-
-def start_in_background(job):
-    """Provision the helper and follow the job in the background (the web interface)."""
-    return spawn_manage("migrate_app", "--job", str(job.pk), new_log=True)
+def start_runner(job, new_log=False):
+    """Run the job in the background (`run_job`): provision its helper if that is still to
+    do, then follow it while MIG runs."""
+    return spawn_manage("run_job", str(job.pk), new_log=new_log)
 
 
 def wait_until_answering(app_url, timeout):
@@ -346,95 +361,202 @@ def wait_until_answering(app_url, timeout):
     return False
 
 
-# --- following ---------------------------------------------------------------------------
+def this_process():
+    """This process as a runner of a job: "pid start-time" (a pid alone may be reused)."""
+    info = proc_stat(os.getpid())
+    return f"{os.getpid()} {info[2] if info else 0}"
 
 
-class Follower:
-    """Mirrors the helper's progress log into the job while MIG runs.
+def process_alive(runner):
+    pid, start_time = runner.split()
+    return pid_alive(int(pid), start_time if start_time != "0" else None)
 
-    Once the helper says hands off (before it hashes, then stops, the source), the
-    follower stops writing to the database: the final pass will copy it, and must find it
-    still. When the source starts stopping, a background follower (`until_stop`) has
-    nothing left to do and returns "handed over"; one in a terminal keeps showing progress
-    until the helper's result. If the helper ends without stopping the source, MIG runs
-    on here, and the follower completes the job.
+
+# --- running a job while MIG runs --------------------------------------------------------
+
+
+class Outcome(enum.StrEnum):
+    """What running or completing a job came to."""
+
+    DONE = "done"  # the job ended well
+    FAILED = "failed"  # the job ended and failed; the source runs
+    CLEARED = "cleared"  # a snapshot copy started by hand cleared its stale lock
+    FOLLOWING = "following"  # the helper is still at work: run_job follows it
+    HANDED_OVER = "handed over"  # the source stops; the side that comes up finishes the job
+    RETRY = "retry"  # a grid could not be reached: the running MIG tries again
+    HELD = "held"  # only an operator can move the job on; job.attention says how
+
+
+# Backoff for a follower that lost the helper, and for a finish that could not reach a grid.
+RETRY_DELAYS = (1, 2, 4, 8, 16, 30, 60, 120, 300)
+# A target grid unreachable this long before the stop: the operator should know.
+UNREACHABLE_HOLD = 600
+
+
+class RunnerBusy(Exception):
+    pass
+
+
+class Runner:
+    """Runs a job while MIG runs (`run_job`): provisions the helper, then mirrors its
+    journal into the job.
+
+    Once the helper says hands off (before it hashes, then stops, the source), the runner
+    writes nothing more to the database: the final pass copies it, and must find it still.
+    When the source starts stopping, there is nothing left for this MIG to do: the side that
+    comes up finishes the job (HANDED_OVER), unless `watch` (a terminal) asks to go on
+    showing progress until the helper's result. If the helper ends without stopping the
+    source, MIG runs on here, and the runner completes the job. A lost connection to the
+    target grid is retried with backoff for as long as it takes.
     """
 
-    def __init__(self, job, on_line=None, until_stop=False):
+    def __init__(self, job, on_line=None, watch=False):
         self.job = job
         self.on_line = on_line or (lambda line: None)
-        self.until_stop = until_stop
+        self.watch = watch
         self.write_db = True
         self.source_stopping = False
         self.result = self.error = None
 
-    def run(self):
+    def run(self) -> Outcome:
+        job = self.job
+        if not job.claim_runner(this_process(), process_alive):
+            raise RunnerBusy(f"job {job.pk} is run by another process (pid {job.runner.split()[0]})")
+        if job.state == MigrationJob.State.PENDING:
+            try:
+                provision(job)
+            except LaunchError:
+                return Outcome.FAILED
+        return self.follow()
+
+    def follow(self) -> Outcome:
         job = self.job
         target_config = config.grid_config(job.target_grid)
-        seen = (
-            job.events.filter(seq__isnull=False).order_by("-seq").values_list("seq", flat=True).first() or 0
-        )
-        try:
-            with config.driver_for(target_config) as target:
-                for raw in target.follow(job.helper_app, protocol.PROGRESS_FILE):
-                    lines = parse_lines(raw)
-                    if not lines or lines[0]["seq"] <= seen:
-                        continue
-                    line = lines[0]
-                    seen = line["seq"]
-                    if self.write_db:
-                        job.apply_helper_lines([line])
-                        # Hold no database connection between writes: it must not be open
-                        # (or be the one to checkpoint) while the helper copies the file.
-                        db.connection.close()
-                    self.on_line(line)
-                    if line.get("fact") == protocol.HANDS_OFF:
-                        self.write_db = False
-                    if line.get("fact") == protocol.SOURCE_STOPPING:
-                        self.source_stopping = True
-                        if self.until_stop:
-                            return "handed over"
-                    if line.get("fact") == protocol.RESULT:
-                        self.result, self.error = line.get("result"), line.get("error", "")
-                        break
-        except GridError as e:
-            log.warning("job %s: lost the helper's progress: %s", job.pk, e)
+        seen = job.events.filter(seq__isnull=False).aggregate(models.Max("seq"))["seq__max"] or 0
+        unreachable_since = None
+        for delay in itertools.chain(RETRY_DELAYS, itertools.repeat(RETRY_DELAYS[-1])):
+            try:
+                with config.driver_for(target_config) as target:
+                    for raw in target.follow(job.helper_app, protocol.PROGRESS_FILE):
+                        unreachable_since = None
+                        lines = parse_lines(raw)
+                        if not lines or lines[0]["seq"] <= seen:
+                            continue
+                        seen = lines[0]["seq"]
+                        if outcome := self.take(lines[0], target):
+                            return outcome
+                break  # the helper stopped running
+            except AppNotFound:
+                break
+            except GridError as e:
+                unreachable_since = unreachable_since or time.monotonic()
+                self.lost(e, delay, time.monotonic() - unreachable_since)
+                time.sleep(delay)
         if not self.source_stopping:
-            # MIG still runs, so this is the source: the helper failed or is gone.
+            # MIG still runs, so this is the source: the helper failed, or is gone.
             return complete(job, wait=0)
-        return self.result
+        return Outcome.HANDED_OVER
+
+    def take(self, line, target):
+        """Mirror one journal line; returns an Outcome once there is nothing left to follow."""
+        job = self.job
+        if self.write_db:
+            job.apply_helper_lines([line])
+            # Hold no database connection between writes: it must not be open (or be the
+            # one to checkpoint) while the helper copies the file.
+            db.connection.close()
+        if self.write_db or self.watch:
+            # In the background, its output is a log on the config volume: it goes quiet too.
+            self.on_line(line)
+        fact = line.get("fact")
+        if fact == protocol.HANDS_OFF and self.write_db:
+            self.write_db = False
+            # Every line before it is filed: the helper may hash the source's volumes now.
+            target.put_file(job.helper_app, protocol.HANDS_OFF_ACK_FILE, b"MIG writes nothing more\n", 0o644)
+        if fact == protocol.SOURCE_STOPPING:
+            self.source_stopping = True
+            if not self.watch:
+                return Outcome.HANDED_OVER
+        if fact == protocol.RESULT:
+            self.result, self.error = protocol.Result(line["result"]), line.get("error", "")
+            if self.source_stopping:
+                return Outcome.DONE if self.result == protocol.Result.OK else Outcome.FAILED
+            # The source never stopped, so the copy is over: this MIG may write again.
+            self.write_db = True
+            return complete(job, wait=0)
+        return None
+
+    def lost(self, error, delay, seconds):
+        if not (self.write_db or self.watch):
+            return  # hands off: its log is on the source's volumes
+        message = f"Lost the helper's progress: {error}; trying again in {delay}s"
+        log.warning("job %s: %s", self.job.pk, message)
+        line = {"kind": protocol.EVENT, "level": "warning", "phase": self.job.state, "message": message}
+        self.on_line(line)
+        if self.write_db and seconds >= UNREACHABLE_HOLD:
+            self.job.hold(
+                f"{self.job.target_grid} has been unreachable for {seconds / 60:.0f} min and the helper "
+                "may still be at work; MIG keeps trying. If the grid is gone for good, override the "
+                "lock: the source app was not touched."
+            )
+            db.connection.close()
 
 
 # --- completion: the startup decision table ---------------------------------------------
 
 
+@dataclass
+class Facts:
+    """What the grids say about a job, read once for the startup table."""
+
+    helper: AppState | None  # the helper app's state; None once it is gone
+    journal: Summary  # the helper's journal, as filed into the job
+    cutover: Cutover | None  # the record on the source grid; None if none (or no source)
+    source: AppState | None  # the source app's state; None once it is gone
+
+    @property
+    def helper_at_work(self):
+        undecided = self.cutover is None or self.cutover.decision is None
+        return undecided and self.journal.result is None and self.helper in UP
+
+    @property
+    def committed(self):
+        """The cut-over committed: by its record, or, once the record went with the source
+        app, by the helper's journal."""
+        if self.cutover is not None:
+            return self.cutover.decision == Decision.COMMIT and not self.cutover.abandoned
+        return self.journal.decision == Decision.COMMIT or self.journal.result == protocol.Result.OK
+
+
+def state_or_none(driver, app):
+    try:
+        return driver.state(app)
+    except AppNotFound:
+        return None
+
+
 def file_helper_log(job, target, wait):
-    """File the helper's log into the job's events; wait up to `wait` s for its result.
+    """File the helper's journal into the job's events; wait up to `wait` s for its result.
 
     Returns the helper app's state, or None if it no longer exists.
     """
     deadline = time.monotonic() + wait
     while True:
-        try:
-            state = target.state(job.helper_app)
-        except AppNotFound:
-            state = None
+        state = state_or_none(target, job.helper_app)
         if state is not None:
             text, _ = target.read_file(job.helper_app, protocol.PROGRESS_FILE)
             job.apply_helper_lines(parse_lines(text))
-        if job.helper_summary().result or state not in (AppState.RUNNING, AppState.STARTING):
+        if job.helper_summary().result or state not in UP:
             return state
         if time.monotonic() >= deadline:
             return state
         time.sleep(0.3)
 
 
-def complete(job, wait=None, here=None):
-    """Finish or clean up `job` from wherever this MIG runs (DESIGN.md's startup table).
-
-    Returns what happened: "done", "failed", "cleared", "following" or "left" (nothing
-    could be decided safely; the lock stays and an event says why).
-    """
+def complete(job, wait=None, here=None) -> Outcome:
+    """Finish or clean up `job` from wherever this MIG runs (docs/DESIGN.md's startup table),
+    deciding from facts: the cut-over record on the source grid and the helper's journal.
+    Every row is idempotent."""
     wait = settings.MIG_HELPER_WAIT if wait is None else wait
     here = here or config.here()
     source = (job.source_grid, job.source_app)
@@ -442,106 +564,122 @@ def complete(job, wait=None, here=None):
     if here == target and job.action == MigrationJob.Action.SNAPSHOT:
         return clear_snapshot_copy(job)
     if here not in (source, target):
-        job.event(
-            f"This MIG runs in {here[0]}/{here[1]}, neither the source nor the target of the job: "
-            "leaving the lock for an operator",
-            level="warning",
+        job.hold(
+            f"This MIG runs in {here[0]}/{here[1]}, neither the source nor the target of job #{job.pk}: "
+            "it leaves the lock for an operator (override it on the lock page if this copy is to go on)."
         )
-        return "left"
+        return Outcome.HELD
     try:
-        target_grid = config.grid_config(job.target_grid)
-        with config.driver_for(target_grid) as target_driver:
-            helper_state = file_helper_log(job, target_driver, wait)
-            summary = job.helper_summary()
+        with (
+            config.driver_for(config.grid_config(job.target_grid)) as target_driver,
+            config.driver_for(config.grid_config(job.source_grid)) as source_driver,
+        ):
+            helper = file_helper_log(job, target_driver, wait)
+            source_state = state_or_none(source_driver, job.source_app)
+            record = source_driver.read_cutover(job.source_app) if source_state is not None else None
+            record = record if record and record.job == job.uid else None
+            facts = Facts(helper, job.helper_summary(), record, source_state)
             if here == source:
-                return complete_on_source(job, target_driver, helper_state, summary)
-            return complete_on_target(job, target_driver, summary)
+                return complete_on_source(job, facts, source_driver, target_driver)
+            return complete_on_target(job, facts, source_driver, target_driver)
     except (GridError, ConfigError) as e:
-        job.event(f"Could not finish the job now: {e}; the next startup will retry", level="warning")
-        return "left"
+        job.event(f"Could not finish the job now: {e}; MIG tries again", level="warning")
+        return Outcome.RETRY
 
 
-def mark_app_up(job):
-    if job.app_up is None:
-        MigrationJob.objects.filter(pk=job.pk, app_up__isnull=True).update(app_up=timezone.now())
-        job.refresh_from_db()
-
-
-def complete_on_source(job, target, helper_state, summary):
-    if summary.result is None and helper_state in (AppState.RUNNING, AppState.STARTING):
-        # The helper is still at work (only MIG restarted): keep following it.
-        return "following"
-    if job.action == MigrationJob.Action.SNAPSHOT and summary.result == "ok":
-        mark_app_up(job)
-        target.destroy(job.helper_app)
-        job.event(f"Snapshot complete; destroyed {job.helper_app}; source back up")
-        job.finish(MigrationJob.State.DONE)
-        job.release_lock()
-        return "done"
-    if summary.result == "ok":
-        # A migration that succeeded, yet the source runs: someone started it by hand.
-        # The target's MIG removes this source; deleting anything here would be a guess.
-        job.event(
-            "The migration succeeded but the source app is running again: leaving both for "
-            "the target's MIG to finish",
-            level="warning",
+def complete_on_source(job, facts, source, target):
+    if facts.helper_at_work:
+        # Only MIG restarted while the helper works on: keep following it.
+        return Outcome.FOLLOWING
+    if facts.cutover is not None and facts.cutover.moved:
+        job.hold(
+            f"Job #{job.pk} committed the move to {job.target_grid}/{job.target_app}, yet the source app "
+            f"{job.source_app} runs here: both copies may take writes. Stop the one that must not run, "
+            "then override the lock on the copy that goes on."
         )
-        return "left"
-    return clean_up_failure(job, target, summary, helper_state)
+        return Outcome.HELD
+    snapshot_kept = facts.committed or facts.journal.result == protocol.Result.OK
+    if job.action == MigrationJob.Action.SNAPSHOT and snapshot_kept:
+        target.destroy(job.helper_app)
+        source.clear_cutover(job.source_app, job.uid)
+        record_downtime(job, facts)
+        job.event(f"Snapshot complete; destroyed {job.helper_app}; source back up")
+        job.end(MigrationJob.State.DONE)
+        return Outcome.DONE
+    return clean_up_failure(job, facts, source, target)
 
 
-def clean_up_failure(job, target, summary, helper_state):
+def clean_up_failure(job, facts, source, target):
     """The job failed: remove the helper and any target this job created; the source runs."""
+    summary = facts.journal
     if summary.error:
         reason = summary.error
-    elif helper_state is None:
+    elif facts.cutover is not None and facts.cutover.decision == Decision.ROLLBACK:
+        reason = f"the cut-over was rolled back by the {facts.cutover.decided_by}: {facts.cutover.reason}"
+    elif facts.helper is None:
         reason = "the helper disappeared before reporting a result"
     else:
         reason = f"the helper stopped unexpectedly during {summary.phase or 'provisioning'}"
         if last := summary.latest.get("message"):
             reason += f" (last message: {last})"
-    if job.target_created and target.exists(job.target_app):
-        if target.state(job.target_app) == AppState.RUNNING:
-            job.event(f"{job.target_app} is running on {job.target_grid}: not removing it", level="warning")
-        else:
-            target.destroy(job.target_app)
-            job.event(f"Removed the partial target {job.target_app} on {job.target_grid}")
+    if job.target_created:
+        remove_target(job, target)
     target.destroy(job.helper_app)
-    if job.source_stopped:
-        mark_app_up(job)
+    source.clear_cutover(job.source_app, job.uid)
+    record_downtime(job, facts)
     job.event(f"Destroyed {job.helper_app}; the source app runs. The job failed: {reason}", level="error")
-    job.finish(MigrationJob.State.FAILED, reason)
-    job.release_lock()
-    return "failed"
+    job.end(MigrationJob.State.FAILED, reason)
+    return Outcome.FAILED
 
 
-def complete_on_target(job, target, summary):
+def remove_target(job, target):
+    """Remove the target this job created, unless it runs (never removed automatically)."""
+    state = state_or_none(target, job.target_app)
+    if state is None:
+        return
+    if state in UP:
+        job.event(f"{job.target_app} is running on {job.target_grid}: not removing it", level="warning")
+        return
+    if target.destroy(job.target_app, owner=job.owner_tag).get("kept"):
+        job.event(f"{job.target_app} on {job.target_grid} is not this job's: left as it is", level="warning")
+    else:
+        job.event(f"Removed the partial target {job.target_app} on {job.target_grid}")
+
+
+def complete_on_target(job, facts, source, target):
     """The migrated app came up here: remove the helper and the source, and finish."""
-    if summary.result != "ok":
-        detail = f"its result is {summary.result}" if summary.result else "it has not reported a result"
-        job.event(
-            f"This copy started but the helper says {detail}: leaving everything as it is", level="warning"
+    if not facts.committed:
+        said = f"its cut-over is {facts.cutover.decision or 'undecided'}" if facts.cutover else "no decision"
+        job.hold(
+            f"This copy runs, but job #{job.pk} did not commit its move ({said}): leaving everything as "
+            f"it is. If this copy is to be the app, stop {job.source_grid}/{job.source_app} if it runs "
+            "and override the lock; otherwise stop this copy."
         )
-        return "left"
-    mark_app_up(job)
+        return Outcome.HELD
+    if facts.source in UP:
+        job.hold(
+            f"The source app {job.source_app} is running again on {job.source_grid} although the move "
+            "committed: both copies may take writes. Stop the one that must not run, then override the lock."
+        )
+        return Outcome.HELD
     target.destroy(job.helper_app)
-    source_grid = config.grid_config(job.source_grid)
-    with config.driver_for(source_grid) as source:
-        if source.exists(job.source_app):
-            state = source.state(job.source_app)
-            if state in (AppState.RUNNING, AppState.STARTING):
-                job.event(
-                    f"The source app {job.source_app} is running again on {job.source_grid}: not "
-                    "destroying it; resolve by hand, then override the lock",
-                    level="error",
-                )
-                return "left"
-            source.destroy(job.source_app)
-            job.event(f"Destroyed the source app {job.source_app} on {job.source_grid}")
+    if facts.source is not None:
+        source.destroy(job.source_app)
+        job.event(f"Destroyed the source app {job.source_app} on {job.source_grid}")
+    record_downtime(job, facts)
     job.event(f"Migration complete: {job.target_app} runs on {job.target_grid}")
-    job.finish(MigrationJob.State.DONE)
-    job.release_lock()
-    return "done"
+    job.end(MigrationJob.State.DONE)
+    return Outcome.DONE
+
+
+def record_downtime(job, facts):
+    """The downtime the helper measured, to the app's first answer; MIG's own start, if the
+    helper could not measure it, is the next best thing."""
+    if downtime := facts.journal.downtime():
+        job.record_downtime(downtime)
+    elif job.source_stopped and job.app_up is None:
+        MigrationJob.objects.filter(pk=job.pk, app_up__isnull=True).update(app_up=timezone.now())
+        job.refresh_from_db()
 
 
 def clear_snapshot_copy(job):
@@ -549,6 +687,63 @@ def clear_snapshot_copy(job):
         "This is the snapshot copy, started by hand: nothing to do on any grid; clearing the "
         "lock that was copied with it"
     )
-    job.finish(MigrationJob.State.DONE)
-    job.release_lock()
-    return "cleared"
+    job.end(MigrationJob.State.DONE)
+    return Outcome.CLEARED
+
+
+# --- recovery: an operator carries out the cut-over's decision -------------------------
+
+
+class RecoverError(Exception):
+    pass
+
+
+def recover(job, give_up_target=False, by="operator"):
+    """Carry out what the cut-over record decided for a job no helper finishes any more,
+    deciding rollback if nothing was decided. Returns what was done, line by line; the MIG
+    of the app that runs afterwards ends the job (startup table)."""
+    done = []
+    with (
+        config.driver_for(config.grid_config(job.target_grid)) as target,
+        config.driver_for(config.grid_config(job.source_grid)) as source,
+    ):
+        helper = file_helper_log(job, target, 0)
+        journal = job.helper_summary()
+        source_state = state_or_none(source, job.source_app)
+        record = source.read_cutover(job.source_app) if source_state is not None else None
+        record = record if record and record.job == job.uid else None
+        if journal.result is None and helper in UP:
+            alive = record is None or record.heartbeat_age is None or record.heartbeat_age < record.timeout
+            if alive:
+                raise RecoverError(
+                    f"{job.helper_app} is still at work on {job.target_grid}: let it finish, or stop it first"
+                )
+        if record is not None and record.decision is None:
+            reason = "the helper was gone before the cut-over was decided"
+            record = source.claim_cutover(job.source_app, job.uid, Decision.ROLLBACK, by, reason)
+            done.append(f"decided the cut-over: {record.decision} (by the {record.decided_by})")
+        if record is not None and record.moved and give_up_target:
+            if state_or_none(target, job.target_app) in UP or journal.has(protocol.APP_STARTED):
+                raise RecoverError(
+                    f"{job.target_grid}/{job.target_app} has started, so it may have taken writes: it is "
+                    "not given up automatically; stop it by hand if it must go, then override the lock"
+                )
+            record = source.abandon_cutover(job.source_app, job.uid, by, "given up by an operator (recover)")
+            done.append(f"gave up {job.target_grid}/{job.target_app}, which never started")
+        if record is not None and record.moved:
+            if state_or_none(target, job.target_app) != AppState.RUNNING:
+                target.start(job.target_app, listen=config.grid_config(job.target_grid).app_listen)
+                done.append(f"started {job.target_grid}/{job.target_app}: its MIG finishes the job")
+            return done
+        if source_state is None:
+            raise RecoverError(f"the source app {job.source_app} is gone from {job.source_grid}")
+        if record is not None and record.abandoned:
+            remove_target(job, target)
+        if source_state != AppState.RUNNING:
+            source.start(job.source_app, listen=config.grid_config(job.source_grid).app_listen)
+            done.append(f"started {job.source_grid}/{job.source_app}: its MIG finishes the job")
+        if record is not None and not record.closed:
+            source.close_cutover(job.source_app, job.uid)
+    for line in done:
+        job.event(f"Recover: {line}", level=JobEvent.Level.WARNING, data={"by": by})
+    return done

@@ -1,4 +1,5 @@
-from datetime import datetime, timedelta
+import uuid
+from datetime import UTC, datetime, timedelta
 
 from django.db import IntegrityError, models, transaction
 from django.db.models import F, Q
@@ -92,22 +93,30 @@ class JobQuerySet(models.QuerySet):
         return self.exclude(state__in=MigrationJob.ACTIVE_STATES)
 
 
+def new_uid():
+    return uuid.uuid4().hex
+
+
 class MigrationJob(models.Model):
     """One migration or snapshot attempt; kept forever as history.
 
-    State transitions (the active states are the phases of DESIGN.md, "The migration"):
+    State transitions (the active states are the phases of docs/DESIGN.md, "The migration"):
 
         pending ─► provisioning ─► precopy ─► stopping ─► final_sync ─► verifying
             ─► starting ─► finishing ─► done
 
-    - pending: the lock is taken, the job exists; MIG is about to provision the helper.
-    - provisioning: MIG is writing the helper's environment and provisioning it.
+    - pending: the lock is taken, the job exists; `run_job` is about to provision the helper.
+    - provisioning: `run_job` is giving the helper its files and provisioning it.
     - precopy … starting: reported by the helper as it works (MIG is down from stopping on).
     - finishing: the helper is done; `startup` on the side that came up completes the job.
     - done: `startup` saw the expected side come up and cleaned up.
-    - failed: from any active state, with `error` saying why (a pre-flight or provisioning
-      error, the helper's reason, the helper lost, or the source restarting after a migrate).
+    - failed: from any active state, with `error` saying why (a provisioning error, the
+      helper's reason, the helper lost, a rollback of the cut-over).
     - overridden: from any active state, when an operator overrode the lock.
+
+    A job ends with `end()`, which releases its lock in the same transaction. An active job
+    whose `attention` is set is held: only an operator can move it on, and `attention` says
+    what to do and which command does it.
     """
 
     class Action(models.TextChoices):
@@ -163,8 +172,18 @@ class MigrationJob(models.Model):
     status_url = models.CharField(max_length=2048, blank=True)
     status_token = models.CharField(max_length=64, blank=True)
     target_created = models.BooleanField(
-        default=False, help_text="The helper created the target app: only then may a failure remove it."
+        default=False,
+        help_text="The helper was about to define the target app: clean-up removes it if this job owns it.",
     )
+    # Names the job on the grids: its cut-over record, and the target app it owns.
+    uid = models.CharField(max_length=32, default=new_uid, editable=False)
+    attention = models.TextField(
+        blank=True, help_text="Held: what an operator must do, and which command does it."
+    )
+    # The downtime and its parts, in seconds (see helper.progress.Downtime).
+    timings = models.JSONField(default=dict, blank=True)
+    # The run_job process that owns the job while MIG runs ("pid start-time"); see claim_runner.
+    runner = models.CharField(max_length=64, blank=True)
     # The states of the source app, the helper and the target app, as last reported.
     apps = models.JSONField(default=dict, blank=True)
 
@@ -200,6 +219,15 @@ class MigrationJob(models.Model):
     @property
     def is_active(self):
         return self.state in self.ACTIVE_STATES
+
+    @property
+    def held(self):
+        return self.is_active and bool(self.attention)
+
+    @property
+    def owner_tag(self):
+        """How the grids know what this job created (see Driver.define)."""
+        return f"mig-job:{self.uid}"
 
     @property
     def downtime(self) -> timedelta | None:
@@ -257,7 +285,9 @@ class MigrationJob(models.Model):
                 )
             if line.get("fact") == protocol.SOURCE_STOPPING:
                 updates["source_stopped"] = datetime.fromisoformat(line["time"])
-            if line.get("fact") == protocol.TARGET_CREATED:
+            if line.get("fact") == protocol.APP_ANSWERED:
+                updates["app_up"] = datetime.fromtimestamp(line["at"], UTC)
+            if line.get("fact") == protocol.TARGET_DEFINING:
                 updates["target_created"] = True
             if "apps" in line:
                 updates["apps"] = line["apps"]
@@ -273,15 +303,43 @@ class MigrationJob(models.Model):
             summary.add(data)
         return summary
 
-    def finish(self, state, error=""):
-        """Move to a final state once; a job that already ended stays as it was."""
+    def end(self, state, reason=""):
+        """End the job (done, failed or overridden) and release its lock, in one transaction,
+        so that no reader ever sees an ended job holding the lock. Once: a job that ended
+        stays as it was; returns whether this call ended it."""
         assert state not in self.ACTIVE_STATES
         now = timezone.now()
-        changed = MigrationJob.objects.filter(pk=self.pk, state__in=self.ACTIVE_STATES).update(
-            state=state, error=error, finished=now, updated=now, eta_seconds=None
-        )
+        with transaction.atomic():
+            changed = MigrationJob.objects.filter(pk=self.pk, state__in=self.ACTIVE_STATES).update(
+                state=state, error=reason, finished=now, updated=now, eta_seconds=None, attention=""
+            )
+            Lock.objects.filter(job=self).delete()
         self.refresh_from_db()
         return bool(changed)
+
+    def hold(self, attention):
+        """Only an operator can move the job on: say what to do (recorded once); the lock stays."""
+        if self.attention != attention:
+            self.event(attention, level=JobEvent.Level.WARNING)
+        MigrationJob.objects.filter(pk=self.pk, state__in=self.ACTIVE_STATES).update(
+            attention=attention, updated=timezone.now()
+        )
+        self.refresh_from_db()
+
+    def claim_runner(self, me, alive):
+        """Take the job for the run_job process `me`; False if another one, alive by
+        `alive(runner)`, has it. Two claiming at once: one update wins."""
+        current = self.runner
+        if current and current != me and alive(current):
+            return False
+        claimed = MigrationJob.objects.filter(pk=self.pk, runner=current).update(runner=me)
+        self.refresh_from_db()
+        return bool(claimed)
+
+    def record_downtime(self, downtime):
+        """The downtime as the helper measured it, to the app's first answer (see Downtime)."""
+        MigrationJob.objects.filter(pk=self.pk).update(timings=downtime.to_dict())
+        self.refresh_from_db()
 
     def app_states(self):
         """The source app, the helper and the target app, as the monitor shows them."""
@@ -298,15 +356,10 @@ class MigrationJob(models.Model):
         # Overridden: nothing was touched on any grid, so nothing is known.
         return {"source": "not checked", "helper": "not checked", "target": "not checked"}
 
-    def release_lock(self):
-        """Let go of the lock, if this job holds it; idempotent."""
-        Lock.objects.filter(job=self).delete()
-
     def override(self, by, reason):
         """An operator ends a stuck job: recorded, lock released, nothing touched on a grid."""
         self.event(f"Lock overridden by {by}: {reason}", level="warning", data={"by": by})
-        self.finish(self.State.OVERRIDDEN, f"overridden by {by}: {reason}")
-        self.release_lock()
+        self.end(self.State.OVERRIDDEN, f"overridden by {by}: {reason}")
 
     def to_dict(self):
         percent = round(100 * self.bytes_done / self.bytes_total, 1) if self.bytes_total else None
@@ -328,6 +381,9 @@ class MigrationJob(models.Model):
             "rate": self.rate,
             "eta_seconds": self.eta_seconds,
             "downtime_seconds": self.downtime.total_seconds() if self.downtime else None,
+            "downtime_parts": self.timings,
+            "held": self.held,
+            "attention": self.attention,
             "apps": self.app_states(),
             "duration_seconds": self.duration.total_seconds() if self.duration else None,
             "error": self.error,

@@ -51,7 +51,7 @@ def index(request):
             except LockHeld as held:
                 # A double click, or another browser first: both end on the one job.
                 return redirect("job", held.lock.job_id)
-            migration.start_in_background(job)
+            migration.start_runner(job, new_log=True)
             return redirect("job", job.pk)
     return render(request, "index.html", {"form": form, "grids": Grid.objects.listed()})
 

@@ -172,6 +172,13 @@ def test_watchdog_waits_while_the_heartbeat_goes_on(grid):
     assert grid.read_cutover("shop").decision is None
 
 
+def dead(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
 def children(pid):
     found = []
     for entry in Path("/proc").iterdir():
@@ -210,10 +217,27 @@ def test_a_stopped_supervised_component_is_not_restarted(grid):
     (child,) = children(supervisor)
     grid.stop("shop")
     assert grid.state("shop") == AppState.STOPPED
-    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text()
+    assert dead(child)
     assert "restart" not in Path(grid.grid.root, "apps/shop/logs/main.log").read_text()
 
 
 def test_define_records_its_owner(grid):
     grid.define("shop", {"volumes": [], "components": [], "owner": "someone else"}, owner="mig-job:abc")
     assert grid.describe("shop", sizes=False).manifest["owner"] == "mig-job:abc"
+
+
+def test_a_component_runs_while_anything_in_its_session_does(grid):
+    # Its supervisor killed, the component itself at work: the app still runs, and a stop
+    # still reaches what runs.
+    define_sleeper(grid, restarts=1)
+    grid.start("shop")
+    supervisor = grid.describe("shop", sizes=False).components[0].pid
+    assert wait_for(lambda: len(children(supervisor)) == 1, 20)
+    (child,) = children(supervisor)
+    os.kill(supervisor, signal.SIGKILL)
+    assert wait_for(lambda: dead(supervisor), 10)
+    assert grid.state("shop") == AppState.RUNNING
+    assert grid.describe("shop", sizes=False).components[0].pid == child
+    grid.stop("shop")
+    assert grid.state("shop") == AppState.STOPPED
+    assert wait_for(lambda: dead(child), 10)

@@ -84,7 +84,7 @@ def test_lifecycle(grid, web_port):
     assert {a.name: a.state for a in grid.list_apps()} == {"copy": "stopped", "shop": "running"}
 
     pid = component_pid(grid, "shop")
-    assert grid.destroy("shop") == {"existed": True, "leftovers": []}
+    assert grid.destroy("shop") == {"existed": True, "leftovers": [], "kept": False}
     assert not answers(web_port)
     assert process_gone(pid)
     assert not grid.exists("shop")

@@ -59,14 +59,14 @@ def test_monitor_page_carries_what_the_browser_needs(logged_in):
 def test_finished_job_shows_result_and_no_token(logged_in):
     job = make_job(status_token="tok")
     job.event("all good")
-    job.finish(MigrationJob.State.DONE)
+    job.end(MigrationJob.State.DONE)
     page = logged_in.get(reverse("job", args=[job.pk])).content.decode()
     assert '"token": ""' in page and "all good" in page
 
 
 def test_history_filters(logged_in):
     done = make_job()
-    done.finish(MigrationJob.State.DONE)
+    done.end(MigrationJob.State.DONE)
     snap = make_job(action="snapshot", target_grid="north", target_app="copy")
     other = make_job(source_grid="south", target_grid="west")
 

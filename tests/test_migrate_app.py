@@ -176,21 +176,30 @@ def test_target_volume_not_writable(world):
     assert leftovers == []
 
 
-def test_helper_killed_during_precopy(world):
+def test_helper_killed_during_precopy_resumes_and_finishes(world):
     world.provision(padding=4 << 20)
     launched = world.manage(
-        "east", "shop", "migrate_app", "west", "shop", "--action", "migrate", "--bwlimit", "400"
+        "east", "shop", "migrate_app", "west", "shop", "--action", "migrate", "--bwlimit", "800"
     )
     assert launched.returncode == 0, launched.stderr
     assert wait_for(lambda: any(line["kind"] == "progress" for line in world.helper_log("west", HELPER)), 30)
-    pid = int((world.app_dir("west", HELPER) / "run/helper.pid").read_text().split()[0])
-    os.kill(pid, signal.SIGKILL)
-    assert_failed_cleanly(world, 1, "the helper stopped unexpectedly during precopy")
+    world.kill_helper("west", HELPER)
+    job = world.wait_job("west", "shop", 1, timeout=120)
+    assert job["state"] == "done", job
+    assert world.running("west", "shop") and world.state("east", "shop") is None
+    facts = [line.get("fact") for line in world.filed_journal("west", "shop", 1)]
+    assert "resumed" in facts
+    # The resumed pre-copy defined nothing twice, and the data arrived whole.
+    assert facts.count("target_defining") == 2 and facts.count("result") == 1
+    assert_journal_continues(
+        journal(world.app_dir("west", "shop") / "volumes/data/journal.log"), "east/shop", "west/shop"
+    )
 
 
-def test_helper_killed_after_hands_off_before_the_stop(world):
-    # MIG stopped writing to its volumes for the final pass, but the source never stopped:
-    # MIG runs on, so its background follower must finish the job here.
+def test_helper_gone_for_good_before_the_stop(world):
+    # MIG stopped writing to its volumes for the final pass, but the source never stopped,
+    # and the helper app died whole (its supervisor too): MIG runs on, so its runner must
+    # finish the job here.
     def many_files(data):
         for i in range(20_000):  # hashing them takes a while: time to act in between
             (data / f"f{i:05d}").write_bytes(b"x" * 100)
@@ -203,8 +212,7 @@ def test_helper_killed_after_hands_off_before_the_stop(world):
         return any(line.get("fact") == "hands_off" for line in world.helper_log("west", HELPER))
 
     assert wait_for(hands_off, 60, interval=0.01)
-    pid = int((world.app_dir("west", HELPER) / "run/helper.pid").read_text().split()[0])
-    os.kill(pid, signal.SIGKILL)
+    world.kill_helper_app("west", HELPER)
     job = assert_failed_cleanly(world, 1, "the helper stopped unexpectedly")
     assert job["source_stopped"] is None
 

@@ -42,7 +42,7 @@ def test_acquire_refuses_while_held_and_names_the_holder():
     assert f"job #{lock.job.pk}" in message and "started by alice" in message
     # The refused attempt left no job behind.
     assert MigrationJob.objects.count() == 1
-    lock.job.release_lock()
+    lock.job.end(MigrationJob.State.DONE)
     assert Lock.acquire(**dict(JOB, started_by="bob")).job.started_by == "bob"
 
 
@@ -61,14 +61,51 @@ def test_snapshot_to_same_grid_under_another_name_is_allowed():
     assert job.pk
 
 
-def test_finish_happens_once():
-    job = MigrationJob.objects.create(**JOB)
+def test_a_job_ends_once_and_releases_its_lock_with_it():
+    job = Lock.acquire(**JOB).job
     assert job in MigrationJob.objects.active()
-    assert job.finish(MigrationJob.State.FAILED, "helper lost")
-    assert not job.finish(MigrationJob.State.DONE)
+    assert job.end(MigrationJob.State.FAILED, "helper lost")
+    assert not Lock.objects.exists()
+    assert not job.end(MigrationJob.State.DONE)
     job.refresh_from_db()
     assert job.state == "failed" and job.error == "helper lost" and job.finished
     assert job not in MigrationJob.objects.active()
+
+
+def test_a_job_never_reads_ended_while_its_lock_is_held(transactional_db):
+    # end() is one transaction: a failure half-way leaves both as they were.
+    job = Lock.acquire(**JOB).job
+    with pytest.raises(IntegrityError), transaction.atomic():
+        job.end(MigrationJob.State.DONE)
+        raise IntegrityError("a failure after the job ended, before the transaction committed")
+    job.refresh_from_db()
+    assert job.is_active and Lock.objects.get().job == job
+
+
+def test_a_held_job_says_what_to_do_once():
+    job = Lock.acquire(**JOB).job
+    job.hold("start the target with manage.py recover 1")
+    job.hold("start the target with manage.py recover 1")
+    assert job.held and job.to_dict()["attention"] == "start the target with manage.py recover 1"
+    assert job.events.filter(level="warning").count() == 1
+    job.end(MigrationJob.State.DONE)
+    assert not job.held and job.attention == ""
+
+
+def test_one_runner_at_a_time():
+    job = MigrationJob.objects.create(**JOB)
+    assert job.claim_runner("1 100", alive=lambda runner: True)
+    assert not job.claim_runner("2 200", alive=lambda runner: True)
+    assert job.claim_runner("1 100", alive=lambda runner: True)  # its own claim again
+    # The first runner is gone: another may take over.
+    assert job.claim_runner("2 200", alive=lambda runner: False)
+    assert job.runner == "2 200"
+
+
+def test_every_job_has_its_own_uid():
+    first, second = MigrationJob.objects.create(**JOB), MigrationJob.objects.create(**JOB)
+    assert len(first.uid) == 32 and first.uid != second.uid
+    assert first.owner_tag == f"mig-job:{first.uid}"
 
 
 def test_helper_event_is_filed_once():

@@ -44,7 +44,7 @@ def grid_info(tmp_path, settings, ssh_hosts, client_key):
 def test_manually_started_snapshot_copy_touches_no_grid(grid_info):
     job = Lock.acquire(**JOB).job
     # Both grids are unreachable: the row must not need them.
-    assert migration.complete(job, here=("west", "copy")) == "cleared"
+    assert migration.complete(job, here=("west", "copy")) == migration.Outcome.CLEARED
     job.refresh_from_db()
     assert job.state == "done" and not Lock.objects.exists()
     assert "started by hand" in job.events.last().message
@@ -53,22 +53,23 @@ def test_manually_started_snapshot_copy_touches_no_grid(grid_info):
 @pytest.mark.django_db
 def test_neither_source_nor_target_leaves_the_lock(grid_info):
     job = Lock.acquire(**JOB).job
-    assert migration.complete(job, here=("east", "other")) == "left"
+    assert migration.complete(job, here=("east", "other")) == migration.Outcome.HELD
     job.refresh_from_db()
     assert job.is_active and Lock.objects.exists()
-    assert "neither the source nor the target" in job.events.last().message
+    assert job.held and "neither the source nor the target" in job.attention
+    assert job.events.last().message == job.attention
 
 
 @pytest.mark.django_db
 @pytest.mark.parametrize("here", [("east", "shop"), ("west", "shop")])
 def test_unreachable_grid_leaves_the_lock_and_says_so(grid_info, here):
     job = Lock.acquire(**dict(JOB, action="migrate", target_app="shop", helper_app="MigHelper_shop")).job
-    assert migration.complete(job, wait=0, here=here) == "left"
+    assert migration.complete(job, wait=0, here=here) == migration.Outcome.RETRY
     job.refresh_from_db()
-    assert job.is_active and Lock.objects.exists()
+    assert job.is_active and not job.held and Lock.objects.exists()
     event = job.events.last()
     assert event.level == "warning"
-    assert "Could not finish the job now" in event.message and "the next startup will retry" in event.message
+    assert "Could not finish the job now" in event.message and "MIG tries again" in event.message
 
 
 @pytest.mark.django_db

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -41,7 +42,10 @@ class World:
     def close(self):
         for driver in self.drivers.values():
             for app in driver.list_apps():
-                driver.destroy(app.name)
+                if os.environ.get("MIG_TEST_KEEP_APPS"):  # to read their logs after a failure
+                    driver.stop(app.name, force=True)
+                else:
+                    driver.destroy(app.name)
             driver.close()
 
     # --- apps ---
@@ -142,11 +146,23 @@ class World:
             grid, app, "SELECT * FROM migrations_app_jobevent WHERE job_id = ? ORDER BY created, id", job_id
         )
 
+    def filed_journal(self, grid, app, job_id):
+        """The helper's journal lines as MIG filed them into the job, in order."""
+        rows = self.db(
+            grid, app, "SELECT data FROM migrations_app_jobevent WHERE job_id = ? AND seq IS NOT NULL "
+            "ORDER BY seq", job_id,
+        )  # fmt: skip
+        return [json.loads(r["data"]) for r in rows]
+
     def locks(self, grid, app):
         return self.db(grid, app, "SELECT * FROM migrations_app_lock")
 
     def wait_job(self, grid, app, job_id, states=("done", "failed"), timeout=90):
         def finished():
+            # Only the database of an app that runs is its own: a copy in the making must
+            # not be read (opening it would add files to the copy).
+            if not self.running(grid, app):
+                return None
             try:
                 job = self.job(grid, app, job_id)
             except sqlite3.Error:
@@ -164,6 +180,20 @@ class World:
             return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         except FileNotFoundError:
             return []
+
+    def helper_pid(self, grid, helper):
+        """The helper's own process (under its supervisor), as its status file says."""
+        status = self.app_dir(grid, helper) / "volumes" / "work" / "status.json"
+        return json.loads(status.read_text())["pid"]
+
+    def kill_helper(self, grid, helper):
+        """kill -9 the helper itself: its grid starts it again."""
+        os.kill(self.helper_pid(grid, helper), signal.SIGKILL)
+
+    def kill_helper_app(self, grid, helper):
+        """kill -9 everything of the helper app, supervisor included: it is gone for good."""
+        leader = int((self.app_dir(grid, helper) / "run" / "helper.pid").read_text().split()[0])
+        os.killpg(leader, signal.SIGKILL)
 
     def running(self, grid, app):
         return self.state(grid, app) == AppState.RUNNING

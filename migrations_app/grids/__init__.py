@@ -4,7 +4,7 @@ MIG's grids layer: grid.info, transports and drivers.
 Django-free on purpose: the helper runs this package on grid hosts that have only Python.
 """
 
-from .driver import App, AppState, Driver, open_grid
+from .driver import App, AppState, Cutover, Decision, Driver, open_grid
 from .errors import (
     AppExists,
     AppNotFound,
@@ -30,6 +30,8 @@ __all__ = [
     "CommandFailed",
     "CommandTimeout",
     "ConfigError",
+    "Cutover",
+    "Decision",
     "Driver",
     "GridConfig",
     "GridError",

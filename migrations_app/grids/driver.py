@@ -86,6 +86,13 @@ class GridInfo:
         return None
 
 
+class Decision(enum.StrEnum):
+    """The one decision of a cut-over."""
+
+    COMMIT = "commit"  # the copy is the app from now on (migrate), or is kept (snapshot)
+    ROLLBACK = "rollback"  # the source is the app; the copy is removed
+
+
 @dataclass(frozen=True)
 class Cutover:
     """The cut-over record of a migration from an app (DESIGN.md, "The cut-over protocol")."""
@@ -96,7 +103,7 @@ class Cutover:
     target: str  # "grid/app"
     timeout: float  # seconds of silence after which the watchdog rolls back
     armed_at: float
-    decision: str | None = None  # commit | rollback, once made; never changes after
+    decision: Decision | None = None  # once made, never changes
     decided_by: str = ""  # helper | watchdog | operator
     decided_at: str | None = None
     reason: str = ""
@@ -105,20 +112,21 @@ class Cutover:
     heartbeat_age: float | None = None
     watchdog: bool = False  # the watchdog process is alive
 
-    COMMIT = "commit"
-    ROLLBACK = "rollback"
+    def __post_init__(self):
+        if self.decision is not None:
+            object.__setattr__(self, "decision", Decision(self.decision))
 
     @property
     def source_may_run(self) -> bool:
         """Whether the source app may run again (migrate: only if not moved for good)."""
-        if self.decision == self.ROLLBACK or self.abandoned:
+        if self.decision == Decision.ROLLBACK or self.abandoned:
             return True
-        return self.decision == self.COMMIT and self.action == "snapshot"
+        return self.decision == Decision.COMMIT and self.action == "snapshot"
 
     @property
     def moved(self) -> bool:
         """A migration committed, not given up: the target is the app now."""
-        return self.decision == self.COMMIT and self.action == "migrate" and not self.abandoned
+        return self.decision == Decision.COMMIT and self.action == "migrate" and not self.abandoned
 
 
 class Driver(abc.ABC):
@@ -199,9 +207,10 @@ class Driver(abc.ABC):
         Raises OperationFailed if a component outlived the grace time."""
 
     @abc.abstractmethod
-    def destroy(self, app: str) -> dict:
-        """Stop the app by force and remove it with its data; {"existed", "leftovers"}.
-        Idempotent."""
+    def destroy(self, app: str, owner: str | None = None) -> dict:
+        """Stop the app by force and remove it with its data; {"existed", "leftovers",
+        "kept"}. With `owner`, an app defined by another owner is kept ("kept": True), not
+        removed: clean-up never removes what its job did not create. Idempotent."""
 
     # --- catalog ---
 

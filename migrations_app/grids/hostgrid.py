@@ -222,8 +222,8 @@ class HostGridDriver(Driver):
             args.append("--force")
         return self._call("stop", *args)
 
-    def destroy(self, app):
-        return self._call("destroy", validate_name(app))
+    def destroy(self, app, owner=None):
+        return self._call("destroy", validate_name(app), *(["--owner", owner] if owner is not None else []))
 
     def define(self, app, manifest, owner=""):
         return self._call("define", validate_name(app), "--manifest", json.dumps(manifest), "--owner", owner)

@@ -155,6 +155,12 @@ def session_members(sid):
     return members
 
 
+def session_of(pid):
+    """The session a component's process is in: its own (a leader), or its dead leader's."""
+    info = proc_stat(pid) if have_proc() else None
+    return info[1] if info else pid
+
+
 def signal_all(pids, sig):
     for pid in pids:
         try:
@@ -203,13 +209,27 @@ class Grid:
         return os.path.join(self.app_dir(app), "run", f"{component}.pid")
 
     def component_pid(self, app, component):
-        """The pid of a running component, or None (a stale pid file is not running)."""
+        """The pid of a running component, or None (a stale pid file is not running).
+
+        A component runs while anything in its session does: when its leader died (a
+        supervisor killed, say), what it started may still be at work, and a stop must
+        still reach it. A pid reused by another process is not the component.
+        """
         try:
             with open(self.pidfile(app, component)) as f:
                 pid, start_time = f.read().split()
         except (FileNotFoundError, ValueError):
             return None
-        return int(pid) if pid_alive(int(pid), start_time if have_proc() else None) else None
+        pid = int(pid)
+        if not have_proc():
+            return pid if pid_alive(pid) else None
+        if pid_alive(pid, start_time):
+            return pid
+        info = proc_stat(pid)
+        if info is not None and not (info[0] in ("Z", "X") and info[2] == start_time):
+            return None  # reused: that session is someone else's
+        members = session_members(pid)
+        return members[0] if members else None
 
     def state(self, app):
         manifest = self.manifest(app)
@@ -590,7 +610,7 @@ def stop_app(grid, app, manifest, grace, force):
         pid = grid.component_pid(app, c["name"])
         if pid is not None:
             leaders[c["name"]] = pid
-    members = {name: session_members(pid) or [pid] for name, pid in leaders.items()}
+    members = {name: session_members(session_of(pid)) or [pid] for name, pid in leaders.items()}
     for pids in members.values():
         signal_all(pids, signal.SIGTERM)
     deadline = time.monotonic() + grace
@@ -637,13 +657,17 @@ def op_stop(grid, args):
 
 
 def op_destroy(grid, args):
+    """Remove an app with its data. With --owner, only if the app is that owner's (see
+    op_define): otherwise it is kept, and the answer says so."""
     app_dir = grid.app_dir(args.app)
     if not os.path.isdir(app_dir):
-        return {"existed": False, "leftovers": []}
+        return {"existed": False, "leftovers": [], "kept": False}
     existed = grid.exists(args.app)
     if existed:
         fd = grid.lock(args.app)
         try:
+            if args.owner is not None and grid.manifest(args.app).get("owner", "") != args.owner:
+                return {"existed": True, "leftovers": [], "kept": True}
             survivors = stop_app(grid, args.app, grid.manifest(args.app), grace=5.0, force=True)
             if survivors:
                 raise AgentError(f"app {args.app!r}: processes survived SIGKILL: {survivors}")
@@ -657,7 +681,7 @@ def op_destroy(grid, args):
         leftovers.append(f"{path}: {excinfo[1].strerror if hasattr(excinfo[1], 'strerror') else excinfo[1]}")
 
     shutil.rmtree(app_dir, onerror=note)
-    return {"existed": existed, "leftovers": leftovers}
+    return {"existed": existed, "leftovers": leftovers, "kept": False}
 
 
 def safe_members(tar):
@@ -1287,8 +1311,10 @@ def parser():
     s.add_argument("--name", required=True)
     s.add_argument("--app-url", default="")
     sub.add_parser("list")
-    for op in ("state", "destroy"):
-        sub.add_parser(op).add_argument("app")
+    sub.add_parser("state").add_argument("app")
+    s = sub.add_parser("destroy")
+    s.add_argument("app")
+    s.add_argument("--owner")
     s = sub.add_parser("start")
     s.add_argument("app")
     s.add_argument("--listen-host", default="127.0.0.1")

@@ -1,4 +1,4 @@
-"""Copying volumes with rsync, watching its progress, and verifying the copy."""
+"""Copying volumes with rsync and watching its progress."""
 
 import os
 import re
@@ -15,7 +15,33 @@ STAT_FIELDS = {b"Total transferred file size": "changed_bytes", b"Literal data":
 
 
 class CopyError(Exception):
-    pass
+    """A pass failed; `kind` says how, when it is one an operator can act on."""
+
+    DISK_FULL = "disk full"
+    READ_ONLY = "read-only file system"
+    CONNECTION = "connection lost"  # worth another try
+    STALL = "stalled"
+
+    def __init__(self, message, kind=None):
+        super().__init__(message)
+        self.kind = kind
+
+
+# rsync's exit statuses when its connection broke (see rsync(1), EXIT VALUES), and ssh's own.
+CONNECTION_STATUSES = {10, 12, 35, 255}
+KINDS = [
+    (re.compile(r"No space left on device|Disk quota exceeded"), CopyError.DISK_FULL),
+    (re.compile(r"Read-only file system"), CopyError.READ_ONLY),
+    (re.compile(r"connection unexpectedly closed|Connection (reset|closed|refused|timed out)|Broken pipe"),
+     CopyError.CONNECTION),
+]  # fmt: skip
+
+
+def failure_kind(status, stderr):
+    for pattern, kind in KINDS:
+        if pattern.search(stderr):
+            return kind
+    return CopyError.CONNECTION if status in CONNECTION_STATUSES else None
 
 
 @dataclass
@@ -33,8 +59,14 @@ def rsync_argv(source, dest, remote_shell=None, bwlimit_kbps=None, stall_timeout
         "rsync",
         "--archive",
         "--hard-links",
+        "--sparse",
+        "--xattrs",
+        "--acls",
         "--numeric-ids",
         "--delete",
+        # A pass cut short (a lost connection, a helper that died) leaves what it moved of a
+        # file in place, and the next pass sends only the rest.
+        "--partial",
         "--protect-args",
         "--no-inc-recursive",
         "--info=progress2",
@@ -48,11 +80,29 @@ def rsync_argv(source, dest, remote_shell=None, bwlimit_kbps=None, stall_timeout
     return [*argv, source, dest]
 
 
-def run_rsync(argv, on_progress, stall_timeout):
+def stop_orphan(pid_file):
+    """Kill an rsync that a helper which died left running (its pid file says which)."""
+    try:
+        with open(pid_file) as f:
+            pid = int(f.read())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            is_rsync = f.read().split(b"\0")[0].endswith(b"rsync")
+    except (OSError, ValueError):
+        return False
+    if is_rsync:
+        try:
+            os.killpg(pid, signal.SIGKILL)  # its session: rsync and the ssh it runs
+        except ProcessLookupError:
+            return False
+    return is_rsync
+
+
+def run_rsync(argv, on_progress, stall_timeout, pid_file=None):
     """Run rsync, calling on_progress(bytes, percent) as it reports; return PassStats.
 
     If the byte count does not move for `stall_timeout` seconds, rsync is killed and the
-    pass fails with that reason instead of hanging.
+    pass fails with that reason instead of hanging. Its pid is kept in `pid_file` while it
+    runs, so that a helper restarted after dying can stop it.
     """
     start = time.monotonic()
     proc = subprocess.Popen(
@@ -62,6 +112,12 @@ def run_rsync(argv, on_progress, stall_timeout):
         stderr=subprocess.PIPE,
         start_new_session=True,
     )
+    if pid_file:
+        try:
+            with open(pid_file, "w") as f:
+                f.write(str(proc.pid))
+        except OSError:  # a full disk: the pass fails on its own, and says so
+            pid_file = None
     stats = PassStats()
     err = bytearray()
     buffer = b""
@@ -90,7 +146,7 @@ def run_rsync(argv, on_progress, stall_timeout):
                             field = STAT_FIELDS[m.group(1)]
                             setattr(stats, field, int(m.group(2).replace(b",", b"")))
             if time.monotonic() - last_change > stall_timeout:
-                raise CopyError(f"the copy made no progress for {stall_timeout:g}s")
+                raise CopyError(f"the copy made no progress for {stall_timeout:g}s", CopyError.STALL)
         status = proc.wait()
     finally:
         sel.close()
@@ -99,11 +155,18 @@ def run_rsync(argv, on_progress, stall_timeout):
             proc.wait()
         proc.stdout.close()
         proc.stderr.close()
+        if pid_file:
+            os.unlink(pid_file)
     # 24: files vanished while rsync ran. A live app deletes files (SQLite's -wal and -shm,
     # temporaries) during the pre-copy; the final pass and verify settle what remains.
     if status not in (0, RSYNC_VANISHED):
-        lines = err.decode("utf-8", "replace").strip().splitlines()
-        detail = "; ".join(line for line in lines if not line.startswith("rsync error:"))[-600:]
-        raise CopyError(f"rsync failed (status {status}): {detail or '; '.join(lines[-2:])}")
+        text = err.decode("utf-8", "replace").strip()
+        lines = text.splitlines()
+        # rsync repeats one cause in many lines (each file, then a summary): keep one of each.
+        unique = list(dict.fromkeys(line for line in lines if not line.startswith("rsync error:")))
+        detail = "; ".join(unique)[-600:]
+        raise CopyError(
+            f"rsync failed (status {status}): {detail or '; '.join(lines[-2:])}", failure_kind(status, text)
+        )
     stats.seconds = time.monotonic() - start
     return stats

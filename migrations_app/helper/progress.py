@@ -20,38 +20,69 @@ def human_bytes(n):
         n /= 1024
 
 
+# Events the helper keeps in memory for its status endpoint.
+EVENTS_KEPT = 200
+
+
 def now_iso():
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 class ProgressLog:
-    """Appends numbered lines; each is flushed whole, so a reader never sees half a line."""
+    """Appends numbered lines; each is flushed whole, so a reader never sees half a line.
+
+    It is the helper's journal: a helper restarted by its grid opens the same file and goes
+    on numbering, and `summary` tells it what the journal held when it was opened.
+
+    With `strict` off (a failing helper cleaning up), a line that cannot be written (a full
+    disk) is kept in memory for the status endpoint, and `write_error` says why.
+    """
 
     def __init__(self, path, min_interval=0.5):
         self.path = path
-        self.seq = 0
-        self.phase = ""
         self.min_interval = min_interval
         self._last_progress = 0.0
         self._lock = threading.Lock()
-        self.latest = {}
-        self.events = []
+        self.strict = True
+        self.write_error = None
+        self.summary = Summary()
+        try:
+            with open(path, "rb") as f:
+                text = f.read().decode("utf-8", "replace")
+        except FileNotFoundError:
+            text = ""
+        for line in parse_lines(text):
+            self.summary.add(line)
+        if text and not text.endswith("\n"):
+            self._append(b"\n")  # a line torn by a crash: the next one starts afresh
+        self.seq = self.summary.seq
+        self.phase = self.summary.phase
+        self.latest = self.summary.latest
+        self.events = self.summary.events[-EVENTS_KEPT:]
         # Extra fields for every line (the helper adds the states of the three apps).
         self.context = dict
+
+    def _append(self, data):
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
 
     def _write(self, line):
         with self._lock:
             self.seq += 1
             line = {"seq": self.seq, "time": now_iso(), "phase": self.phase, **self.context(), **line}
-            data = (json.dumps(line, sort_keys=True) + "\n").encode()
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
-                os.write(fd, data)
-            finally:
-                os.close(fd)
+                self._append((json.dumps(line, sort_keys=True) + "\n").encode())
+            except OSError as error:
+                if self.strict:
+                    raise
+                self.write_error = error
             self.latest = line
             if line["kind"] == protocol.EVENT:
                 self.events.append(line)
+                del self.events[:-EVENTS_KEPT]
             return line
 
     def event(self, message, level="info", phase=None, **data):
@@ -77,6 +108,24 @@ class ProgressLog:
         )
 
 
+@dataclass(frozen=True)
+class Downtime:
+    """From the stop request on the source to the first answer of the app that came up, in
+    seconds, with its parts (None where the journal does not say)."""
+
+    total: float
+    stop: float | None = None
+    final_pass: float | None = None
+    verify: float | None = None
+    start: float | None = None  # the decision and starting the app, until it listens
+    health: float | None = None  # from listening to the first answer at its published URL
+
+    PARTS = ("stop", "final_pass", "verify", "start", "health")
+
+    def to_dict(self):
+        return {name: getattr(self, name) for name in ("total", *self.PARTS)}
+
+
 @dataclass
 class Summary:
     """What a progress log says so far."""
@@ -88,13 +137,22 @@ class Summary:
     seq: int = 0
 
     @property
-    def result(self):
-        """ "ok", "failed", or None while the helper has not finished."""
-        return self.facts.get(protocol.RESULT, {}).get("result")
+    def result(self) -> protocol.Result | None:
+        """How the helper ended, or None while it has not."""
+        result = self.facts.get(protocol.RESULT, {}).get("result")
+        return protocol.Result(result) if result else None
 
     @property
     def error(self):
         return self.facts.get(protocol.RESULT, {}).get("error", "")
+
+    @property
+    def decision(self) -> str | None:
+        """The cut-over decision the helper learned, if it did (commit | rollback)."""
+        return self.facts.get(protocol.DECISION, {}).get("decision")
+
+    def has(self, fact):
+        return fact in self.facts
 
     def add(self, line):
         self.seq = max(self.seq, line.get("seq", 0))
@@ -104,6 +162,32 @@ class Summary:
             self.events.append(line)
             if fact := line.get("fact"):
                 self.facts[fact] = line
+
+    def fact_time(self, fact):
+        """When the latest line with `fact` was written (epoch seconds), or None."""
+        line = self.facts.get(fact)
+        if line is None:
+            return None
+        return line.get("at") or datetime.fromisoformat(line["time"]).timestamp()
+
+    def downtime(self) -> Downtime | None:
+        """The downtime of the last cut-over, once the app that came up has answered."""
+        stopping, answered = self.fact_time(protocol.SOURCE_STOPPING), self.fact_time(protocol.APP_ANSWERED)
+        if stopping is None or answered is None or answered < stopping:
+            return None
+        marks = [
+            stopping,
+            self.fact_time(protocol.SOURCE_STOPPED),
+            self.fact_time(protocol.FINAL_PASS_DONE),
+            self.fact_time(protocol.VERIFIED),
+            self.fact_time(protocol.APP_STARTED),
+            answered,
+        ]
+        parts = {}
+        for name, begin, end in zip(Downtime.PARTS, marks[:-1], marks[1:], strict=True):
+            fits = begin is not None and end is not None and stopping <= begin <= end <= answered
+            parts[name] = round(end - begin, 3) if fits else None
+        return Downtime(round(answered - stopping, 3), **parts)
 
 
 def parse_lines(text):

@@ -1,31 +1,53 @@
 """
-The helper's job, as small steps:
+The helper's job, as small steps (docs/DESIGN.md, "The migration", "The cut-over protocol"):
 
-    precopy      define the target app, copy every volume with rsync while the source runs
-                 (again only after a long pass, while the delta shrinks), hash both sides,
-                 and start the source's agents for the final pass
+    open         reach both grids; a helper restarted by its grid reads its journal and
+                 the cut-over record, and carries on from there
+    precopy      define the target (journaled first), copy every volume with rsync while the
+                 source runs (again only after a long pass), hash both sides, and start the
+                 source's agents for the final pass
+    arm          create the cut-over record on the source grid, and its watchdog; the
+                 helper's heartbeat keeps the watchdog waiting from now on
     stopping     stop the source app (never by force)
     final_sync   copy what changed since, with the source stopped
-    verifying    the copy matches the stopped source, file by file
-    starting     migrate: start the target; snapshot: restart the source
+    verifying    the copy matches the stopped source, entry by entry
+    commit       claim the decision: the answer holds, whoever made it
+    starting     migrate: start the target; snapshot: restart the source; close the record,
+                 then wait for the app's first answer at its published URL
 
-Any failure: destroy the target if this job created it, make sure the source runs, and
-record why. The last line of the progress log is always the result; then the helper
-keeps answering status requests until MIG destroys it.
+Any failure before the commit: claim rollback, restart the source first, then remove the
+target this job created, then say why. After a migration's commit nothing restarts the
+source. The last line of the journal is always the result; then the helper keeps answering
+status requests until MIG destroys it.
 """
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
 import signal
+import sqlite3
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
 
-from ..grids import AppExists, AppState, GridError, open_grid
+from ..grids import (
+    AppExists,
+    AppState,
+    AuthError,
+    Decision,
+    GridError,
+    HostKeyError,
+    TransportError,
+    open_grid,
+)
+from ..grids.errors import OperationFailed
 from ..grids.gridinfo import GridConfig
 from . import protocol, sync
-from .copy import CopyError, rsync_argv, run_rsync
+from .copy import CopyError, rsync_argv, run_rsync, stop_orphan
 from .progress import ProgressLog, human_bytes
 from .status import serve_status
 
@@ -37,6 +59,15 @@ RACY_MARGIN = 1.0
 ANOTHER_PASS_AFTER = 30.0
 # Seconds a started app has to listen where its grid publishes it (see start_app).
 LISTEN_TIMEOUT = 30.0
+# Seconds the started app has to answer at its published URL (see wait_first_answer).
+ANSWER_TIMEOUT = 60.0
+# Seconds the helper waits for MIG to confirm "hands off" (see wait_hands_off_ack).
+HANDS_OFF_WAIT = 30.0
+HEARTBEAT_INTERVAL = 1.0
+# Silence after which the source's watchdog rolls back: well above a restart of the helper.
+HEARTBEAT_TIMEOUT = 15.0
+# Backoff for an operation whose connection to a grid dropped, then for a copy pass.
+RETRY_DELAYS = (1, 2, 4, 8, 16)
 
 
 class Failure(Exception):
@@ -45,6 +76,75 @@ class Failure(Exception):
 
 class Stopped(BaseException):
     """SIGTERM arrived: someone stopped or destroyed the helper."""
+
+
+def retryable(error):
+    """A lost connection is worth another try; a refused key or host key is not."""
+    return isinstance(error, TransportError) and not isinstance(error, HostKeyError | AuthError)
+
+
+def plain_reason(error, grid):
+    """An error as an operator should read it: disk full and read-only named as such."""
+    if isinstance(error, CopyError) and error.kind in (CopyError.DISK_FULL, CopyError.READ_ONLY):
+        return f"{error.kind} on {grid}: {error}"
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"disk full on {grid}: {error}"
+    if isinstance(error, OSError) and error.errno == errno.EROFS:
+        return f"read-only file system on {grid}: {error}"
+    if isinstance(error, sqlite3.OperationalError) and "disk is full" in str(error):
+        return f"disk full on {grid} (the helper's work volume): {error}"
+    if isinstance(error, Failure | GridError | CopyError | sync.SyncError):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
+
+
+class Heartbeat:
+    """Tells the source grid's watchdog, every second, that the helper lives.
+
+    It runs in a thread with a connection of its own, so that no long operation of the
+    helper delays it. A beat that fails is journaled once per spell; what ends the thread
+    unexpectedly is kept in `error`, which the helper checks between steps.
+    """
+
+    def __init__(self, helper):
+        self.helper = helper
+        self.stopping = threading.Event()
+        self.error = None
+        self.thread = threading.Thread(target=self.run, name="heartbeat", daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.stopping.set()
+        self.thread.join(10)
+
+    def run(self):
+        helper, driver, failing = self.helper, None, False
+        try:
+            while True:
+                try:
+                    driver = driver or helper.open_source()
+                    driver.beat_cutover(helper.source_app, helper.job_uid)
+                    if failing:
+                        helper.log.event("Heartbeat restored")
+                    failing = False
+                except GridError as error:
+                    if driver is not None:
+                        driver.close()
+                    driver = None
+                    if not failing:
+                        helper.log.event(
+                            f"Heartbeat to {helper.source_grid.name} failed: {error}; its watchdog rolls "
+                            f"back after {helper.heartbeat_timeout:g}s without one",
+                            level="warning",
+                        )
+                    failing = True
+                if self.stopping.wait(HEARTBEAT_INTERVAL):
+                    return
+        except Exception as error:  # never a silent death: the next step fails with it
+            self.error = error
+        finally:
+            if driver is not None:
+                driver.close()
 
 
 class Helper:
@@ -57,6 +157,11 @@ class Helper:
         self.key_file = os.path.join(secrets_dir, protocol.SECRET_KEY)
         self.work_dir = work_dir
         self.log = ProgressLog(os.path.join(work_dir, "progress.jsonl"))
+        # What this helper did before, if the grid restarted it: its journal is the truth.
+        self.journal = self.log.summary
+        self.job_id, self.job_uid = self.config["job"], self.config["job_uid"]
+        # Who defined the target: only an app of this owner is ever removed by this job.
+        self.owner = f"mig-job:{self.job_uid}"
         self.action = self.config["action"]
         source, target = self.config["source"], self.config["target"]
         self.source_app, self.target_app = source["app"], target["app"]
@@ -66,63 +171,96 @@ class Helper:
         self.target_grid = dataclasses.replace(target_grid, transport="local", host="", host_key="")
         self.bwlimit = self.config.get("bwlimit_kbps")
         self.stall_timeout = float(self.config.get("stall_timeout", 60))
+        self.heartbeat_timeout = float(self.config.get("heartbeat_timeout", HEARTBEAT_TIMEOUT))
         self.max_passes = int(self.config.get("max_passes", 4))
-        self.source = self.target = self.final = None
-        self.target_created = self.verified = False
-        self.finished = False
+        self.source = self.target = self.final = self.heartbeat = None
+        self.target_created = self.journal.has(protocol.TARGET_DEFINING)
+        self.armed = self.verified = self.finished = False
         self.volumes = []
-        self.total_bytes = 0
+        self.total_bytes = int(self.config.get("bytes_total") or 0)
+        self.rsync_pid_file = os.path.join(work_dir, "rsync.pid")
         # What the monitor shows about the three apps; every progress line carries it.
-        self.apps = {"source": "running", "helper": "running", "target": "absent"}
+        self.apps = self.journal.latest.get("apps") or {
+            "source": "running",
+            "helper": "running",
+            "target": "absent",
+        }
         self.log.context = lambda: {"apps": dict(self.apps)}
 
     # --- running ------------------------------------------------------------------------
 
     def run(self):
         signal.signal(signal.SIGTERM, self.on_sigterm)
-        server = serve_status(self.target_grid.app_host or "127.0.0.1", self.token, self.snapshot)
-        host, port = server.server_address[:2]
-        self.write_status(f"http://{host}:{port}/status")
-        self.log.event(
-            f"Helper started for job #{self.config['job']}: {self.action} "
-            f"{self.source_grid.name}/{self.source_app} → {self.target_grid.name}/{self.target_app}",
-            phase=protocol.PRECOPY,
-        )
+        self.serve_status()
+        if self.journal.result:
+            # Restarted after it had finished: nothing more to do but answer status.
+            self.finished = True
+            self.linger()
+            return 0
+        if stop_orphan(self.rsync_pid_file):
+            self.log.event("Stopped the rsync an earlier run of this helper left behind")
+        if self.journal.seq:
+            self.log.event(
+                f"Restarted by {self.target_grid.name} after this helper died during "
+                f"{self.journal.phase}; resuming from its journal",
+                fact=protocol.RESUMED,
+            )
+        else:
+            self.log.event(
+                f"Helper started for job #{self.job_id}: {self.action} "
+                f"{self.source_grid.name}/{self.source_app} → {self.target_grid.name}/{self.target_app}",
+                phase=protocol.PRECOPY,
+            )
         try:
             self.step_open()
-            self.step_precopy()
-            self.step_prepare_final()
-            self.step_stop_source()
-            self.step_final_sync()
-            self.step_verify()
+            if not self.resume_cutover():
+                self.step_precopy()
+                self.step_prepare_final()
+                self.step_arm()
+                self.step_stop_source()
+                self.step_final_sync()
+                self.step_verify()
+                self.step_commit()
             self.step_start()
             self.succeed()
-        except (Failure, Stopped, GridError, CopyError, sync.SyncError, OSError, ValueError) as e:
-            self.fail(self.reason(e))
+        except (Exception, Stopped) as error:  # whatever it is, the job fails with it
+            self.fail(self.reason(error))
         self.linger()
         return 0
 
     def reason(self, error):
         if isinstance(error, Stopped):
             return f"the helper was stopped during {self.log.phase}"
-        return str(error)
+        return plain_reason(error, self.target_grid.name)
 
     def on_sigterm(self, signum, frame):
         if self.finished:
             sys.exit(0)
         raise Stopped()
 
-    def write_status(self, url):
+    def serve_status(self):
+        """The status endpoint, on the port an earlier run of this helper had if it can."""
         path = os.path.join(self.work_dir, "status.json")
+        try:
+            with open(path) as f:
+                port = int(json.load(f)["url"].rsplit(":", 1)[1].split("/")[0])
+        except (OSError, ValueError, KeyError, IndexError):
+            port = 0
+        host = self.target_grid.app_host or "127.0.0.1"
+        try:
+            server = serve_status(host, self.token, self.snapshot, port)
+        except OSError:
+            server = serve_status(host, self.token, self.snapshot)
+        host, port = server.server_address[:2]
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"url": url, "pid": os.getpid()}, f)
+            json.dump({"url": f"http://{host}:{port}/status", "pid": os.getpid()}, f)
         os.replace(tmp, path)
 
     def snapshot(self):
         """What the status endpoint answers."""
         return {
-            "job": self.config["job"],
+            "job": self.job_id,
             "phase": self.log.phase,
             "latest": self.log.latest,
             "events": self.log.events[-30:],
@@ -135,41 +273,80 @@ class Helper:
         while time.monotonic() < deadline:
             time.sleep(1)
 
+    def retrying(self, operation, what):
+        """Run `operation()`, again after a lost connection, with backoff."""
+        for attempt, delay in enumerate((*RETRY_DELAYS, None), 1):
+            try:
+                return operation()
+            except TransportError as error:
+                if delay is None or not retryable(error):
+                    raise
+                self.log.event(
+                    f"{what}: {error}; trying again in {delay}s (attempt {attempt})", level="warning"
+                )
+                time.sleep(delay)
+
+    def check_heartbeat(self):
+        if self.heartbeat is not None and self.heartbeat.error is not None:
+            raise Failure(f"the heartbeat to {self.source_grid.name} stopped: {self.heartbeat.error!r}")
+
+    def open_source(self):
+        return open_grid(self.source_grid, self.key_file, ssh_client="openssh")
+
     # --- steps --------------------------------------------------------------------------
 
     def step_open(self):
-        self.source = open_grid(self.source_grid, self.key_file, ssh_client="openssh")
+        self.source = self.open_source()
         self.target = open_grid(self.target_grid, self.key_file)
         # File times on the source are in its clock; mind the difference to ours.
-        self.source_clock_offset = self.source.info().time - time.time()
+        info = self.retrying(self.source.info, f"reaching {self.source_grid.name}")
+        self.source_clock_offset = info.time - time.time()
         # Pre-flight measured the data a moment ago; walking it again would only delay the copy.
-        app = self.source.describe(self.source_app, sizes=False)
-        if app.state != AppState.RUNNING:
+        app = self.retrying(
+            lambda: self.source.describe(self.source_app, sizes=False), "describing the source"
+        )
+        if app.state != AppState.RUNNING and not self.journal.seq:
             raise Failure(f"the source app is {app.state}, not running")
         self.manifest = app.manifest
         self.volumes = app.volumes
         self.source_path = app.path
-        self.total_bytes = int(self.config.get("bytes_total") or 0)
+
+    def resume_cutover(self):
+        """A restarted helper that had armed the cut-over carries out its decision, or rolls
+        back if none was made. False if there is no cut-over of this job (pre-copy goes on)."""
+        if not self.journal.seq:
+            return False
+        record = self.retrying(lambda: self.source.read_cutover(self.source_app), "reading the cut-over")
+        if record is None or record.job != self.job_uid:
+            if self.journal.has(protocol.ARMED):
+                raise Failure(f"this job's cut-over record is gone from {self.source_grid.name}")
+            return False
+        self.armed = True
+        self.heartbeat = Heartbeat(self)
+        if record.decision is None:
+            record = self.claim(
+                Decision.ROLLBACK,
+                f"the helper died during {self.journal.phase} and was restarted before the cut-over "
+                "was decided",
+            )
+        else:
+            self.note_decision(record)
+        if record.decision == Decision.COMMIT and not record.abandoned:
+            self.verified = True  # a commit is only ever claimed after verify
+            return True
+        raise Failure(record.reason or f"the cut-over was rolled back by the {record.decided_by}")
 
     def step_precopy(self):
-        try:
-            self.target.define(self.target_app, self.manifest)
-        except AppExists:
-            raise Failure(
-                f"the target app {self.target_app} already exists on {self.target_grid.name}"
-            ) from None
-        self.target_created = True
+        previous_start = self.journal.facts.get(protocol.TARGET_DEFINING, {}).get("copy_began_ns")
+        # Files untouched since (in the source's clock, with a margin) need not be read twice.
+        self.copy_began_ns = previous_start or int(
+            (time.time() + self.source_clock_offset - RACY_MARGIN) * 1e9
+        )
+        self.define_target()
         self.apps["target"] = "copying"
         self.target_path = self.target.describe(self.target_app, sizes=False).path
         self.volumes_path = os.path.join(self.target_path, "volumes")
-        self.log.event(
-            f"Defined {self.target_app} on {self.target_grid.name}; copying {len(self.volumes)} "
-            f"volume(s), {human_bytes(self.total_bytes)}, while the source runs",
-            fact=protocol.TARGET_CREATED,
-        )
         previous = None
-        # Files untouched since (in the source's clock, with a margin) need not be read twice.
-        self.copy_began_ns = int((time.time() + self.source_clock_offset - RACY_MARGIN) * 1e9)
         for number in range(1, self.max_passes + 1):
             stats = self.copy_pass(f"pre-copy pass {number}")
             changed = stats.changed_bytes
@@ -191,12 +368,36 @@ class Helper:
             previous = changed
         self.step_index()
 
+    def define_target(self):
+        # Journaled before it exists: whatever happens next, clean-up knows it may be there.
+        self.log.event(
+            f"Defining {self.target_app} on {self.target_grid.name}",
+            fact=protocol.TARGET_DEFINING,
+            copy_began_ns=self.copy_began_ns,
+        )
+        self.target_created = True
+        try:
+            self.target.define(self.target_app, self.manifest, owner=self.owner)
+        except AppExists:
+            existing = self.target.describe(self.target_app, sizes=False)
+            if existing.manifest.get("owner") != self.owner:
+                raise Failure(
+                    f"the target app {self.target_app} already exists on {self.target_grid.name}"
+                ) from None
+            self.log.event(f"{self.target_app} was defined by this job's earlier run: copying on")
+            return
+        self.log.event(
+            f"Defined {self.target_app} on {self.target_grid.name}; copying {len(self.volumes)} "
+            f"volume(s), {human_bytes(self.total_bytes)}, while the source runs"
+        )
+
     def step_index(self):
         """Take both sides' block hashes now, while the app runs, so the stopped app is read
         only once (see sync.build_index)."""
         self.log.event(
             "Hashing for the final pass; MIG leaves the source's volumes alone", fact=protocol.HANDS_OFF
         )
+        self.wait_hands_off_ack()
         started = time.time()
         self.clean_before_ns = int((started + self.source_clock_offset - RACY_MARGIN) * 1e9)
         self.index = sync.Index(os.path.join(self.work_dir, "index.sqlite3"))
@@ -208,11 +409,27 @@ class Helper:
             f"Hashed {files} files in {seconds:.1f}s, and the copies of the {read} changed since the "
             f"copy began (rsync checked the rest as it sent them); {differing} differ (written to "
             "while copied)",
+            fact=protocol.INDEXED,
             files=files,
             copies_read=read,
             differing=differing,
             seconds=round(seconds, 3),
         )
+
+    def wait_hands_off_ack(self):
+        """Until MIG's runner has filed every line before HANDS_OFF, it may still write to the
+        source's database. A runner that is gone never answers: then a while is enough."""
+        ack = os.path.join(self.work_dir, protocol.HANDS_OFF_ACK_NAME)
+        deadline = time.monotonic() + HANDS_OFF_WAIT
+        while not os.path.exists(ack):
+            if time.monotonic() >= deadline:
+                self.log.event(
+                    f"MIG did not confirm it leaves its volumes alone within {HANDS_OFF_WAIT:g}s: going on "
+                    "(verify checks every entry against the stopped source)",
+                    level="warning",
+                )
+                return
+            time.sleep(0.05)
 
     def step_prepare_final(self):
         def on_progress(received):
@@ -230,18 +447,35 @@ class Helper:
         )
         self.final.open()
 
+    def step_arm(self):
+        target = f"{self.target_grid.name}/{self.target_app}"
+        self.retrying(
+            lambda: self.source.arm_cutover(
+                self.source_app, self.job_uid, self.job_id, self.action, target, self.heartbeat_timeout
+            ),
+            "arming the cut-over",
+        )
+        self.armed = True
+        self.heartbeat = Heartbeat(self)
+        self.log.event(
+            f"Cut-over armed on {self.source_grid.name}: its watchdog restarts the source if this "
+            f"helper is silent for {self.heartbeat_timeout:g}s before the decision is carried out",
+            fact=protocol.ARMED,
+        )
+
     def step_stop_source(self):
         self.apps["source"] = "stopping"
         message = f"Stopping the source app {self.source_app}"
         self.log.event(message, phase=protocol.STOPPING, fact=protocol.SOURCE_STOPPING)
         try:
-            self.source.stop(self.source_app)
+            self.retrying(lambda: self.source.stop(self.source_app), "stopping the source")
         except GridError as e:
             raise Failure(f"the source app did not stop: {e}") from None
         self.apps["source"] = "stopped"
-        self.log.event("Source stopped")
+        self.log.event("Source stopped", fact=protocol.SOURCE_STOPPED)
 
     def step_final_sync(self):
+        self.check_heartbeat()
         self.log.event("Final pass with the source stopped", phase=protocol.FINAL_SYNC)
         self.final_started = started = time.monotonic()
         files, received = self.final.run()
@@ -249,40 +483,81 @@ class Helper:
         self.log.event(
             f"Final pass: {files} file(s) changed since hashed; {human_bytes(received)} of changed "
             f"blocks sent in {seconds:.1f}s",
+            fact=protocol.FINAL_PASS_DONE,
             files=files,
             changed_bytes=received,
             seconds=round(seconds, 3),
         )
 
     def step_verify(self):
-        self.log.event("Verifying the copy file by file", phase=protocol.VERIFYING)
+        self.check_heartbeat()
+        self.log.event("Verifying the copy entry by entry", phase=protocol.VERIFYING)
         entries, problems = sync.verify(self.volumes_path, self.index)
         if problems:
             shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
             raise Failure(f"verify failed, {len(problems)} difference(s): {shown}")
         self.verified = True
         self.log.event(
-            f"Verified {entries} entries: type, mode, size, time and content match the stopped source"
+            f"Verified {entries} entries against the stopped source: type, mode, owner, size, time, "
+            "links, xattrs, sparseness and content",
+            fact=protocol.VERIFIED,
+        )
+
+    def step_commit(self):
+        self.check_heartbeat()
+        record = self.claim(Decision.COMMIT, "the copy was verified against the stopped source")
+        if record.decision != Decision.COMMIT:
+            raise Failure(
+                f"the cut-over was rolled back by the {record.decided_by} before this helper could "
+                f"commit: {record.reason}"
+            )
+
+    def claim(self, decision, reason):
+        record = self.retrying(
+            lambda: self.source.claim_cutover(self.source_app, self.job_uid, decision, "helper", reason),
+            "deciding the cut-over",
+        )
+        self.note_decision(record)
+        return record
+
+    def note_decision(self, record):
+        reason = f": {record.reason}" if record.reason else ""
+        self.log.event(
+            f"Cut-over decided: {record.decision} (by the {record.decided_by}){reason}",
+            fact=protocol.DECISION,
+            decision=record.decision,
+            by=record.decided_by,
         )
 
     def step_start(self):
+        """Start the app that is the app from now on: the target (migrate) or the source."""
+        assert self.verified, "nothing starts from an unverified copy"
         if self.action == "migrate":
-            self.apps["target"] = "starting"
-            self.log.event(f"Starting {self.target_app} on {self.target_grid.name}", phase=protocol.STARTING)
-            try:
-                self.start_app(self.target, self.target_grid, self.target_app)
-            except GridError as e:
-                raise Failure(f"the target app failed to start: {e}") from None
-            self.apps["target"] = "running"
+            role, grid, config, app = "target", self.target, self.target_grid, self.target_app
         else:
             self.apps["target"] = "stopped"
-            self.apps["source"] = "starting"
-            self.log.event(f"Restarting the source app {self.source_app}", phase=protocol.STARTING)
-            try:
-                self.start_app(self.source, self.source_grid, self.source_app)
-            except GridError as e:
-                raise Failure(f"the source app failed to restart: {e}") from None
-            self.apps["source"] = "running"
+            role, grid, config, app = "source", self.source, self.source_grid, self.source_app
+        self.apps[role] = "starting"
+        self.log.event(
+            f"Starting {app} on {config.name}", phase=protocol.STARTING, fact=protocol.APP_STARTING
+        )
+        try:
+            self.retrying(lambda: self.start_app(grid, config, app), f"starting {app}")
+        except OperationFailed as e:
+            if role == "target":
+                # It never answered, so it took no writes: give it up, and the source may run.
+                self.source.abandon_cutover(self.source_app, self.job_uid, "helper", f"failed to start: {e}")
+                raise Failure(f"the target app failed to start: {e}") from None
+            raise Failure(f"the source app failed to restart: {e}") from None
+        except GridError as e:
+            raise Failure(f"the {role} app could not be started: {e}") from None
+        self.apps[role] = "running"
+        self.log.event(f"{app} started on {config.name}", fact=protocol.APP_STARTED)
+        self.retrying(
+            lambda: self.source.close_cutover(self.source_app, self.job_uid), "closing the cut-over"
+        )
+        self.heartbeat.stop()
+        self.wait_first_answer(config)
 
     def start_app(self, grid, grid_config, app):
         """Start an app, which has MIG in it: it counts as started once it listens where its
@@ -296,10 +571,30 @@ class Helper:
                 level="warning",
             )
 
+    def wait_first_answer(self, grid_config):
+        """The downtime ends when the app first answers at its published URL: ask it."""
+        if self.journal.has(protocol.APP_ANSWERED) or not grid_config.app_url:
+            return
+        url = grid_config.app_url
+        deadline = time.monotonic() + ANSWER_TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=2):
+                    pass
+            except urllib.error.HTTPError as e:
+                if e.code >= 500:
+                    time.sleep(0.02)
+                    continue
+            except OSError:
+                time.sleep(0.02)
+                continue
+            self.log.event(f"The app answered at {url}", fact=protocol.APP_ANSWERED, at=time.time(), url=url)
+            return
+        self.log.event(f"The app did not answer at {url} within {ANSWER_TIMEOUT:g}s", level="warning")
+
     # --- endings ------------------------------------------------------------------------
 
     def succeed(self):
-        assert self.verified, "a job never succeeds without a verified copy"
         self.finished = True
         self.apps["helper"] = "done"
         what = "started" if self.action == "migrate" else "kept stopped; source restarted"
@@ -307,33 +602,22 @@ class Helper:
             f"Done: {self.target_grid.name}/{self.target_app} {what}",
             phase=protocol.FINISHING,
             fact=protocol.RESULT,
-            result="ok",
+            result=protocol.Result.OK,
         )
 
     def fail(self, reason):
-        # Cleanup must not be interrupted by a second SIGTERM.
+        # Cleanup must not be interrupted by a second SIGTERM, nor stopped by a full disk.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        self.log.strict = False
         failed_during = self.log.phase
         self.log.event(f"Failed during {failed_during}: {reason}", level="error", phase=protocol.FAILED)
         if self.final is not None:
             self.final.close()
-        if self.target_created:
-            try:
-                result = self.target.destroy(self.target_app)
-                leftovers = result.get("leftovers") or []
-                note = f" (could not remove: {'; '.join(leftovers[:3])})" if leftovers else ""
-                self.apps["target"] = "removed"
-                self.log.event(f"Removed the partial target {self.target_app}{note}")
-            except GridError as e:
-                self.log.event(f"Could not remove the partial target: {e}", level="error")
-        if self.source is not None:
-            try:
-                if self.source.state(self.source_app) != AppState.RUNNING:
-                    self.start_app(self.source, self.source_grid, self.source_app)
-                    self.apps["source"] = "running"
-                    self.log.event(f"Restarted the source app {self.source_app}")
-            except GridError as e:
-                self.log.event(f"Could not restart the source app: {e}", level="error")
+        notes = self.roll_back(reason)
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+        for level, message in notes:
+            self.log.event(message, level=level)
         self.finished = True
         self.apps["helper"] = "failed"
         signal.signal(signal.SIGTERM, self.on_sigterm)
@@ -341,15 +625,94 @@ class Helper:
             f"Failed: {reason}",
             level="error",
             fact=protocol.RESULT,
-            result="failed",
+            result=protocol.Result.FAILED,
             error=reason,
             failed_during=failed_during,
         )
 
+    def roll_back(self, reason):
+        """Decide rollback (unless a decision holds), restart the source first, then remove
+        the target this job created. Returns (level, message) notes, journaled after: a
+        full disk must not keep the source down."""
+        notes = []
+        record = None
+        if self.armed:
+            try:
+                record = self.retrying(
+                    lambda: self.source.claim_cutover(
+                        self.source_app, self.job_uid, Decision.ROLLBACK, "helper", reason
+                    ),
+                    "deciding the cut-over",
+                )
+            except GridError as e:
+                # Beat no more: the watchdog there decides, and restarts the source.
+                if self.heartbeat is not None:
+                    self.heartbeat.stop()
+                return [
+                    (
+                        "error",
+                        f"Could not reach {self.source_grid.name} to roll back: {e}; its watchdog rolls "
+                        "back and restarts the source once this helper is silent",
+                    )
+                ]
+            notes.append(("info", f"Cut-over decided: {record.decision} (by the {record.decided_by})"))
+        if record is not None and not record.source_may_run:
+            notes.append(
+                (
+                    "error",
+                    f"The cut-over was committed: {self.source_app} stays stopped, and "
+                    f"{self.target_grid.name}/{self.target_app} is the app; start it with "
+                    f"`manage.py recover {self.job_id}`",
+                )
+            )
+            return notes
+        if self.source is not None:
+            try:
+                state = self.retrying(lambda: self.source.state(self.source_app), "reading the source")
+                if state != AppState.RUNNING:
+                    self.retrying(
+                        lambda: self.start_app(self.source, self.source_grid, self.source_app),
+                        "restarting the source",
+                    )
+                    self.apps["source"] = "running"
+                    notes.append(("info", f"Restarted the source app {self.source_app}"))
+            except GridError as e:
+                notes.append(("error", f"Could not restart the source app: {e}"))
+        keep_copy = record is not None and record.decision == Decision.COMMIT and not record.abandoned
+        if self.target_created and not keep_copy:
+            try:
+                result = self.target.destroy(self.target_app, owner=self.owner)
+                leftovers = result.get("leftovers") or []
+                note = f" (could not remove: {'; '.join(leftovers[:3])})" if leftovers else ""
+                if not result.get("kept"):
+                    self.apps["target"] = "removed"
+                    notes.append(("info", f"Removed the partial target {self.target_app}{note}"))
+            except GridError as e:
+                notes.append(("error", f"Could not remove the partial target: {e}"))
+        if record is not None:
+            try:
+                self.source.close_cutover(self.source_app, self.job_uid)
+            except GridError as e:
+                notes.append(("warning", f"Could not close the cut-over record: {e}"))
+        return notes
+
     # --- copying ------------------------------------------------------------------------
 
     def copy_pass(self, label):
-        """One rsync of the whole volumes/ directory, reporting progress."""
+        """One rsync of the whole volumes/ directory, reporting progress; a pass whose
+        connection broke is run again, with backoff (rsync moves only what is missing)."""
+        for attempt, delay in enumerate((*RETRY_DELAYS, None), 1):
+            try:
+                return self.rsync_once(label)
+            except CopyError as error:
+                if delay is None or error.kind != CopyError.CONNECTION:
+                    raise
+                self.log.event(
+                    f"{label}: {error}; trying again in {delay}s (attempt {attempt})", level="warning"
+                )
+                time.sleep(delay)
+
+    def rsync_once(self, label):
         started = time.monotonic()
         total = max(self.total_bytes, 1)
         if self.source_grid.transport == "ssh":
@@ -366,7 +729,7 @@ class Helper:
             self.log.progress(done, total, rate, eta, label)
 
         argv = rsync_argv(source, f"{self.volumes_path}/", remote_shell, self.bwlimit, self.stall_timeout)
-        stats = run_rsync(argv, on_progress, self.stall_timeout)
+        stats = run_rsync(argv, on_progress, self.stall_timeout, self.rsync_pid_file)
         self.log.progress(total, total, total / max(stats.seconds, 1e-3), 0, label, force=True)
         return stats
 

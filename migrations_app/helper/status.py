@@ -49,9 +49,9 @@ def make_handler(token, snapshot):
     return Handler
 
 
-def serve_status(host, token, snapshot):
-    """Start the endpoint on (host, any free port) in a thread; returns the server."""
-    server = ThreadingHTTPServer((host, 0), make_handler(token, snapshot))
+def serve_status(host, token, snapshot, port=0):
+    """Start the endpoint on (host, port; 0: any free one) in a thread; returns the server."""
+    server = ThreadingHTTPServer((host, port), make_handler(token, snapshot))
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server

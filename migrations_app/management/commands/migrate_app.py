@@ -1,4 +1,3 @@
-import argparse
 import getpass
 import signal
 import sys
@@ -54,11 +53,8 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser):
-        # Optional only for --job, which continues a job the web interface created.
-        parser.add_argument("target_grid", nargs="?", metavar="TARGET_GRID", help="a grid from grid.info")
-        parser.add_argument(
-            "target_app", nargs="?", metavar="TARGET_APP", help="the app's name on the target grid"
-        )
+        parser.add_argument("target_grid", metavar="TARGET_GRID", help="a grid from grid.info")
+        parser.add_argument("target_app", metavar="TARGET_APP", help="the app's name on the target grid")
         parser.add_argument(
             "--action",
             choices=MigrationJob.Action.values,
@@ -70,16 +66,8 @@ class Command(BaseCommand):
             "--dry-run", action="store_true", help="run the pre-flight and print the plan; change nothing"
         )
         parser.add_argument("--bwlimit", type=int, metavar="KBPS", help="cap the copy at KBPS KiB/s")
-        # For the web interface, which runs the pre-flight and takes the lock itself (so it can
-        # answer at once), then hands the job over: who started it, and which job.
-        parser.add_argument("--started-by", default="", help=argparse.SUPPRESS)
-        parser.add_argument("--job", type=int, help=argparse.SUPPRESS)
 
     def handle(self, *args, **options):
-        if options["job"]:
-            return self.continue_job(options["job"])
-        if not options["target_grid"] or not options["target_app"]:
-            raise CommandError("give TARGET_GRID and TARGET_APP (see --help)")
         action = options["action"] or self.default_action()
         bwlimit = options["bwlimit"]
         if bwlimit is not None and bwlimit <= 0:
@@ -92,9 +80,10 @@ class Command(BaseCommand):
             self.stdout.write(plan.describe())
             self.stdout.write("dry run: no lock taken, nothing changed")
             return
-        started_by = options["started_by"] or f"{getpass.getuser()} (command line)"
         try:
-            job = migration.acquire(plan, started_by, bwlimit)
+            job = migration.acquire(plan, f"{getpass.getuser()} (command line)", bwlimit)
+            # Here, not in the background: a helper that cannot be provisioned is this
+            # command's error.
             migration.provision(job)
         except LockHeld as e:
             raise CommandError(f"refused: {e}") from None
@@ -105,24 +94,9 @@ class Command(BaseCommand):
             f"{job.target_grid}/{job.target_app}; helper {job.helper_app} is running"
         )
         if not options["wait"]:
-            migration.start_follower(job)
+            migration.start_runner(job)
             return
         self.follow(job)
-
-    def continue_job(self, job_id):
-        """Provision the helper for a job the web interface created, then follow it."""
-        try:
-            job = MigrationJob.objects.active().get(pk=job_id, state=MigrationJob.State.PENDING)
-        except MigrationJob.DoesNotExist:
-            raise CommandError(f"no pending job {job_id}") from None
-        signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
-        try:
-            migration.provision(job)
-        except migration.LaunchError as e:
-            raise CommandError(str(e)) from None
-        self.stdout.write(f"job {job.pk}: helper {job.helper_app} is running")
-        outcome = migration.Follower(job, until_stop=True).run()
-        self.stdout.write(f"job {job.pk}: {outcome}")
 
     def default_action(self):
         allowed = migration.allowed_actions()
@@ -132,22 +106,26 @@ class Command(BaseCommand):
 
     def follow(self, job):
         signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
-        follower = migration.Follower(job, ProgressPrinter(self.stdout, self.stdout.isatty()))
-        outcome = follower.run()
-        if outcome == "failed":
-            if not follower.source_stopping:  # it completed the job here
-                job.refresh_from_db()
-            raise CommandError(f"job {job.pk} failed: {follower.error or job.error}")
-        if outcome == "done":
-            self.stdout.write(f"job {job.pk} done")
-            return
-        if outcome == "ok" and job.action == MigrationJob.Action.MIGRATE:
+        runner = migration.Runner(job, ProgressPrinter(self.stdout, self.stdout.isatty()), watch=True)
+        outcome = runner.run()
+        if not runner.source_stopping:  # the record is ours to read only while MIG writes it
+            job.refresh_from_db()
+        Outcome = migration.Outcome
+        if outcome == Outcome.FAILED:
+            raise CommandError(f"job {job.pk} failed: {runner.error or job.error}")
+        if outcome == Outcome.HELD:
+            raise CommandError(f"job {job.pk} is held: {job.attention}")
+        if outcome == Outcome.RETRY:
+            raise CommandError(f"job {job.pk}: could not finish it now (see its events); MIG tries again")
+        if outcome != Outcome.DONE:
+            self.stdout.write(
+                f"job {job.pk}: the source stopped and the helper's result is not known here; the "
+                "app's MIG finishes the job where the app comes up"
+            )
+        elif job.action == MigrationJob.Action.MIGRATE:
             self.wait_for_target(job)
-            return
-        if outcome == "ok":
+        else:
             self.stdout.write(f"job {job.pk}: snapshot taken; the source app restarts")
-            return
-        raise CommandError(f"job {job.pk}: {outcome}")
 
     def wait_for_target(self, job):
         try:

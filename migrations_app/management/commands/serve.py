@@ -34,7 +34,8 @@ class Command(BaseCommand):
         # Only what answering needs happens before serving: the app is down until it answers,
         # so a migrated app's downtime ends here, not after the remote clean-up.
         Startup(stdout=self.stdout, stderr=self.stderr).prepare()
-        migration.spawn_manage("startup", log=False)
+        # A grid it cannot reach now, it tries again while MIG runs, not only at the next start.
+        migration.spawn_manage("startup", "--keep-trying", log=False)
         db.connections.close_all()
         self.stdout.flush()
         try:

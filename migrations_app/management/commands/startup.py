@@ -1,40 +1,63 @@
+import errno
+import itertools
+import logging
 import os
+import signal
 import stat
+import threading
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
 from django.db.migrations.executor import MigrationExecutor
 
 from migrations_app import config, migration
 from migrations_app.grids import ConfigError
+from migrations_app.migration import Outcome
 from migrations_app.models import Grid, Lock
 
 CONFIG_SUBDIRS = ("logs",)
+log = logging.getLogger("mig.startup")
+
+
+def disk_full(error):
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return "disk is full" in str(error) or "disk I/O error" in str(error)
 
 
 class Command(BaseCommand):
     help = (
         "Run each time MIG starts: prepare the config volume, database, grids and login user, "
-        "then finish or clean up a job whose lock travelled with the app (DESIGN.md's startup "
+        "then finish or clean up a job whose lock travelled with the app (docs/DESIGN.md's startup "
         "table). Safe to run any number of times; a second run changes nothing."
     )
-    following = None  # a job whose helper is still at work (only MIG restarted)
+
+    def add_arguments(self, parser):
+        parser.add_argument(
+            "--keep-trying",
+            action="store_true",
+            help="if a grid cannot be reached (or the config volume is full), try again with backoff "
+            "until the job is finished or held, or SIGTERM arrives (how `serve` runs it)",
+        )
 
     def handle(self, **options):
+        self.stopping = threading.Event()
+        if options["keep_trying"]:
+            # MIG's app is stopping: leave between two tries, not in the middle of one.
+            signal.signal(signal.SIGTERM, lambda *a: self.stopping.set())
         # Read every input first, so bad configuration stops before anything is written.
         grids = self.read_grid_info()
         self.prepare()
         self.step_grids(grids)
         self.step_login_user()
-        self.step_lock()
-        if self.following:
-            # Only MIG restarted while its helper works on: keep mirroring its progress.
-            migration.start_follower(self.following)
+        active = self.step_lock(options["keep_trying"])
         if self.changes:
             self.stdout.write(f"startup: done, {len(self.changes)} change(s).")
+        elif active:
+            self.stdout.write(f"startup: job #{active.pk} is still active ({active.get_state_display()}).")
         else:
             self.stdout.write("startup: nothing to do, everything was already in place.")
 
@@ -93,25 +116,62 @@ class Command(BaseCommand):
             if names:
                 self.changed(f"grids {verb}: {', '.join(names)}")
 
-    def step_lock(self):
+    def step_lock(self, keep_trying):
+        """The lock's row of the startup table; returns the job if it is still active."""
         lock = Lock.objects.current()
         if lock is None:
-            return
+            return None
         job = lock.job
         if not all(config.here()):
             self.warn(f"job #{job.pk} holds the lock, but MIG_GRID/MIG_APP are not set: leaving it")
-            return
+            return job
         self.stdout.write(f"  job #{job.pk} ({job.action}) holds the lock; finishing it")
-        outcome = migration.complete(job)
+        delays = itertools.chain(migration.RETRY_DELAYS, itertools.repeat(migration.RETRY_DELAYS[-1]))
+        while True:
+            outcome, why = self.finish(job)
+            if outcome != Outcome.RETRY or not keep_trying:
+                break
+            delay = next(delays)
+            self.warn(f"job #{job.pk}: {why}; trying again in {delay}s")
+            if self.stopping.wait(delay):
+                break
         job.refresh_from_db()
-        if outcome == "following":
-            self.following = job
+        if outcome == Outcome.FOLLOWING:
+            # Only MIG restarted while its helper works on: keep mirroring its progress.
+            migration.start_runner(job)
             self.stdout.write(f"  job #{job.pk}: the helper is still at work; following it")
-        elif outcome == "left":
-            last = job.events.order_by("-created", "-pk").first()
-            self.warn(f"job #{job.pk}: left as it is: {last.message if last else ''}")
+        elif outcome == Outcome.HELD:
+            self.warn(f"job #{job.pk} is held: {job.attention}")
+        elif outcome == Outcome.RETRY:
+            self.warn(f"job #{job.pk}: {why}; run startup again, or let MIG's own startup retry")
         else:
             self.changed(f"job #{job.pk}: {outcome}" + (f" ({job.error})" if job.error else ""))
+        return job if job.is_active else None
+
+    def finish(self, job):
+        """(outcome, why it could not finish now) of the startup table's row for `job`."""
+        try:
+            outcome = migration.complete(job)
+        except (DatabaseError, OSError) as e:
+            if not disk_full(e):
+                return self.unexpected(job, e)
+            where = f"{settings.MIG_GRID} (MIG's config volume, {settings.CONFIG_DIR})"
+            return Outcome.RETRY, f"disk full on {where}: cannot record the end of the job ({e})"
+        except Exception as e:
+            return self.unexpected(job, e)
+        if outcome == Outcome.RETRY:
+            last = job.events.order_by("-created", "-pk").first()
+            return outcome, last.message if last else "a grid could not be reached"
+        return outcome, ""
+
+    def unexpected(self, job, error):
+        """A fault nobody foresaw: the job says so and waits for an operator."""
+        log.exception("job %s: startup failed", job.pk)
+        job.hold(
+            f"MIG's startup failed while finishing the job: {type(error).__name__}: {error}. Run "
+            f"`manage.py startup` again once the cause is fixed, or `manage.py recover {job.pk}`."
+        )
+        return Outcome.HELD, str(error)
 
     def step_login_user(self):
         User = get_user_model()
