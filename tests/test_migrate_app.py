@@ -11,6 +11,7 @@ import subprocess
 import pytest
 
 from migrations_app import catalog
+from migrations_app.grids import hostgrid_agent as agent
 
 from .world import PYTHON, journal, tree, wait_for
 
@@ -331,3 +332,30 @@ def test_target_app_already_exists(world):
     assert result.returncode != 0
     assert "an app named shop already exists on west" in result.stderr
     assert world.state("west", "shop") == "stopped"  # untouched
+
+
+def test_everything_an_entry_has_arrives(world):
+    # Through the whole path: rsync while the app runs, the final pass, verify.
+    from .test_sync import make_special_entries
+
+    def fill(data):
+        (data / "dir").mkdir(parents=True)
+        make_special_entries(data)
+
+    world.provision(fill=fill)
+    result = world.manage("east", "shop", "migrate_app", "west", "copy", "--action", "snapshot", "--wait")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert world.wait_job("east", "shop", 1)["state"] == "done"
+    source = world.app_dir("east", "shop") / "volumes/data"
+    copy = world.app_dir("west", "copy") / "volumes/data"
+    made = ["sparse.bin", "tagged.txt", "dir", "acl.txt", "one.txt", "dir/two.txt", "fifo", "socket"]
+    made += ["empty", "setuid", "to-one"] + (["null"] if os.geteuid() == 0 else [])
+    for rel in made:
+        theirs = agent.describe_entry(str(source), rel, os.lstat(source / rel))
+        ours = agent.describe_entry(str(copy), rel, os.lstat(copy / rel))
+        for entry in (theirs, ours):
+            entry.pop("i", None)  # inode numbers differ; that they are shared is checked below
+            entry.pop("a", None)  # allocation: the sparse check is below
+        assert ours == theirs, rel
+    assert os.path.samefile(copy / "one.txt", copy / "dir/two.txt")
+    assert os.stat(copy / "sparse.bin").st_blocks * 512 <= 1 << 20

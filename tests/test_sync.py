@@ -2,6 +2,10 @@
 
 import os
 import shutil
+import socket
+import sqlite3
+import stat
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -193,3 +197,134 @@ def test_a_file_written_while_hashed_says_so(tmp_path):
         writing = False
         writer.join()
     assert entry["c"] > before
+
+
+# --- fidelity: everything an entry has arrives, and verify checks each of it --------------
+
+AS_ROOT = os.geteuid() == 0
+SPARSE_SIZE = 64 << 20
+
+
+def make_special_entries(data):
+    """What a careful copy must keep, beyond file contents; returns the paths made."""
+    with open(data / "sparse.bin", "wb") as f:  # 64 MiB with 4 KiB of data: holes around it
+        f.truncate(SPARSE_SIZE)
+        f.seek(SPARSE_SIZE // 2)
+        f.write(os.urandom(4096))
+    (data / "tagged.txt").write_text("with xattrs\n")
+    os.setxattr(data / "tagged.txt", "user.mig.colour", b"blue")
+    os.setxattr(data / "dir", "user.mig.kind", b"folder")
+    (data / "acl.txt").write_text("with an ACL\n")
+    subprocess.run(["setfacl", "-m", "u:nobody:rw", str(data / "acl.txt")], check=True)
+    subprocess.run(["setfacl", "-d", "-m", "u:nobody:rx", str(data / "dir")], check=True)
+    (data / "one.txt").write_text("one file, two names\n")
+    os.link(data / "one.txt", data / "dir/two.txt")
+    os.mkfifo(data / "fifo")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(data / "socket"))
+    (data / "empty").mkdir()
+    (data / "setuid").write_text("#!/bin/sh\n")
+    if AS_ROOT:  # before the mode: a change of owner clears set-id bits
+        os.lchown(data / "setuid", 1234, 5678)
+        os.mknod(data / "null", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    os.chmod(data / "setuid", 0o4755)
+    os.symlink("one.txt", data / "to-one")
+    os.utime(data / "to-one", ns=(1, 1_234_567_891), follow_symlinks=False)
+    os.utime(data / "empty", ns=(1, 2_345_678_912))
+
+
+def test_the_final_pass_keeps_everything_an_entry_has(pair):
+    source, data, copy, _ = pair
+    index, _, _ = index_now(pair)
+    make_special_entries(data)
+    files, sent, (entries, problems) = final(pair, index)
+    assert problems == []
+    got = copy / "data"
+    assert os.stat(got / "sparse.bin").st_blocks * 512 <= 64 * 1024, "the holes were filled in"
+    assert (got / "sparse.bin").read_bytes() == (data / "sparse.bin").read_bytes()
+    assert sent < 1 << 20, "zero blocks travel as holes, not as data"
+    assert os.getxattr(got / "tagged.txt", "user.mig.colour") == b"blue"
+    assert os.getxattr(got / "dir", "user.mig.kind") == b"folder"
+    for path, name in (("acl.txt", "system.posix_acl_access"), ("dir", "system.posix_acl_default")):
+        assert os.getxattr(got / path, name) == os.getxattr(data / path, name)
+    assert os.path.samefile(got / "one.txt", got / "dir/two.txt")
+    assert stat.S_ISFIFO(os.lstat(got / "fifo").st_mode)
+    assert stat.S_ISSOCK(os.lstat(got / "socket").st_mode)
+    assert (got / "empty").is_dir() and not any((got / "empty").iterdir())
+    assert os.lstat(got / "empty").st_mtime_ns == 2_345_678_912
+    assert stat.S_IMODE(os.lstat(got / "setuid").st_mode) == 0o4755
+    assert os.readlink(got / "to-one") == "one.txt"
+    assert os.lstat(got / "to-one").st_mtime_ns == 1_234_567_891
+    if AS_ROOT:
+        assert (os.lstat(got / "setuid").st_uid, os.lstat(got / "setuid").st_gid) == (1234, 5678)
+        assert os.lstat(got / "null").st_rdev == os.makedev(1, 3)
+
+
+def break_hard_link(path):
+    shutil.copy2(path, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+
+
+def densify(path):
+    data = Path(path).read_bytes()
+    st = os.stat(path)
+    Path(path).unlink()
+    Path(path).write_bytes(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def join_names(first, second):
+    st = os.lstat(second)
+    os.unlink(second)
+    os.link(first, second)
+    os.utime(second, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+DAMAGES = {
+    "an xattr lost": (
+        lambda c: os.removexattr(c / "tagged.txt", "user.mig.colour"),
+        "tagged.txt: xattrs differ",
+    ),
+    "an ACL lost": (lambda c: subprocess.run(["setfacl", "-b", str(c / "acl.txt")], check=True), "acl.txt:"),
+    "holes filled": (lambda c: densify(c / "sparse.bin"), "data/sparse.bin: sparse on the source"),
+    "a link broken": (
+        lambda c: break_hard_link(c / "dir/two.txt"),
+        "one file on the source, not one in the copy",
+    ),
+    "files joined": (lambda c: join_names(c / "tagged.txt", c / "acl.txt"), "one file in the copy"),
+    "a fifo replaced": (
+        lambda c: (os.unlink(c / "fifo"), (c / "fifo").write_text("")),
+        "data/fifo: type p ≠ f",
+    ),
+    "a symlink's time": (
+        lambda c: os.utime(c / "to-one", ns=(1, 5), follow_symlinks=False),
+        "data/to-one: mtime",
+    ),
+    "a directory's time": (lambda c: os.utime(c / "empty", ns=(1, 5)), "data/empty: mtime"),
+    "an empty directory lost": (lambda c: os.rmdir(c / "empty"), "data/empty: missing from the copy"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES, ids=list(DAMAGES))
+def test_verify_notices_each_property(pair, damage):
+    source, data, copy, _ = pair
+    index, _, _ = index_now(pair)
+    make_special_entries(data)
+    final(pair, index)
+    harm, expected = DAMAGES[damage]
+    harm(copy / "data")
+    entries, problems = sync.verify(str(copy), index)
+    assert any(expected in p for p in problems), problems
+
+
+def test_a_thread_that_fails_fails_the_pass_with_its_message(pair):
+    # Only the fetchers write the results of what they fetched: with that table gone, a
+    # fetcher meets a real SQLite error. The pass must fail with it, not return as if every
+    # file had arrived.
+    source, data, copy, tmp_path = pair
+    index, _, _ = index_now(pair)
+    (data / "dir/small.txt").write_text("changed: the final pass fetches it\n")
+    index.db.execute("DROP TABLE sent")
+    run = sync.FinalPass(source, "app", str(copy), index, time.time_ns(), lambda n: None)
+    with pytest.raises(sqlite3.OperationalError, match="no such table: sent"):
+        run.run()

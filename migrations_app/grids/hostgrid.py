@@ -120,7 +120,13 @@ class HostGridDriver(Driver):
             if self._session is None:
                 self._session = AgentSession(self.transport.popen(self._argv("serve", [])))
             session = self._session
-            line = session.ask(request, timeout)
+            try:
+                line = session.ask(request, timeout)
+            except BaseException:
+                # Interrupted half-way (Ctrl-C, a signal): its answer would be taken for
+                # the next request's. This agent is done.
+                self._end_session()
+                raise
             if line:
                 return line
             status, err = self._end_session()

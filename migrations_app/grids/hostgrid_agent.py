@@ -1100,6 +1100,7 @@ def op_cutover(grid, args):
 
 BLOCK = 64 * 1024
 HASH_BYTES = 16
+ZEROS = bytes(BLOCK)
 
 
 def tree_entries(base):
@@ -1135,17 +1136,61 @@ def sort_key(rel):
     return rel.split("/")
 
 
+# Extended attributes a copy keeps and verify compares: every namespace but security.*,
+# whose labels belong to the host's policy. POSIX ACLs are system.posix_acl_* attributes.
+XATTR_SKIPPED = ("security.",)
+KINDS = {
+    stat.S_IFREG: "f",
+    stat.S_IFDIR: "d",
+    stat.S_IFLNK: "l",
+    stat.S_IFIFO: "p",
+    stat.S_IFSOCK: "s",
+    stat.S_IFCHR: "c",
+    stat.S_IFBLK: "b",
+}
+
+
+def xattrs(path):
+    """{name: value as hex} of a file's extended attributes (links not followed)."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EPERM):  # none on this file system, or on links
+            return {}
+        raise
+    found = {}
+    for name in sorted(names):
+        if not name.startswith(XATTR_SKIPPED):
+            try:
+                found[name] = os.getxattr(path, name, follow_symlinks=False).hex()
+            except OSError as e:
+                if e.errno != errno.ENODATA:  # removed meanwhile
+                    raise
+    return found
+
+
 def describe_entry(base, rel, st):
-    mode = stat.S_IMODE(st.st_mode)
-    entry = {"p": rel, "m": mode, "u": st.st_uid, "g": st.st_gid}
-    if stat.S_ISREG(st.st_mode):
-        entry.update(k="f", s=st.st_size, t=st.st_mtime_ns)
-    elif stat.S_ISDIR(st.st_mode):
-        entry["k"] = "d"
-    elif stat.S_ISLNK(st.st_mode):
-        entry.update(k="l", l=os.readlink(os.path.join(base, rel)))
-    else:
-        entry["k"] = "o"  # devices, sockets, fifos: not copied
+    """A file system entry as both sides of a copy describe it, one letter per field:
+
+    p path, k kind (f file, d directory, l symlink, p fifo, s socket, c/b device), m mode,
+    u/g owner, t mtime (ns), s size and a allocated bytes (files), l target (links), r device
+    number (devices), x extended attributes (when any), i "device:inode" and n link count
+    (files with more than one name).
+    """
+    kind = KINDS[stat.S_IFMT(st.st_mode)]
+    entry = {"p": rel, "k": kind, "m": stat.S_IMODE(st.st_mode), "u": st.st_uid, "g": st.st_gid}
+    entry["t"] = st.st_mtime_ns
+    path = os.path.join(base, rel)
+    if kind == "f":
+        entry.update(s=st.st_size, a=st.st_blocks * 512)
+        if st.st_nlink > 1:
+            entry.update(i=f"{st.st_dev}:{st.st_ino}", n=st.st_nlink)
+    elif kind == "l":
+        entry["l"] = os.readlink(path)
+    elif kind in ("c", "b"):
+        entry["r"] = st.st_rdev
+    if found := xattrs(path):
+        entry["x"] = found
     return entry
 
 
@@ -1224,7 +1269,8 @@ def op_delta(grid, args):
     hashes}. Answers, for each, on stdout:
         F <path as JSON>\n
         B <index> <length>\n<data>     for each block whose hash differs
-        E <JSON: size, mode, mtime, uid, gid, digest>\n
+        Z <index> <length>\n           for such a block that is all zeros (a hole, maybe)
+        E <JSON: the file's entry (see describe_entry), and "d" its digest>\n
     or `X <path as JSON>\n` if it is gone or no longer a regular file.
     """
     base = volumes_dir(grid, args.app)
@@ -1238,7 +1284,10 @@ def op_delta(grid, args):
 
         def send(index, data, h, theirs=theirs):
             if theirs[index * HASH_BYTES : (index + 1) * HASH_BYTES] != h:
-                out.write(b"B %d %d\n" % (index, len(data)) + data)  # one write, not two
+                if data == ZEROS[: len(data)]:
+                    out.write(b"Z %d %d\n" % (index, len(data)))
+                else:
+                    out.write(b"B %d %d\n" % (index, len(data)) + data)  # one write, not two
 
         try:
             st = os.lstat(path)
@@ -1250,14 +1299,7 @@ def op_delta(grid, args):
             continue
         out.write(b"F " + json.dumps(rel).encode() + b"\n")
         _, digest = block_hashes(path, send)
-        end = {
-            "s": st.st_size,
-            "m": stat.S_IMODE(st.st_mode),
-            "t": st.st_mtime_ns,
-            "u": st.st_uid,
-            "g": st.st_gid,
-            "d": digest,
-        }
+        end = dict(describe_entry(base, rel, st), d=digest)
         out.write(b"E " + json.dumps(end).encode() + b"\n")
     out.flush()
 

@@ -4,21 +4,25 @@ The final pass and the verification, on block hashes kept from the pre-copy.
 rsync moves the bulk while the app runs. Then, still before the stop, `build_index` hashes
 the source in 64 KiB blocks (by its agent), and the copies of the files that changed since
 the copy began (here, at the same time), and keeps, per file, the source's metadata, the
-copy's block hashes, and whether the two matched. After the stop, `final_pass` lists the
-source (metadata only) and sends for only the files that changed since (or might have:
-modified too close to the hashing) the blocks that differ: the source is read once, the
-copy not at all. `verify` then compares every entry of the copy with the stopped source's
-listing: a file's content counts as verified when its digests matched, at the index for
-files unchanged since (for a file untouched since the copy began, by rsync's check as it
-sent it), or at the final pass.
+copy's block hashes, and whether the two matched. After the stop, `FinalPass` lists the
+source and sends for only the files that changed since (or might have: modified too close
+to the hashing) the blocks that differ: the source is read once, the copy not at all. It
+settles everything else an entry has: kind, mode, owner, times, symlink targets, special
+files (fifos, sockets, devices), extended attributes and POSIX ACLs, sparseness, and which
+names are one file (hard links). `verify` then compares every entry of the copy with the
+stopped source's listing, each of those properties and the content: a file's content
+counts as verified when its digests matched, at the index for files unchanged since (for a
+file untouched since the copy began, by rsync's check as it sent it), or at the final pass.
 
 Between the hashing and verify the copy is the helper's alone: a copy file whose size and
 time are unchanged since it was hashed is taken to hold what was hashed.
 
 Everything per file lives in SQLite in the helper's work directory, and the listings are
-streamed, so memory stays flat however many files an app has.
+streamed, so memory stays flat however many files an app has. Each thread writes through a
+connection of its own; the listing commits in batches, so no writer waits long.
 """
 
+import ctypes
 import hashlib
 import json
 import os
@@ -32,16 +36,39 @@ import time
 from ..grids.hostgrid_agent import (
     BLOCK,
     HASH_BYTES,
+    ZEROS,
     block_hashes,
     describe_entry,
     file_digest,
     sort_key,
     tree_entries,
+    xattrs,
 )
+from .progress import human_bytes
 
 AS_ROOT = os.geteuid() == 0
-METADATA = ("m", "t", "u", "g") if AS_ROOT else ("m", "t")
-NAMES = {"k": "type", "m": "mode", "s": "size", "t": "mtime", "l": "link", "u": "owner", "g": "group"}
+# What an entry has beyond its content, which the final pass settles (owners only as root:
+# otherwise everything the helper writes is its own).
+METADATA = ("m", "t", "x", "u", "g") if AS_ROOT else ("m", "t", "x")
+# What verify compares, entry by entry.
+COMPARED = ("k", "m", "s", "t", "l", "r", "x", "u", "g") if AS_ROOT else ("k", "m", "s", "t", "l", "r", "x")
+NAMES = {
+    "k": "type",
+    "m": "mode",
+    "s": "size",
+    "t": "mtime",
+    "l": "link",
+    "u": "owner",
+    "g": "group",
+    "r": "device",
+    "x": "xattrs",
+}
+SPECIAL = {"p": stat.S_IFIFO, "s": stat.S_IFSOCK, "c": stat.S_IFCHR, "b": stat.S_IFBLK}
+ZERO_HASH = hashlib.sha256(ZEROS).digest()[:HASH_BYTES]
+# Listing rows per transaction: a fetcher writing its results never waits long.
+BATCH = 2000
+# Problems verify lists in full; the rest are counted.
+PROBLEMS_SHOWN = 100
 
 
 class SyncError(Exception):
@@ -77,24 +104,35 @@ def merged(source_entries, target_base):
 
 
 class Index:
-    def __init__(self, path):
+    def __init__(self, path, busy_timeout=60.0):
         if os.path.exists(path):
             os.unlink(path)
         self.path = path
+        self.busy_timeout = busy_timeout
         self.db = self.connect()
         self.db.executescript(
             """
             CREATE TABLE src (path TEXT PRIMARY KEY, size INT, mtime INT, digest TEXT);
             CREATE TABLE dst (path TEXT PRIMARY KEY, size INT, mtime INT, digest TEXT, blocks BLOB);
-            -- The stopped source, in listing order (rowid), for verify.
-            CREATE TABLE final (path TEXT, entry TEXT);
-            -- Files the final pass settled: sent, or only their times set; ok = digests matched.
+            -- The stopped source, in listing order (rowid), for verify; ino: "dev:inode" of
+            -- files with more than one name.
+            CREATE TABLE final (path TEXT, kind TEXT, ino TEXT, entry TEXT);
+            -- The hard-link fix-up and verify look up the names of one source file.
+            CREATE INDEX final_ino ON final (ino) WHERE ino IS NOT NULL;
+            -- Paths only the copy has, removed once the listing is done.
+            CREATE TABLE doomed (path TEXT);
+            -- Files the final pass settled: sent, or only their metadata set; ok = digests matched.
             CREATE TABLE sent (path TEXT PRIMARY KEY, ok INT);
+            -- Verify's record of linked files on either side.
+            CREATE TABLE links (path TEXT, src_ino TEXT, dst_ino TEXT);
             """
         )
 
     def connect(self):
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        """A connection for one thread; it waits for another's write, never fails on it."""
+        db = sqlite3.connect(
+            self.path, check_same_thread=False, isolation_level=None, timeout=self.busy_timeout
+        )
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=OFF")
         return db
@@ -126,16 +164,15 @@ def build_index(source, source_app, target_base, index, copy_began_ns=None):
                 if not stat.S_ISREG(st.st_mode):
                     continue
                 hashes, digest = block_hashes(path)
+                with lock:
+                    db.execute(
+                        "INSERT INTO dst VALUES (?, ?, ?, ?, ?)",
+                        (rel, st.st_size, st.st_mtime_ns, digest, b"".join(hashes)),
+                    )
             except FileNotFoundError:
                 continue
-            except OSError as error:
+            except Exception as error:  # never a silent death: the hashing fails with it
                 failure.append(error)
-                continue
-            with lock:
-                db.execute(
-                    "INSERT INTO dst VALUES (?, ?, ?, ?, ?)",
-                    (rel, st.st_size, st.st_mtime_ns, digest, b"".join(hashes)),
-                )
 
     def untouched_since_copied(entry):
         if copy_began_ns is None or entry["c"] >= copy_began_ns:
@@ -146,7 +183,7 @@ def build_index(source, source_app, target_base, index, copy_began_ns=None):
             return False
         return stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (entry["s"], entry["t"])
 
-    reader = threading.Thread(target=read_copies)
+    reader = threading.Thread(target=read_copies, name="index-reader")
     reader.start()
     read = 0
     try:
@@ -166,10 +203,15 @@ def build_index(source, source_app, target_base, index, copy_began_ns=None):
             if not trusted:
                 to_read.put(e["p"])
                 read += 1
-    finally:
+    except BaseException:
         to_read.put(None)
         reader.join()
+        db.execute("ROLLBACK")
+        raise
+    to_read.put(None)
+    reader.join()
     if failure:
+        db.execute("ROLLBACK")
         raise SyncError(f"reading the copy: {failure[0]}")
     db.execute("COMMIT")
     files = db.execute("SELECT count(*) FROM src").fetchone()[0]
@@ -193,9 +235,7 @@ class FinalPass:
         self.on_progress = on_progress
         # (path, the copy's block hashes) to ask the source for, as the listing finds them
         self.requests = queue.SimpleQueue()
-        self.requested = 0
-        self.doomed = []  # paths only the copy has
-        self.dirs = []
+        self.fetched = 0
         self.bytes_received = 0
         self.counting = threading.Lock()
         self.scan = self.deltas = None
@@ -220,22 +260,16 @@ class FinalPass:
         # while the source is being listed. Files the listing finds changed are fetched
         # as it finds them. The source is read by three agents at once, the copy's tree
         # is walked meanwhile, and the stopped time is the longest of these, not their sum.
-        hot = self.index.db.execute(
-            "SELECT path, dst.blocks FROM src JOIN dst USING (path) WHERE src.digest != dst.digest "
-            "OR src.mtime >= ? ORDER BY dst.rowid",
-            (self.clean_before_ns,),
-        ).fetchall()
-        self.prefetched = {path for path, _ in hot}
         failures = []
 
-        def fetching(proc, requests, gone_ok):
+        def fetching(proc, requests, gone_ok, name):
             def fetch():
                 try:
                     self.fetch(proc, requests, gone_ok)
-                except (SyncError, OSError, ValueError) as error:
+                except Exception as error:  # never a silent death: the pass fails with it
                     failures.append(error)
 
-            thread = threading.Thread(target=fetch)
+            thread = threading.Thread(target=fetch, name=name)
             thread.start()
             return thread
 
@@ -244,7 +278,10 @@ class FinalPass:
         self.scan.stdin.write(b"go\n")
         self.scan.stdin.close()
         hot_delta, delta = self.deltas
-        fetchers = [fetching(hot_delta, hot, True), fetching(delta, iter(self.requests.get, None), False)]
+        fetchers = [
+            fetching(hot_delta, self.hot(), True, "fetch-hot"),
+            fetching(delta, iter(self.requests.get, None), False, "fetch-changed"),
+        ]
         try:
             self.reconcile_all()
         finally:
@@ -252,75 +289,115 @@ class FinalPass:
             for thread in fetchers:
                 thread.join()
         if failures:
-            raise failures[0]
-        for entry in reversed(self.dirs):  # after their contents changed
-            path = os.path.join(self.base, entry["p"])
-            os.chmod(path, entry["m"])
-            if AS_ROOT:
-                os.lchown(path, entry["u"], entry["g"])
-        return len(hot) + self.requested, self.bytes_received
+            error = failures[0]
+            if isinstance(error, OSError | SyncError | sqlite3.Error):
+                raise error
+            raise SyncError(f"fetching changed files: {type(error).__name__}: {error}") from error
+        self.link_names()
+        self.settle_dirs()
+        return self.fetched, self.bytes_received
+
+    def hot(self):
+        """(path, the copy's block hashes) of the files that were changing while hashed."""
+        db = self.index.connect()
+        try:
+            yield from db.execute(
+                "SELECT path, dst.blocks FROM src JOIN dst USING (path) WHERE src.digest != dst.digest "
+                "OR src.mtime >= ? ORDER BY dst.rowid",
+                (self.clean_before_ns,),
+            )
+        finally:
+            db.close()
 
     def reconcile_all(self):
         """List the stopped source, and make the copy's tree like it, file contents aside."""
         db = self.index.db
-        db.execute("BEGIN")
-        for src, dst in merged(agent_lines(self.scan, "listing the source"), self.base):
-            if src is None:
-                self.doomed.append(dst["p"])
-                continue
-            db.execute("INSERT INTO final VALUES (?, ?)", (src["p"], json.dumps(src)))
-            self.reconcile(src, dst)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for count, (src, dst) in enumerate(
+                merged(agent_lines(self.scan, "listing the source"), self.base), 1
+            ):
+                if src is None:
+                    db.execute("INSERT INTO doomed VALUES (?)", (dst["p"],))
+                else:
+                    db.execute(
+                        "INSERT INTO final VALUES (?, ?, ?, ?)",
+                        (src["p"], src["k"], src.get("i"), json.dumps(src)),
+                    )
+                    self.reconcile(src, dst)
+                if count % BATCH == 0:
+                    db.execute("COMMIT")
+                    db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
         db.execute("COMMIT")
-        for rel in reversed(self.doomed):  # deepest first
+        for (rel,) in db.execute("SELECT path FROM doomed ORDER BY rowid DESC"):  # deepest first
             remove(os.path.join(self.base, rel))
 
-    def same_content(self, src, dst):
+    def reconcile(self, src, dst):
+        path = os.path.join(self.base, src["p"])
+        kind = src["k"]
+        if dst is not None and (dst["k"] != kind or dst.get("r") != src.get("r")):
+            remove(path)
+            dst = None
+        if kind == "d":
+            if dst is None:
+                os.mkdir(path, 0o700)  # its mode, owner and time once its contents are in
+        elif kind == "f":
+            self.reconcile_file(src, dst, path)
+        else:
+            if kind == "l" and dst is not None and dst["l"] != src["l"]:
+                os.unlink(path)
+                dst = None
+            if dst is None:
+                if kind == "l":
+                    os.symlink(src["l"], path)
+                else:
+                    os.mknod(path, 0o600 | SPECIAL[kind], src.get("r", 0))
+            if dst is None or any(src.get(f) != dst.get(f) for f in METADATA):
+                set_metadata(path, src)
+
+    def reconcile_file(self, src, dst, path):
+        db = self.index.db
+        if (
+            src.get("i")
+            and db.execute(
+                "SELECT 1 FROM final WHERE ino = ? AND path != ? LIMIT 1", (src["i"], src["p"])
+            ).fetchone()
+        ):
+            return  # another name of this source file came first: link_names makes it that one
+        row = db.execute(
+            "SELECT src.size, src.mtime, src.digest, dst.size, dst.mtime, dst.digest, dst.blocks "
+            "FROM src LEFT JOIN dst USING (path) WHERE path = ?",
+            (src["p"],),
+        ).fetchone()
+        hashed_both = row is not None and row[5] is not None
+        if hashed_both and (row[2] != row[5] or row[1] >= self.clean_before_ns):
+            return  # changing while hashed: the hot fetch has it
+        # One file in the copy, but not on the source: a file of its own, content kept.
+        unlinked = dst is not None and dst.get("n") and not src.get("i")
+        if unlinked:
+            unlink_copy(path)
+        if self.same_content(src, dst, row):
+            if unlinked or any(src.get(f) != dst.get(f) for f in METADATA):
+                set_metadata(path, src)
+                db.execute("INSERT OR REPLACE INTO sent VALUES (?, 1)", (src["p"],))
+            return
+        known = b""
+        if dst is not None and dst["k"] == "f" and hashed_both and (row[3], row[4]) == (dst["s"], dst["t"]):
+            known = row[6]
+        self.requests.put((src["p"], known))
+
+    def same_content(self, src, dst, row):
         """Both sides hashed equal, and neither changed since: the copy's content is right.
 
         Its time may still be off: rsync sets the time it listed, and the app may have
         written between that listing and the read.
         """
-        if dst is None or dst["k"] != "f" or src["t"] >= self.clean_before_ns:
+        if dst is None or dst["k"] != "f" or src["t"] >= self.clean_before_ns or row is None:
             return False
-        row = self.index.db.execute(
-            "SELECT src.size, src.mtime, src.digest = dst.digest, dst.size, dst.mtime "
-            "FROM src JOIN dst USING (path) WHERE path = ?",
-            (src["p"],),
-        ).fetchone()
-        return row is not None and row == (src["s"], src["t"], 1, dst["s"], dst["t"])
-
-    def reconcile(self, src, dst):
-        path = os.path.join(self.base, src["p"])
-        if dst is not None and dst["k"] != src["k"]:
-            remove(path)
-            dst = None
-        if src["k"] == "d":
-            if dst is None:
-                os.mkdir(path, 0o700)
-            self.dirs.append(src)
-        elif src["k"] == "l":
-            if dst is None or dst.get("l") != src["l"]:
-                if dst is not None:
-                    os.unlink(path)
-                os.symlink(src["l"], path)
-            if AS_ROOT:
-                os.lchown(path, src["u"], src["g"])
-        elif src["k"] == "f" and src["p"] in self.prefetched:
-            pass
-        elif src["k"] == "f" and self.same_content(src, dst):
-            if any(src[f] != dst[f] for f in METADATA):
-                set_metadata(path, src)
-                self.index.db.execute("INSERT OR REPLACE INTO sent VALUES (?, 1)", (src["p"],))
-        elif src["k"] == "f":
-            known = b""
-            if dst is not None:
-                row = self.index.db.execute(
-                    "SELECT blocks FROM dst WHERE path = ? AND mtime = ? AND size = ?",
-                    (src["p"], dst["t"], dst["s"]),
-                ).fetchone()
-                known = row[0] if row else b""
-            self.requests.put((src["p"], known))
-            self.requested += 1
+        return (row[0], row[1], row[2], row[3], row[4]) == (src["s"], src["t"], row[5], dst["s"], dst["t"])
 
     def fetch(self, proc, requests, gone_ok):
         """Ask the source's agent (`proc`, see open()) for the blocks that differ, and write
@@ -330,8 +407,9 @@ class FinalPass:
         A file the source no longer has is an error, unless `gone_ok` (the listing then
         decides what becomes of it).
         """
-        db = self.index.connect()  # this may run in a thread of its own
+        db = self.index.connect()  # this runs in a thread of its own
         blocks = {}
+        asking = []
 
         def ask():
             try:
@@ -342,40 +420,54 @@ class FinalPass:
                 proc.stdin.close()
             except BrokenPipeError:
                 pass  # the agent failed; its answer says why
+            except Exception as error:  # never a silent death: the fetch fails with it
+                asking.append(error)
+                proc.kill()
 
-        writer = threading.Thread(target=ask, daemon=True)
+        writer = threading.Thread(target=ask, name="fetch-requests", daemon=True)
         writer.start()
         out = proc.stdout
         current = None
         started = time.monotonic()
-        while header := out.readline():
-            kind, _, rest = header.rstrip(b"\n").partition(b" ")
-            if kind == b"F":
-                rel = json.loads(rest)
-                current = Receiving(self.base, rel, blocks[rel])
-            elif kind == b"B":
-                number, length = (int(x) for x in rest.split())
-                data = out.read(length)
-                if len(data) != length:
-                    raise SyncError(f"the source's answer broke off in {current.rel}")
-                current.write(number, data)
-                with self.counting:
-                    self.bytes_received += length
-                self.on_progress(self.bytes_received)
-                self.throttle(started)
-            elif kind == b"E":
-                ok = current.finish(json.loads(rest))
-                db.execute("INSERT OR REPLACE INTO sent VALUES (?, ?)", (current.rel, int(ok)))
-                current = None
-            elif kind == b"X" and gone_ok:
-                continue
-            elif kind == b"X":
-                raise SyncError(f"{json.loads(rest)} vanished from the stopped source")
-            else:
-                detail = (header + out.read(2000)).decode("utf-8", "replace")
-                raise SyncError(f"unexpected answer from the source: {detail[:300]}")
+        try:
+            while header := out.readline():
+                kind, _, rest = header.rstrip(b"\n").partition(b" ")
+                if kind == b"F":
+                    rel = json.loads(rest)
+                    current = Receiving(self.base, rel, blocks.pop(rel))
+                elif kind in (b"B", b"Z"):
+                    number, length = (int(x) for x in rest.split())
+                    if kind == b"Z":
+                        current.zero(number, length)
+                        continue
+                    data = out.read(length)
+                    if len(data) != length:
+                        raise SyncError(f"the source's answer broke off in {current.rel}")
+                    current.write(number, data)
+                    with self.counting:
+                        self.bytes_received += length
+                    self.on_progress(self.bytes_received)
+                    self.throttle(started)
+                elif kind == b"E":
+                    ok = current.finish(json.loads(rest))
+                    db.execute("INSERT OR REPLACE INTO sent VALUES (?, ?)", (current.rel, int(ok)))
+                    with self.counting:
+                        self.fetched += 1
+                    current = None
+                elif kind == b"X" and gone_ok:
+                    blocks.pop(json.loads(rest), None)
+                elif kind == b"X":
+                    raise SyncError(f"{json.loads(rest)} vanished from the stopped source")
+                else:
+                    detail = (header + out.read(2000)).decode("utf-8", "replace")
+                    raise SyncError(f"unexpected answer from the source: {detail[:300]}")
+        finally:
+            if current is not None:
+                current.abandon()
+            db.close()
         writer.join()
-        db.close()
+        if asking:
+            raise asking[0]
         err = proc.stderr.read().decode("utf-8", "replace").strip()
         if proc.wait() != 0 or current is not None:
             raise SyncError(f"sending changed blocks failed (status {proc.returncode}): {err[-400:]}")
@@ -386,6 +478,34 @@ class FinalPass:
             ahead = self.bytes_received / self.bwlimit - (time.monotonic() - started)
             if ahead > 0:
                 time.sleep(ahead)
+
+    def link_names(self):
+        """Names that are one file on the source are one file in the copy: each is made a
+        link to the group's first name, whose content and metadata the pass settled."""
+        current = anchor = None
+        for ino, rel in self.index.db.execute(
+            "SELECT ino, path FROM final WHERE ino IS NOT NULL ORDER BY ino, rowid"
+        ):
+            path = os.path.join(self.base, rel)
+            if ino != current:
+                current, anchor = ino, path
+                continue
+            try:
+                if os.path.samestat(os.lstat(path), os.lstat(anchor)):
+                    continue
+            except FileNotFoundError:
+                pass
+            temporary = f"{path}.mig-link"
+            os.link(anchor, temporary)
+            os.replace(temporary, path)
+
+    def settle_dirs(self):
+        """Directories' mode, owner, xattrs and time, now that their contents are in:
+        deepest first, so that nothing changes a directory after it was settled."""
+        db = self.index.db
+        for (entry,) in db.execute("SELECT entry FROM final WHERE kind = 'd' ORDER BY rowid DESC"):
+            entry = json.loads(entry)
+            set_metadata(os.path.join(self.base, entry["p"]), entry)
 
 
 class Receiving:
@@ -398,22 +518,33 @@ class Receiving:
         # Known blocks: patch the copy in place, unless another name shares its inode (a
         # hard link): then patch a copy of it and rename that over this name only.
         # Unknown blocks: write a new file and rename it over the old one.
+        self.fresh = not known
         self.partial = self.path
-        if not known or os.lstat(self.path).st_nlink > 1:
+        if self.fresh or os.lstat(self.path).st_nlink > 1:
             self.partial = f"{self.path}.mig-partial"
             if known:
-                shutil.copyfile(self.path, self.partial)
+                sparse_copy(self.path, self.partial)
         self.file = open(self.partial, "r+b" if known else "wb")
+
+    def note(self, number, digest):
+        while len(self.hashes) <= number:
+            self.hashes.append(b"")
+        self.hashes[number] = digest
 
     def write(self, number, data):
         self.file.seek(number * BLOCK)
         self.file.write(data)
-        while len(self.hashes) <= number:
-            self.hashes.append(b"")
-        self.hashes[number] = hashlib.sha256(data).digest()[:HASH_BYTES]
+        self.note(number, hashlib.sha256(data).digest()[:HASH_BYTES])
+
+    def zero(self, number, length):
+        """A block of zeros: a hole in a new file; in an old one, its data made a hole."""
+        if not self.fresh:
+            punch_hole(self.file, number * BLOCK, length)
+        digest = ZERO_HASH if length == BLOCK else hashlib.sha256(bytes(length)).digest()[:HASH_BYTES]
+        self.note(number, digest)
 
     def finish(self, end):
-        """Size, mode, owner and time as the source has them; True if the digests match."""
+        """Size and metadata as the source has them; True if the digests match."""
         self.file.truncate(end["s"])
         self.file.close()
         blocks = -(-end["s"] // BLOCK)
@@ -422,13 +553,67 @@ class Receiving:
         set_metadata(self.path, end)
         return file_digest(self.hashes[:blocks]) == end["d"]
 
+    def abandon(self):
+        self.file.close()
+        if self.partial != self.path:
+            try:
+                os.unlink(self.partial)
+            except FileNotFoundError:
+                pass
+
+
+libc = ctypes.CDLL(None, use_errno=True)
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
+
+
+def punch_hole(file, offset, length):
+    """Make a range of a file a hole (it reads as zeros and takes no space); where the file
+    system cannot, write the zeros."""
+    file.flush()
+    mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+    fallocate = getattr(libc, "fallocate", None)
+    if fallocate is None or fallocate(file.fileno(), mode, ctypes.c_int64(offset), ctypes.c_int64(length)):
+        file.seek(offset)
+        file.write(bytes(length))
+
+
+def sparse_copy(source, destination):
+    """Copy a file's bytes, leaving its zero blocks as holes."""
+    with open(source, "rb") as src, open(destination, "wb") as dst:
+        while data := src.read(BLOCK):
+            if data == ZEROS[: len(data)]:
+                dst.seek(len(data), os.SEEK_CUR)
+            else:
+                dst.write(data)
+        dst.truncate()
+
+
+def unlink_copy(path):
+    """Make a name that shares its file with others a file of its own, with its content
+    (its metadata is the caller's to set)."""
+    temporary = f"{path}.mig-unlink"
+    sparse_copy(path, temporary)
+    os.replace(temporary, path)
+
+
+def set_xattrs(path, wanted):
+    current = xattrs(path)
+    for name in current.keys() - wanted.keys():
+        os.removexattr(path, name, follow_symlinks=False)
+    for name, value in wanted.items():
+        if current.get(name) != value:
+            os.setxattr(path, name, bytes.fromhex(value), follow_symlinks=False)
+
 
 def set_metadata(path, entry):
-    """Mode, owner (when root) and time of a file as the source has them."""
-    os.chmod(path, entry["m"])
+    """Owner, xattrs, mode and time of an entry as the source has them, in that order: a
+    change of owner clears set-id bits, and a mode set after the ACLs keeps their mask."""
     if AS_ROOT:
         os.lchown(path, entry["u"], entry["g"])
-    os.utime(path, ns=(entry["t"], entry["t"]))
+    set_xattrs(path, entry.get("x", {}))
+    if entry["k"] != "l":  # a symlink's own mode is fixed; chmod would follow it
+        os.chmod(path, entry["m"])
+    os.utime(path, ns=(entry["t"], entry["t"]), follow_symlinks=False)
 
 
 def remove(path):
@@ -441,38 +626,87 @@ def remove(path):
 def verify(target_base, index):
     """Every entry of the copy against the stopped source. Returns (entries, problems)."""
     db = index.db
-    rows = db.execute("SELECT entry FROM final ORDER BY rowid")
-    source = (json.loads(r[0]) for r in rows)
+    db.execute("DELETE FROM links")
+    listing = index.connect()
+    source = (json.loads(entry) for (entry,) in listing.execute("SELECT entry FROM final ORDER BY rowid"))
     problems, count = [], 0
-    sent = dict(db.execute("SELECT path, ok FROM sent").fetchall())
-    for src, dst in merged(source, target_base):
-        count += 1
-        rel = (src or dst)["p"]
-        if dst is None:
-            if src["k"] != "o":
-                problems.append(f"{rel}: missing from the copy")
-            continue
-        if src is None:
-            problems.append(f"{rel}: only in the copy")
-            continue
-        fields = ["k", "m", "s", "t", "l"] + (["u", "g"] if AS_ROOT else [])
-        differ = [f for f in fields if src.get(f) != dst.get(f)]
-        if src["k"] == "d":
-            differ = [f for f in differ if f != "t"]
-        if differ:
-            detail = ", ".join(f"{NAMES[f]} {src.get(f)} ≠ {dst.get(f)}" for f in differ)
-            problems.append(f"{rel}: {detail} (source ≠ copy)")
-        elif src["k"] == "f" and not content_verified(db, sent, src):
-            problems.append(f"{rel}: content differs")
+    db.execute("BEGIN")
+    try:
+        for src, dst in merged(source, target_base):
+            count += 1
+            if problem := entry_problem(db, src, dst):
+                problems.append(problem)
+            if src is not None and dst is not None and (src.get("i") or dst.get("i")):
+                db.execute("INSERT INTO links VALUES (?, ?, ?)", (src["p"], src.get("i"), dst.get("i")))
+    finally:
+        db.execute("COMMIT")
+        listing.close()
+    problems += link_problems(db)
+    if len(problems) > PROBLEMS_SHOWN:
+        problems[PROBLEMS_SHOWN:] = [f"and {len(problems) - PROBLEMS_SHOWN} more"]
     return count, problems
 
 
-def content_verified(db, sent, src):
-    if src["p"] in sent:
-        return bool(sent[src["p"]])
+def entry_problem(db, src, dst):
+    rel = (src or dst)["p"]
+    if dst is None:
+        return f"{rel}: missing from the copy"
+    if src is None:
+        return f"{rel}: only in the copy"
+    differ = [f for f in COMPARED if src.get(f) != dst.get(f)]
+    if differ:
+        return f"{rel}: " + ", ".join(difference(f, src, dst) for f in differ) + " (source ≠ copy)"
+    if src["k"] != "f":
+        return None
+    if not content_verified(db, src):
+        return f"{rel}: content differs"
+    # A sparse file stays sparse: the copy may take a little more room, not the holes.
+    if src["a"] < src["s"] and dst["a"] > src["a"] + max(BLOCK, src["s"] // 64):
+        return (
+            f"{rel}: sparse on the source ({human_bytes(src['a'])} of {human_bytes(src['s'])} "
+            f"allocated), not in the copy ({human_bytes(dst['a'])} allocated)"
+        )
+    return None
+
+
+def difference(field, src, dst):
+    if field == "x":
+        theirs, ours = src.get("x", {}), dst.get("x", {})
+        names = sorted(n for n in theirs.keys() | ours.keys() if theirs.get(n) != ours.get(n))
+        return f"xattrs differ ({', '.join(names)})"
+    return f"{NAMES[field]} {src.get(field)} ≠ {dst.get(field)}"
+
+
+def content_verified(db, src):
+    """Whether a file's content is known to match: its digests matched when the final pass
+    sent it, or at the index with both sides unchanged since. Another name of one source
+    file has the content of its first name (verify checks that they are one file)."""
+    path = src["p"]
+    if src.get("i"):
+        path = db.execute(
+            "SELECT path FROM final WHERE ino = ? ORDER BY rowid LIMIT 1", (src["i"],)
+        ).fetchone()[0]
+    if (row := db.execute("SELECT ok FROM sent WHERE path = ?", (path,)).fetchone()) is not None:
+        return bool(row[0])
     row = db.execute(
         "SELECT src.digest = dst.digest FROM src JOIN dst USING (path) "
         "WHERE path = ? AND src.size = ? AND src.mtime = ? AND dst.size = ? AND dst.mtime = ?",
-        (src["p"], src["s"], src["t"], src["s"], src["t"]),
+        (path, src["s"], src["t"], src["s"], src["t"]),
     ).fetchone()
     return bool(row and row[0])
+
+
+def link_problems(db):
+    """Names that are one file on one side must be one file on the other."""
+    problems = []
+    for (names,) in db.execute(
+        "SELECT group_concat(path, ', ') FROM links WHERE src_ino IS NOT NULL GROUP BY src_ino "
+        "HAVING count(DISTINCT coalesce(dst_ino, 'alone:' || path)) > 1"
+    ):
+        problems.append(f"{names}: one file on the source, not one in the copy")
+    for (names,) in db.execute(
+        "SELECT group_concat(path, ', ') FROM links WHERE dst_ino IS NOT NULL GROUP BY dst_ino "
+        "HAVING count(DISTINCT coalesce(src_ino, 'alone:' || path)) > 1"
+    ):
+        problems.append(f"{names}: separate files on the source, one file in the copy")
+    return problems

@@ -2,6 +2,7 @@ import os
 import secrets
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -117,23 +118,23 @@ class Command(BaseCommand):
     # --- serving ---
 
     def serve(self, grid):
-        stop = []
-        signal.signal(signal.SIGTERM, lambda *a: stop.append(True))
+        # Ctrl-C and SIGTERM only set a flag: an interrupt in the middle of a request to a
+        # grid would leave it half-asked.
+        stopping = threading.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *a: stopping.set())
         last = None
-        try:
-            while not stop:
-                try:
-                    apps = self.apps()
-                except GridError as e:
-                    self.stderr.write(f"cannot read the grids: {e}")
-                    apps = last
-                if apps != last:
-                    if last is not None:
-                        self.report(apps)
-                    last = apps
-                time.sleep(1)
-        except KeyboardInterrupt:
-            pass
+        while not stopping.is_set():
+            try:
+                apps = self.apps()
+            except GridError as e:
+                self.stderr.write(f"cannot read the grids: {e}")
+                apps = last
+            if apps != last:
+                if last is not None:
+                    self.report(apps)
+                last = apps
+            stopping.wait(1)
         self.stdout.write("\nstopping the demo…")
         for name, driver in self.grids.items():
             for app in driver.list_apps():
