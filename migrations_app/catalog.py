@@ -78,7 +78,8 @@ def mig_app_template(python, data_component=True):
     `python` is the interpreter on the grid hosts that has MIG's requirements installed.
     Properties `fail_on_grid` and `ignore_stop` make the data component misbehave, for the
     tests of failed migrations; `churn` makes it rewrite its data at so many bytes per
-    second, for the benchmarks (see conf/demo/datawriter.py).
+    second, for the benchmarks; `ack_log` makes it acknowledge each write once it is on
+    disk, in a file outside the app (see conf/demo/datawriter.py).
     """
     code = read_tree(MIG_APP_PATHS)
     config = "{volume:config}"
@@ -106,12 +107,13 @@ def mig_app_template(python, data_component=True):
                     "{prop:fail_on_grid}",
                     "{prop:ignore_stop}",
                     "{prop:churn}",
+                    "{prop:ack_log}",
                 ],
                 "cwd": "{volume:code}",
             }
         )
     manifest = {
-        "properties": {"python": python, "fail_on_grid": "", "ignore_stop": "", "churn": "0"},
+        "properties": {"python": python, "fail_on_grid": "", "ignore_stop": "", "churn": "0", "ack_log": ""},
         "volumes": ["code", "config", "data"],
         "start_settle": 0.5,
         "stop_grace": 5,

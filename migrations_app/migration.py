@@ -287,6 +287,7 @@ def helper_config(job):
         "target": {"grid": target.name, "app": job.target_app, "table": target.to_table()},
         "bwlimit_kbps": job.bwlimit_kbps,
         "stall_timeout": settings.MIG_STALL_TIMEOUT,
+        "heartbeat_timeout": settings.MIG_HEARTBEAT_TIMEOUT,
         "bytes_total": job.bytes_total,
     }
 
@@ -449,8 +450,9 @@ class Runner:
             except AppNotFound:
                 break
             except GridError as e:
+                first = unreachable_since is None
                 unreachable_since = unreachable_since or time.monotonic()
-                self.lost(e, delay, time.monotonic() - unreachable_since)
+                self.lost(e, delay, time.monotonic() - unreachable_since, first)
                 time.sleep(delay)
         if not self.source_stopping:
             # MIG still runs, so this is the source: the helper failed, or is gone.
@@ -486,13 +488,16 @@ class Runner:
             return complete(job, wait=0)
         return None
 
-    def lost(self, error, delay, seconds):
+    def lost(self, error, delay, seconds, first):
         if not (self.write_db or self.watch):
             return  # hands off: its log is on the source's volumes
         message = f"Lost the helper's progress: {error}; trying again in {delay}s"
         log.warning("job %s: %s", self.job.pk, message)
         line = {"kind": protocol.EVENT, "level": "warning", "phase": self.job.state, "message": message}
         self.on_line(line)
+        if self.write_db and first:
+            self.job.event(message, level=JobEvent.Level.WARNING)
+            db.connection.close()
         if self.write_db and seconds >= UNREACHABLE_HOLD:
             self.job.hold(
                 f"{self.job.target_grid} has been unreachable for {seconds / 60:.0f} min and the helper "

@@ -110,6 +110,8 @@ MIG_APP = env.str("MIG_APP", default="")
 MIG_STALL_TIMEOUT = env_number("MIG_STALL_TIMEOUT", 60, 1, 86400)
 # How long `startup` waits for the helper's result when the app comes up.
 MIG_HELPER_WAIT = env_number("MIG_HELPER_WAIT", 60, 1, 86400)
+# Helper silence (no heartbeat) after which the source grid's watchdog rolls a cut-over back.
+MIG_HEARTBEAT_TIMEOUT = env_number("MIG_HEARTBEAT_TIMEOUT", 15, 2, 3600)
 
 SECRET_KEY = secret_key(CONFIG_DIR)
 DEBUG = env_bool("DEBUG")

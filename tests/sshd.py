@@ -3,6 +3,7 @@
 import getpass
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -39,6 +40,7 @@ class SSHHost:
     user: str
     host_key: str  # "ssh-ed25519 AAAA...", as grid.info pins it
     process: subprocess.Popen
+    workdir: Path
 
     def grid_table(self, root, app_port=8080, **extra):
         """A [grids.NAME] table for a hostgrid grid on this host."""
@@ -62,6 +64,19 @@ class SSHHost:
             self.process.wait(5)
         except subprocess.TimeoutExpired:
             self.process.kill()
+
+    def crash(self):
+        """kill -9 this sshd and every connection it serves, as a host whose sshd died."""
+        for pid in [self.process.pid, *sshd_descendants(self.process.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.process.wait()
+
+    def restart(self):
+        """Start it again, on the same address and port, with the same host key."""
+        self.process = launch(self.workdir, self.address, self.port)
 
 
 def start_sshd(workdir, address, client_public_key):
@@ -97,13 +112,19 @@ def start_sshd(workdir, address, client_public_key):
             ]
         )
     )
+    public = (workdir / "host_ed25519.pub").read_text().split()
+    return SSHHost(address, port, user, f"{public[0]} {public[1]}", launch(workdir, address, port), workdir)
+
+
+def launch(workdir, address, port):
+    """Run sshd with the config in `workdir`; returns once it answers."""
     if os.geteuid() == 0:
         # sshd's privilege separation directory; Debian creates it only at boot.
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
     process = subprocess.Popen(
-        [SSHD, "-D", "-e", "-f", str(config)],
+        [SSHD, "-D", "-e", "-f", str(workdir / "sshd_config")],
         stdout=subprocess.DEVNULL,
-        stderr=open(workdir / "sshd.log", "wb"),
+        stderr=open(workdir / "sshd.log", "ab"),
     )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -112,11 +133,28 @@ def start_sshd(workdir, address, client_public_key):
         try:
             with socket.create_connection((address, port), timeout=1) as s:
                 if s.recv(4).startswith(b"SSH-"):
-                    break
+                    return process
         except OSError:
             time.sleep(0.05)
-    else:
-        process.kill()
-        raise RuntimeError(f"sshd on {address}:{port} did not answer")
-    public = (workdir / "host_ed25519.pub").read_text().split()
-    return SSHHost(address, port, user, f"{public[0]} {public[1]}", process)
+    process.kill()
+    raise RuntimeError(f"sshd on {address}:{port} did not answer")
+
+
+def sshd_descendants(pid):
+    """The sshd processes `pid` forked, one per connection, and theirs: its connections."""
+    parents, names = {}, {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                data = (entry / "stat").read_text()
+            except OSError:
+                continue
+            name, fields = data[data.index("(") + 1 : data.rindex(")")], data.rsplit(")", 1)[1].split()
+            parents[int(entry.name)], names[int(entry.name)] = int(fields[1]), name
+    found, frontier = [], {pid}
+    while frontier:
+        frontier = {
+            child for child, parent in parents.items() if parent in frontier and names[child] == "sshd"
+        }
+        found += frontier
+    return found

@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 
 from migrations_app import catalog
-from migrations_app.grids import AppState, gridinfo, open_grid
+from migrations_app.grids import AppNotFound, AppState, gridinfo, open_grid
 
 from .sshd import free_port
 
@@ -76,8 +76,12 @@ class World:
         return Path(self.configs[grid].root) / "apps" / app
 
     def state(self, grid, app):
-        driver = self.drivers[grid]
-        return driver.state(app) if driver.exists(app) else None
+        """The app's state on `grid`, or None if it does not exist (asked once: it may be
+        destroyed at any moment)."""
+        try:
+            return self.drivers[grid].state(app)
+        except AppNotFound:
+            return None
 
     def url(self, grid):
         return self.configs[grid].app_url
@@ -187,13 +191,18 @@ class World:
         return json.loads(status.read_text())["pid"]
 
     def kill_helper(self, grid, helper):
-        """kill -9 the helper itself: its grid starts it again."""
-        os.kill(self.helper_pid(grid, helper), signal.SIGKILL)
+        """kill -9 the helper itself: its grid starts it again. False if it was gone."""
+        try:
+            os.kill(self.helper_pid(grid, helper), signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+        return True
 
-    def kill_helper_app(self, grid, helper):
-        """kill -9 everything of the helper app, supervisor included: it is gone for good."""
+    def kill_helper_app(self, grid, helper, sig=signal.SIGKILL):
+        """Signal everything of the helper app, supervisor included (kill -9: it is gone for
+        good; SIGSTOP: it is frozen where it is)."""
         leader = int((self.app_dir(grid, helper) / "run" / "helper.pid").read_text().split()[0])
-        os.killpg(leader, signal.SIGKILL)
+        os.killpg(leader, sig)
 
     def running(self, grid, app):
         return self.state(grid, app) == AppState.RUNNING

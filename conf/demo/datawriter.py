@@ -1,11 +1,13 @@
 """The demo app's data component: keeps writing to its data volume, like a real app.
 
-    datawriter.py DATA_DIR [FAIL_ON_GRID] [IGNORE_STOP] [CHURN]
+    datawriter.py DATA_DIR [FAIL_ON_GRID] [IGNORE_STOP] [CHURN] [ACK_LOG]
 
-Appends a line to journal.log every 0.2 s and rewrites counter.txt; exits on SIGTERM
-after finishing the current write, or at once between writes. With CHURN (bytes per
-second) it also rewrites that much of the data already in the volume, in 64 KiB pieces at
-random places, big files as often as their size says: the way a database changes its pages.
+Appends a line to journal.log every 0.2 s (and fsyncs it) and rewrites counter.txt; exits
+on SIGTERM after finishing the current write, or at once between writes. With CHURN (bytes
+per second) it also rewrites that much of the data already in the volume, in 64 KiB pieces
+at random places, big files as often as their size says: the way a database changes its
+pages. With ACK_LOG (a file outside the app's volumes), each line is acknowledged there once
+it is on disk, as a server would answer its client: no acknowledged write may be lost.
 
 Two ways to misbehave, for tests of failed migrations: with FAIL_ON_GRID it refuses to
 start on that grid (an app tied to one place); with IGNORE_STOP=yes it ignores SIGTERM
@@ -27,6 +29,8 @@ data_dir = sys.argv[1]
 fail_on = sys.argv[2] if len(sys.argv) > 2 else ""
 ignore_stop = len(sys.argv) > 3 and sys.argv[3] == "yes"
 churn = int(sys.argv[4]) if len(sys.argv) > 4 and sys.argv[4] else 0
+ack_log = sys.argv[5] if len(sys.argv) > 5 else ""
+where = f"{os.environ.get('MIG_GRID')}/{os.environ.get('MIG_APP')}"
 if fail_on and os.environ.get("MIG_GRID") == fail_on:
     sys.exit(f"datawriter: refusing to run on grid {fail_on}")
 
@@ -79,7 +83,12 @@ paths, ends = existing_files() if churn else ([], [])
 while running:
     count += 1
     with open(os.path.join(data_dir, "journal.log"), "a") as f:
-        f.write(f"{time.time():.3f} {os.environ.get('MIG_GRID')}/{os.environ.get('MIG_APP')} {count}\n")
+        f.write(f"{time.time():.3f} {where} {count}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    if ack_log:
+        with open(ack_log, "a") as f:
+            f.write(f"{where} {count}\n")
     tmp = counter_file + ".tmp"
     with open(tmp, "w") as f:
         f.write(f"{count}\n")

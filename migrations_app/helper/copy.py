@@ -19,6 +19,7 @@ class CopyError(Exception):
 
     DISK_FULL = "disk full"
     READ_ONLY = "read-only file system"
+    DENIED = "permission denied"
     CONNECTION = "connection lost"  # worth another try
     STALL = "stalled"
 
@@ -32,6 +33,7 @@ CONNECTION_STATUSES = {10, 12, 35, 255}
 KINDS = [
     (re.compile(r"No space left on device|Disk quota exceeded"), CopyError.DISK_FULL),
     (re.compile(r"Read-only file system"), CopyError.READ_ONLY),
+    (re.compile(r"Permission denied \(13\)"), CopyError.DENIED),
     (re.compile(r"connection unexpectedly closed|Connection (reset|closed|refused|timed out)|Broken pipe"),
      CopyError.CONNECTION),
 ]  # fmt: skip

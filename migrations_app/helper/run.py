@@ -85,12 +85,16 @@ def retryable(error):
 
 def plain_reason(error, grid):
     """An error as an operator should read it: disk full and read-only named as such."""
-    if isinstance(error, CopyError) and error.kind in (CopyError.DISK_FULL, CopyError.READ_ONLY):
+    if isinstance(error, CopyError) and error.kind in (
+        CopyError.DISK_FULL,
+        CopyError.READ_ONLY,
+        CopyError.DENIED,
+    ):
         return f"{error.kind} on {grid}: {error}"
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"disk full on {grid}: {error}"
-    if isinstance(error, OSError) and error.errno == errno.EROFS:
-        return f"read-only file system on {grid}: {error}"
+    kinds = {errno.ENOSPC: CopyError.DISK_FULL, errno.EDQUOT: CopyError.DISK_FULL}
+    kinds.update({errno.EROFS: CopyError.READ_ONLY, errno.EACCES: CopyError.DENIED})
+    if isinstance(error, OSError) and error.errno in kinds:
+        return f"{kinds[error.errno]} on {grid}: {error}"
     if isinstance(error, sqlite3.OperationalError) and "disk is full" in str(error):
         return f"disk full on {grid} (the helper's work volume): {error}"
     if isinstance(error, Failure | GridError | CopyError | sync.SyncError):

@@ -2,9 +2,11 @@ import errno
 import itertools
 import logging
 import os
+import shutil
 import signal
 import stat
 import threading
+from contextlib import contextmanager
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -15,6 +17,7 @@ from django.db.migrations.executor import MigrationExecutor
 
 from migrations_app import config, migration
 from migrations_app.grids import ConfigError
+from migrations_app.helper.progress import human_bytes
 from migrations_app.migration import Outcome
 from migrations_app.models import Grid, Lock
 
@@ -22,10 +25,40 @@ CONFIG_SUBDIRS = ("logs",)
 log = logging.getLogger("mig.startup")
 
 
+# Free bytes under which the config volume counts as full: SQLite needs a little room to
+# open a database (its shared-memory file) and to write a transaction.
+FULL_BELOW = 1 << 20
+
+
 def disk_full(error):
-    if isinstance(error, OSError):
-        return error.errno in (errno.ENOSPC, errno.EDQUOT)
-    return "disk is full" in str(error) or "disk I/O error" in str(error)
+    """Whether a database or file error comes from a full config volume."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "disk is full" in str(error):
+        return True
+    # SQLite says only "disk I/O error" when it cannot even create its shared-memory file.
+    return "disk I/O error" in str(error) and shutil.disk_usage(settings.CONFIG_DIR).free < FULL_BELOW
+
+
+def config_volume_full():
+    free = human_bytes(shutil.disk_usage(settings.CONFIG_DIR).free)
+    where = f"{settings.MIG_GRID or 'this grid'} (MIG's config volume, {settings.CONFIG_DIR}, {free} free)"
+    return f"disk full on {where}"
+
+
+class ConfigVolumeFull(CommandError):
+    pass
+
+
+@contextmanager
+def naming_a_full_volume(what):
+    """A database or file error from a full config volume says so, and what it stopped."""
+    try:
+        yield
+    except (DatabaseError, OSError) as e:
+        if disk_full(e):
+            raise ConfigVolumeFull(f"{config_volume_full()}: {what} ({e})") from None
+        raise
 
 
 class Command(BaseCommand):
@@ -50,10 +83,22 @@ class Command(BaseCommand):
             signal.signal(signal.SIGTERM, lambda *a: self.stopping.set())
         # Read every input first, so bad configuration stops before anything is written.
         grids = self.read_grid_info()
-        self.prepare()
-        self.step_grids(grids)
-        self.step_login_user()
-        active = self.step_lock(options["keep_trying"])
+        delays = itertools.chain(migration.RETRY_DELAYS, itertools.repeat(migration.RETRY_DELAYS[-1]))
+        while True:
+            try:
+                self.prepare()
+                with naming_a_full_volume("cannot record the grids and the login"):
+                    self.step_grids(grids)
+                    self.step_login_user()
+                active = self.step_lock(options["keep_trying"])
+                break
+            except ConfigVolumeFull as e:
+                if not options["keep_trying"]:
+                    raise
+                delay = next(delays)
+                self.warn(f"{e}; trying again in {delay}s")
+                if self.stopping.wait(delay):
+                    return
         if self.changes:
             self.stdout.write(f"startup: done, {len(self.changes)} change(s).")
         elif active:
@@ -64,8 +109,9 @@ class Command(BaseCommand):
     def prepare(self):
         """What MIG needs before it can answer: the config volume and the database."""
         self.changes = []
-        self.step_config_dir()
-        self.step_database()
+        with naming_a_full_volume("MIG cannot open its database"):
+            self.step_config_dir()
+            self.step_database()
 
     def changed(self, message):
         self.changes.append(message)
@@ -155,8 +201,7 @@ class Command(BaseCommand):
         except (DatabaseError, OSError) as e:
             if not disk_full(e):
                 return self.unexpected(job, e)
-            where = f"{settings.MIG_GRID} (MIG's config volume, {settings.CONFIG_DIR})"
-            return Outcome.RETRY, f"disk full on {where}: cannot record the end of the job ({e})"
+            return Outcome.RETRY, f"{config_volume_full()}: cannot record the end of the job ({e})"
         except Exception as e:
             return self.unexpected(job, e)
         if outcome == Outcome.RETRY:
