@@ -288,6 +288,24 @@ def test_target_sshd_killed_and_restarted(faulty, ssh_hosts):
     migrate_on(world, assert_nothing_lost(world))
 
 
+def test_source_sshd_killed_during_the_copy(faulty, ssh_hosts):
+    """The source host's sshd dies with the helper's connections in the middle of the copy:
+    the helper tries the pass again, with backoff, and the move finishes."""
+    world = faulty
+    world.provision_acked(padding=4 << 20)
+    start_migration(world, bwlimit=1500)
+    wait_journal(world, PHASES["precopy"])
+    east = ssh_hosts[0]
+    east.crash()
+    try:
+        wait_journal(world, lambda line: "trying again in" in line.get("message", ""), 60)
+    finally:
+        east.restart()
+    grid, job = settle(world)
+    assert (grid, job["state"]) == ("west", "done"), job
+    migrate_on(world, assert_nothing_lost(world))
+
+
 def test_source_sshd_down_while_the_target_finishes(faulty, ssh_hosts):
     """The source host's sshd dies as the target starts: the target's MIG cannot finish the
     job, says so, and finishes it by itself once the host is back; nothing restarts."""

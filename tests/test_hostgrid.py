@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from migrations_app import catalog
 from migrations_app.grids import AppExists, AppNotFound, AppState, GridError, InvalidName, OperationFailed
 from migrations_app.grids.errors import CommandTimeout
 
 from .conftest import GRID_HOSTS
+from .sshd import GRID_PYTHON
 
 BAD_NAMES = ["x; rm -rf /", "$(id)", "../etc", "a b", "", "a" * 200, "-rf", "1abc", "é"]
 
@@ -360,3 +362,25 @@ def test_info_reports_the_grid(grid):
     info = grid.info()
     assert info.name == "east" and info.initialised and info.writable and info.rsync
     assert info.free_bytes > 0 and info.apps == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a full disk is a tmpfs mounted by root")
+def test_a_template_that_does_not_fit_says_disk_full(tmp_path, client_key):
+    import subprocess
+
+    from migrations_app.grids import gridinfo, open_grid
+
+    root = tmp_path / "small"
+    root.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(root)], check=True)
+    try:
+        table = f'driver = "hostgrid"\ntransport = "local"\nroot = "{root}"\npython = "{GRID_PYTHON}"\n'
+        with open_grid(gridinfo.parse("[grids.tiny]\n" + table)["tiny"], client_key) as grid:
+            grid.init()
+            files, version = catalog.helper_template()
+            with pytest.raises(
+                OperationFailed, match=r"disk full on tiny: \d+ bytes free .* MigHelper template"
+            ):
+                grid.ensure_template("MigHelper", files, version)
+    finally:
+        subprocess.run(["umount", "-l", str(root)], check=False)

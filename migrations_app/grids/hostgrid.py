@@ -249,6 +249,15 @@ class HostGridDriver(Driver):
                 info.size = len(data)
                 info.mode = 0o644
                 tar.addfile(info, io.BytesIO(data))
+        # The archive, and the template it unpacks to, must fit: say so before a write fails
+        # half-way on a full disk.
+        need = len(buf.getvalue()) + sum(len(data) for data in files.values()) + (1 << 20)
+        free = self.info().free_bytes
+        if free is not None and free < need:
+            raise OperationFailed(
+                f"disk full on {self.grid.name}: {free} bytes free in {self.grid.root}, installing the "
+                f"{template} template needs about {need}"
+            )
         archive = f"{self.grid.root}/.mig/tmp-{uuid.uuid4().hex}.tar.gz"
         self.transport.put(buf.getvalue(), archive, mode=0o600)
         return self._call("install-template", template, "--archive", archive, "--version", version)

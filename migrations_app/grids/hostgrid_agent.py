@@ -700,8 +700,13 @@ def op_install_template(grid, args):
     final = os.path.join(grid.catalog, name)
     staging = os.path.join(grid.catalog, f".{name}.{uuid.uuid4().hex}")
     try:
-        with tarfile.open(args.archive) as tar:
-            tar.extractall(staging, members=safe_members(tar))
+        try:
+            with tarfile.open(args.archive) as tar:
+                tar.extractall(staging, members=safe_members(tar))
+        except (tarfile.ReadError, EOFError) as e:
+            free = shutil.disk_usage(grid.root).free
+            cause = f"the grid's disk is full ({free} bytes free)" if free < 1 << 20 else "it was damaged"
+            raise AgentError(f"template {name!r}: the archive cannot be read, {cause}: {e}") from None
         validate_manifest(read_json(os.path.join(staging, "manifest.json")))
         with open(os.path.join(staging, "VERSION"), "w") as f:
             f.write(args.version + "\n")
