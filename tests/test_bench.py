@@ -19,7 +19,7 @@ def test_benchmarks_run_in_smoke_size(tmp_path):
     assert result.returncode in (0, 1), result.stdout + result.stderr  # 1: a target missed
     report = json.loads(out.read_text())
     scenarios = {row["scenario"] for row in report["rows"]}
-    assert scenarios == {"bulk", "downtime", "tiny", "status", "startup", "memory"}
+    assert scenarios == {"bulk", "downtime", "tiny", "status", "startup", "memory", "scale"}
     for row in report["rows"]:
         assert row["value"] > 0, row
     assert report["machine"]["cpus"] >= 1

@@ -55,3 +55,13 @@ def test_override_is_recorded_and_releases_the_lock(logged_in, job, settings, tm
 def test_no_lock_pages_without_a_lock(logged_in):
     assert logged_in.get(reverse("lock"))["Location"] == reverse("index")
     assert logged_in.get(reverse("override"))["Location"] == reverse("index")
+
+
+def test_a_held_job_says_what_the_operator_must_do(logged_in, job):
+    page = logged_in.get(reverse("lock")).content.decode()
+    assert "Held: an operator must act" not in page
+    job.hold("Stop the copy on west, then override the lock.")
+    page = logged_in.get(reverse("lock")).content.decode()
+    assert "Held: an operator must act" in page and "Stop the copy on west, then override the lock." in page
+    status = logged_in.get(reverse("job_status", args=[job.pk])).json()
+    assert status["held"] is True and status["attention"] == "Stop the copy on west, then override the lock."
