@@ -404,11 +404,12 @@ class Runner:
 
     Once the helper says hands off (before it hashes, then stops, the source), the runner
     writes nothing more to the database: the final pass copies it, and must find it still.
-    When the source starts stopping, there is nothing left for this MIG to do: the side that
+    Once the source has stopped, there is nothing left for this MIG to do: the side that
     comes up finishes the job (HANDED_OVER), unless `watch` (a terminal) asks to go on
-    showing progress until the helper's result. If the helper ends without stopping the
-    source, MIG runs on here, and the runner completes the job. A lost connection to the
-    target grid is retried with backoff for as long as it takes.
+    showing progress until the helper's result. Not before: a helper may announce the stop
+    and die before it happens. If the helper ends without having stopped the source, MIG
+    runs on here, and the runner completes the job. A lost connection to the target grid is
+    retried with backoff for as long as it takes.
     """
 
     def __init__(self, job, on_line=None, watch=False):
@@ -416,7 +417,7 @@ class Runner:
         self.on_line = on_line or (lambda line: None)
         self.watch = watch
         self.write_db = True
-        self.source_stopping = False
+        self.source_stopped = False
         self.result = self.error = None
 
     def run(self) -> Outcome:
@@ -454,8 +455,9 @@ class Runner:
                 unreachable_since = unreachable_since or time.monotonic()
                 self.lost(e, delay, time.monotonic() - unreachable_since, first)
                 time.sleep(delay)
-        if not self.source_stopping:
+        if not self.source_stopped:
             # MIG still runs, so this is the source: the helper failed, or is gone.
+            self.write_db = True
             return complete(job, wait=0)
         return Outcome.HANDED_OVER
 
@@ -475,13 +477,13 @@ class Runner:
             self.write_db = False
             # Every line before it is filed: the helper may hash the source's volumes now.
             target.put_file(job.helper_app, protocol.HANDS_OFF_ACK_FILE, b"MIG writes nothing more\n", 0o644)
-        if fact == protocol.SOURCE_STOPPING:
-            self.source_stopping = True
+        if fact == protocol.SOURCE_STOPPED:
+            self.source_stopped = True
             if not self.watch:
                 return Outcome.HANDED_OVER
         if fact == protocol.RESULT:
             self.result, self.error = protocol.Result(line["result"]), line.get("error", "")
-            if self.source_stopping:
+            if self.source_stopped:
                 return Outcome.DONE if self.result == protocol.Result.OK else Outcome.FAILED
             # The source never stopped, so the copy is over: this MIG may write again.
             self.write_db = True
@@ -596,6 +598,15 @@ def complete_on_source(job, facts, source, target):
     if facts.helper_at_work:
         # Only MIG restarted while the helper works on: keep following it.
         return Outcome.FOLLOWING
+    if facts.cutover is not None and facts.cutover.decision is None:
+        # Armed, undecided, and no helper at work: this MIG runs, so the source stays the
+        # app. Decided here, before anything is cleared: the watchdog needs the record.
+        facts.cutover = source.claim_cutover(
+            job.source_app, job.uid, Decision.ROLLBACK, "MIG", "the helper was gone before the decision"
+        )
+    if facts.cutover is not None and facts.cutover.source_may_run and facts.source not in UP:
+        source.start(job.source_app, listen=config.grid_config(job.source_grid).app_listen)
+        job.event(f"Started the source app {job.source_app} again")
     if facts.cutover is not None and facts.cutover.moved:
         job.hold(
             f"Job #{job.pk} committed the move to {job.target_grid}/{job.target_app}, yet the source app "

@@ -67,17 +67,24 @@ class Watch:
 
 
 @pytest.fixture
-def faulty(world, tmp_path):
-    """An app with MIG inside on east whose writes are acknowledged in tmp_path/acks."""
+def faulty(world, tmp_path, request):
+    """An app with MIG inside on east whose writes are acknowledged in tmp_path/acks; from
+    its start, both grids are watched: never may both run it."""
     acks = tmp_path / "acks"
 
     def provision(**kwargs):
         properties = {"ack_log": str(acks), **kwargs.pop("properties", {})}
         world.provision(properties=properties, **kwargs)
+        world.watch = Watch(world)
 
     world.acks = acks
+    world.watch = None
     world.provision_acked = provision
-    return world
+    yield world
+    if world.watch is not None:
+        world.watch.stop()
+        print(f"\n{request.node.name}: no grid ran the app for at most {world.watch.longest_neither:.1f}s")
+        assert not world.watch.both_up, "both copies of the app ran at once"
 
 
 def many_files(data):
@@ -160,13 +167,10 @@ def test_helper_killed(faulty, phase):
     """kill -9 the helper: its grid starts it again, and it carries on from its journal."""
     world = faulty
     world.provision_acked(fill=many_files, padding=2 << 20)
-    watch = Watch(world)
     start_migration(world, bwlimit=2000 if phase == "precopy" else None)
     wait_journal(world, PHASES[phase])
     world.kill_helper("west", HELPER)
     grid, job = settle(world)
-    watch.stop()
-    assert not watch.both_up, "both copies ran at once"
     decisions = [
         line["decision"] for line in world.filed_journal(grid, "shop", 1) if line.get("fact") == "decision"
     ]
@@ -180,29 +184,40 @@ def test_helper_killed(faulty, phase):
         assert "restarted before the cut-over was decided" in job["error"]
         assert world.state("west", "shop") is None
     assert world.state("west", HELPER) is None
-    down = watch.longest_neither
-    print(f"\nhelper killed during {phase}: job {job['state']} on {grid}, neither up {down:.1f}s")
     migrate_on(world, assert_nothing_lost(world))
 
 
+def processes(marker, cwd):
+    """Pids of the processes whose command line has `marker` and who run in `cwd`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if marker in (entry / "cmdline").read_bytes() and os.readlink(entry / "cwd") == str(cwd):
+                found.append(int(entry.name))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
 def test_helper_gone_for_good_after_the_stop(faulty):
-    """The helper and its supervisor die together after stopping the source: the watchdog on
-    the source grid rolls back once the heartbeat is silent, and restarts the source."""
+    """The helper and its supervisor die together once the source has stopped, and so has
+    MIG's runner with it (here started from a terminal, it outlives the app: killed, as it
+    would have been): the watchdog on the source grid rolls back once the heartbeat is
+    silent, and restarts the source, whose MIG ends the job."""
     world = faulty
     world.provision_acked(fill=many_files)
     env_file = world.app_dir("east", "shop") / "volumes/config/mig.env"
     env_file.write_text(env_file.read_text() + "MIG_HEARTBEAT_TIMEOUT='3'\n")
-    watch = Watch(world)
     start_migration(world)
-    wait_journal(world, PHASES["stopping"])
+    wait_journal(world, lambda line: line.get("fact") == "source_stopped")
     world.kill_helper_app("west", HELPER)
+    for pid in processes(b"run_job", world.app_dir("east", "shop") / "volumes/code"):
+        os.kill(pid, signal.SIGKILL)
     grid, job = settle(world)
-    watch.stop()
-    assert not watch.both_up
     assert (grid, job["state"]) == ("east", "failed"), job
     assert "rolled back by the watchdog" in job["error"] and "no sign of life" in job["error"]
     assert world.state("west", "shop") is None and world.state("west", HELPER) is None
-    assert watch.longest_neither < 60
+    assert world.watch.longest_neither < 60
     migrate_on(world, assert_nothing_lost(world))
 
 
@@ -388,17 +403,8 @@ def test_target_config_volume_full_before_the_start(faulty):
 
 def startup_of(world, grid):
     """The pid of the background `startup --keep-trying` of MIG in shop on `grid`."""
-    code = str(world.app_dir(grid, "shop") / "volumes/code")
-    for entry in Path("/proc").iterdir():
-        try:
-            if (
-                b"startup\0--keep-trying" in (entry / "cmdline").read_bytes()
-                and os.readlink(entry / "cwd") == code
-            ):
-                return int(entry.name)
-        except OSError:
-            continue
-    return None
+    found = processes(b"startup\0--keep-trying", world.app_dir(grid, "shop") / "volumes/code")
+    return found[0] if found else None
 
 
 @needs_root

@@ -1199,6 +1199,11 @@ def describe_entry(base, rel, st):
     return entry
 
 
+def all_zeros(data):
+    """Whether a block is zeros only (compared whole: slicing ZEROS would copy it)."""
+    return data == ZEROS if len(data) == BLOCK else data.count(0) == len(data)
+
+
 def block_hashes(path, on_block=None):
     """(block hashes, file digest) of a file; on_block(index, data, hash) sees each block."""
     hashes = []
@@ -1289,7 +1294,7 @@ def op_delta(grid, args):
 
         def send(index, data, h, theirs=theirs):
             if theirs[index * HASH_BYTES : (index + 1) * HASH_BYTES] != h:
-                if data == ZEROS[: len(data)]:
+                if all_zeros(data):
                     out.write(b"Z %d %d\n" % (index, len(data)))
                 else:
                     out.write(b"B %d %d\n" % (index, len(data)) + data)  # one write, not two

@@ -37,6 +37,7 @@ from ..grids.hostgrid_agent import (
     BLOCK,
     HASH_BYTES,
     ZEROS,
+    all_zeros,
     block_hashes,
     describe_entry,
     file_digest,
@@ -581,7 +582,7 @@ def sparse_copy(source, destination):
     """Copy a file's bytes, leaving its zero blocks as holes."""
     with open(source, "rb") as src, open(destination, "wb") as dst:
         while data := src.read(BLOCK):
-            if data == ZEROS[: len(data)]:
+            if all_zeros(data):
                 dst.seek(len(data), os.SEEK_CUR)
             else:
                 dst.write(data)

@@ -108,7 +108,7 @@ class Command(BaseCommand):
         signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
         runner = migration.Runner(job, ProgressPrinter(self.stdout, self.stdout.isatty()), watch=True)
         outcome = runner.run()
-        if not runner.source_stopping:  # the record is ours to read only while MIG writes it
+        if runner.write_db:  # the record is ours to read only while MIG may write it
             job.refresh_from_db()
         Outcome = migration.Outcome
         if outcome == Outcome.FAILED:
