@@ -192,10 +192,17 @@ def children(pid):
     return found
 
 
-def test_a_supervised_component_is_restarted_a_bounded_number_of_times(grid):
-    define_sleeper(grid, restarts=2)
+def start_supervised(grid, restarts):
+    """A sleeper under a supervisor allowed `restarts`; returns (supervisor, component)."""
+    define_sleeper(grid, restarts=restarts)
     grid.start("shop")
     supervisor = grid.describe("shop", sizes=False).components[0].pid
+    assert wait_for(lambda: len(children(supervisor)) == 1, 20), "no component under the supervisor"
+    return supervisor, children(supervisor)[0]
+
+
+def test_a_supervised_component_is_restarted_a_bounded_number_of_times(grid):
+    supervisor, _ = start_supervised(grid, restarts=2)
     for attempt in range(3):
         assert wait_for(lambda: len(children(supervisor)) == 1, 20), "no component under the supervisor"
         (child,) = children(supervisor)
@@ -210,11 +217,7 @@ def test_a_supervised_component_is_restarted_a_bounded_number_of_times(grid):
 
 
 def test_a_stopped_supervised_component_is_not_restarted(grid):
-    define_sleeper(grid, restarts=3)
-    grid.start("shop")
-    supervisor = grid.describe("shop", sizes=False).components[0].pid
-    assert wait_for(lambda: len(children(supervisor)) == 1, 20)
-    (child,) = children(supervisor)
+    _, child = start_supervised(grid, restarts=3)
     grid.stop("shop")
     assert grid.state("shop") == AppState.STOPPED
     assert dead(child)
@@ -229,11 +232,7 @@ def test_define_records_its_owner(grid):
 def test_a_component_runs_while_anything_in_its_session_does(grid):
     # Its supervisor killed, the component itself at work: the app still runs, and a stop
     # still reaches what runs.
-    define_sleeper(grid, restarts=1)
-    grid.start("shop")
-    supervisor = grid.describe("shop", sizes=False).components[0].pid
-    assert wait_for(lambda: len(children(supervisor)) == 1, 20)
-    (child,) = children(supervisor)
+    supervisor, child = start_supervised(grid, restarts=1)
     os.kill(supervisor, signal.SIGKILL)
     assert wait_for(lambda: dead(supervisor), 10)
     assert grid.state("shop") == AppState.RUNNING

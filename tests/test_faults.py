@@ -12,6 +12,7 @@ import signal
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -283,6 +284,16 @@ def test_target_mig_killed_right_after_it_first_answers(faulty):
     migrate_on(world, assert_nothing_lost(world))
 
 
+@contextmanager
+def sshd_down(host):
+    """The host's sshd dead, with every connection it served, until the block ends."""
+    host.crash()
+    try:
+        yield
+    finally:
+        host.restart()
+
+
 def test_target_sshd_killed_and_restarted(faulty, ssh_hosts):
     """The target host's sshd dies with every connection during the pre-copy, and comes back:
     MIG follows the helper again, and the move finishes."""
@@ -290,12 +301,8 @@ def test_target_sshd_killed_and_restarted(faulty, ssh_hosts):
     world.provision_acked(padding=4 << 20)
     start_migration(world, bwlimit=1500)
     wait_journal(world, PHASES["precopy"])
-    west = ssh_hosts[1]
-    west.crash()
-    try:
+    with sshd_down(ssh_hosts[1]):
         time.sleep(2)  # the fault lasts a while: MIG's follower finds the host gone
-    finally:
-        west.restart()
     grid, job = settle(world)
     assert (grid, job["state"]) == ("west", "done"), job
     messages = [e["message"] for e in world.events("west", "shop", 1)]
@@ -310,12 +317,8 @@ def test_source_sshd_killed_during_the_copy(faulty, ssh_hosts):
     world.provision_acked(padding=4 << 20)
     start_migration(world, bwlimit=1500)
     wait_journal(world, PHASES["precopy"])
-    east = ssh_hosts[0]
-    east.crash()
-    try:
+    with sshd_down(ssh_hosts[0]):
         wait_journal(world, lambda line: "trying again in" in line.get("message", ""), 60)
-    finally:
-        east.restart()
     grid, job = settle(world)
     assert (grid, job["state"]) == ("west", "done"), job
     migrate_on(world, assert_nothing_lost(world))
@@ -328,13 +331,9 @@ def test_source_sshd_down_while_the_target_finishes(faulty, ssh_hosts):
     world.provision_acked()
     start_migration(world)
     wait_journal(world, lambda line: line.get("fact") == "app_started")
-    east = ssh_hosts[0]
-    east.crash()
-    try:
-        log = world.app_dir("west", "shop") / "logs/mig.log"
+    log = world.app_dir("west", "shop") / "logs/mig.log"
+    with sshd_down(ssh_hosts[0]):
         assert wait_for(lambda: "trying again in" in log.read_text(), 60), log.read_text()
-    finally:
-        east.restart()
     grid, job = settle(world)
     assert (grid, job["state"]) == ("west", "done"), job
     assert world.state("east", "shop") is None
@@ -379,25 +378,29 @@ def test_target_disk_full_during_the_copy(faulty):
     migrate_on(world, assert_nothing_lost(world))
 
 
+@pytest.fixture
+def small_target_config(faulty):
+    """The acknowledging app on east, and a 16 MiB tmpfs where its copy's config volume goes."""
+    faulty.provision_acked()
+    config = faulty.app_dir("west", "shop") / "volumes/config"
+    unmount = mount_tmpfs(config, "16m")
+    yield config
+    unmount()
+
+
 @needs_root
-def test_target_config_volume_full_before_the_start(faulty):
+def test_target_config_volume_full_before_the_start(faulty, small_target_config):
     """The target's config volume is full when it starts: its MIG cannot open its database
     and says why; the target never answered, so it is given up and the source runs again."""
     world = faulty
-    world.provision_acked()
-    config = world.app_dir("west", "shop") / "volumes/config"
-    unmount = mount_tmpfs(config, "16m")
-    try:
-        start_migration(world)
-        # Verified and decided, not yet started: nothing writes to the copy any more.
-        wait_journal(world, lambda line: line.get("fact") == "decision")
-        fill(config)
-        grid, job = settle(world)
-        assert (grid, job["state"]) == ("east", "failed"), job
-        assert "the target app failed to start" in job["error"]
-        assert "disk full on west (MIG's config volume" in job["error"], job["error"]
-    finally:
-        unmount()
+    start_migration(world)
+    # Verified and decided, not yet started: nothing writes to the copy any more.
+    wait_journal(world, lambda line: line.get("fact") == "decision")
+    fill(small_target_config)
+    grid, job = settle(world)
+    assert (grid, job["state"]) == ("east", "failed"), job
+    assert "the target app failed to start" in job["error"]
+    assert "disk full on west (MIG's config volume" in job["error"], job["error"]
     migrate_on(world, assert_nothing_lost(world))
 
 
@@ -408,32 +411,24 @@ def startup_of(world, grid):
 
 
 @needs_root
-def test_target_config_volume_full_right_after_the_start(faulty):
+def test_target_config_volume_full_right_after_the_start(faulty, small_target_config):
     """The target's config volume fills up as its MIG starts: MIG answers, cannot record the
     end of the job, says "disk full" and tries again; once there is room, the job ends."""
     world = faulty
-    world.provision_acked()
-    config = world.app_dir("west", "shop") / "volumes/config"
-    unmount = mount_tmpfs(config, "16m")
-    try:
-        start_migration(world)
-        wait_journal(world, lambda line: line.get("fact") == "app_started")
-        # MIG's background startup is still loading Django: hold it while the disk fills.
-        startup = startup_of(world, "west")
-        assert startup, "no startup process in the target's MIG"
-        os.kill(startup, signal.SIGSTOP)
-        fill(config)
-        os.kill(startup, signal.SIGCONT)
-        assert wait_for(lambda: world.answering("west"), 60)
-        log = world.app_dir("west", "shop") / "logs/mig.log"
-        assert wait_for(lambda: "disk full on west (MIG's config volume" in log.read_text(), 60), (
-            log.read_text()
-        )
-        assert world.state("east", "shop") == AppState.STOPPED  # committed: it never comes back
-        assert_nothing_lost(world)
-        (config / "filler").unlink()
-        grid, job = settle(world)
-        assert (grid, job["state"]) == ("west", "done"), job
-        migrate_on(world, grid)
-    finally:
-        unmount()
+    start_migration(world)
+    wait_journal(world, lambda line: line.get("fact") == "app_started")
+    # MIG's background startup is still loading Django: hold it while the disk fills.
+    startup = startup_of(world, "west")
+    assert startup, "no startup process in the target's MIG"
+    os.kill(startup, signal.SIGSTOP)
+    fill(small_target_config)
+    os.kill(startup, signal.SIGCONT)
+    assert wait_for(lambda: world.answering("west"), 60)
+    log = world.app_dir("west", "shop") / "logs/mig.log"
+    assert wait_for(lambda: "disk full on west (MIG's config volume" in log.read_text(), 60), log.read_text()
+    assert world.state("east", "shop") == AppState.STOPPED  # committed: it never comes back
+    assert_nothing_lost(world)
+    (small_target_config / "filler").unlink()
+    grid, job = settle(world)
+    assert (grid, job["state"]) == ("west", "done"), job
+    migrate_on(world, grid)
