@@ -337,6 +337,8 @@ def spawn_manage(*args, new_log=False, log=True):
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT if log else None,
+            # Its lines reach the log as they are written, not when a buffer fills.
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
     # Reap it when it ends, so a long-lived web worker collects no zombies.
     threading.Thread(target=proc.wait, daemon=True).start()
@@ -392,6 +394,7 @@ class Outcome(enum.StrEnum):
 RETRY_DELAYS = (1, 2, 4, 8, 16, 30, 60, 120, 300)
 # A target grid unreachable this long before the stop: the operator should know.
 UNREACHABLE_HOLD = 600
+UNREACHABLE_SAYS = "has been unreachable"
 
 
 class RunnerBusy(Exception):
@@ -412,9 +415,10 @@ class Runner:
     retried with backoff for as long as it takes.
     """
 
-    def __init__(self, job, on_line=None, watch=False):
+    def __init__(self, job, on_line=None, watch=False, on_hands_off=None):
         self.job = job
         self.on_line = on_line or (lambda line: None)
+        self.on_hands_off = on_hands_off or (lambda: None)
         self.watch = watch
         self.write_db = True
         self.source_stopped = False
@@ -440,6 +444,8 @@ class Runner:
             try:
                 with config.driver_for(target_config) as target:
                     for raw in target.follow(job.helper_app, protocol.PROGRESS_FILE):
+                        if unreachable_since is not None:
+                            self.found_again()
                         unreachable_since = None
                         lines = parse_lines(raw)
                         if not lines or lines[0]["seq"] <= seen:
@@ -475,6 +481,7 @@ class Runner:
         fact = line.get("fact")
         if fact == protocol.HANDS_OFF and self.write_db:
             self.write_db = False
+            self.on_hands_off()
             # Every line before it is filed: the helper may hash the source's volumes now.
             target.put_file(job.helper_app, protocol.HANDS_OFF_ACK_FILE, b"MIG writes nothing more\n", 0o644)
         if fact == protocol.SOURCE_STOPPED:
@@ -490,6 +497,12 @@ class Runner:
             return complete(job, wait=0)
         return None
 
+    def found_again(self):
+        """The target grid answers again: a hold for its silence no longer stands."""
+        if self.write_db and UNREACHABLE_SAYS in self.job.attention:
+            self.job.unhold(f"{self.job.target_grid} answers again: following the helper")
+            db.connection.close()
+
     def lost(self, error, delay, seconds, first):
         if not (self.write_db or self.watch):
             return  # hands off: its log is on the source's volumes
@@ -502,7 +515,7 @@ class Runner:
             db.connection.close()
         if self.write_db and seconds >= UNREACHABLE_HOLD:
             self.job.hold(
-                f"{self.job.target_grid} has been unreachable for {seconds / 60:.0f} min and the helper "
+                f"{self.job.target_grid} {UNREACHABLE_SAYS} for {seconds / 60:.0f} min and the helper "
                 "may still be at work; MIG keeps trying. If the grid is gone for good, override the "
                 "lock: the source app was not touched."
             )
@@ -716,8 +729,9 @@ class RecoverError(Exception):
 
 def recover(job, give_up_target=False, by="operator"):
     """Carry out what the cut-over record decided for a job no helper finishes any more,
-    deciding rollback if nothing was decided. Returns what was done, line by line; the MIG
-    of the app that runs afterwards ends the job (startup table)."""
+    deciding rollback if nothing was decided. Returns what was done, line by line. The MIG
+    of the app that runs then ends the job: when it starts (startup table), or now, if it
+    already ran and this is it."""
     done = []
     with (
         config.driver_for(config.grid_config(job.target_grid)) as target,
@@ -747,19 +761,21 @@ def recover(job, give_up_target=False, by="operator"):
             record = source.abandon_cutover(job.source_app, job.uid, by, "given up by an operator (recover)")
             done.append(f"gave up {job.target_grid}/{job.target_app}, which never started")
         if record is not None and record.moved:
-            if state_or_none(target, job.target_app) != AppState.RUNNING:
-                target.start(job.target_app, listen=config.grid_config(job.target_grid).app_listen)
-                done.append(f"started {job.target_grid}/{job.target_app}: its MIG finishes the job")
-            return done
-        if source_state is None:
+            runs, grid, app = (job.target_grid, job.target_app), target, job.target_app
+        elif source_state is None:
             raise RecoverError(f"the source app {job.source_app} is gone from {job.source_grid}")
-        if record is not None and record.abandoned:
-            remove_target(job, target)
-        if source_state != AppState.RUNNING:
-            source.start(job.source_app, listen=config.grid_config(job.source_grid).app_listen)
-            done.append(f"started {job.source_grid}/{job.source_app}: its MIG finishes the job")
-        if record is not None and not record.closed:
+        else:
+            if record is not None and record.abandoned:
+                remove_target(job, target)
+            runs, grid, app = (job.source_grid, job.source_app), source, job.source_app
+        started = state_or_none(grid, app) != AppState.RUNNING
+        if started:
+            grid.start(app, listen=config.grid_config(runs[0]).app_listen)
+            done.append(f"started {runs[0]}/{app}: its MIG finishes the job")
+        if record is not None and not record.closed and not record.moved:
             source.close_cutover(job.source_app, job.uid)
     for line in done:
         job.event(f"Recover: {line}", level=JobEvent.Level.WARNING, data={"by": by})
+    if not started and config.here() == runs:
+        done.append(f"the job ends here: {complete(job, wait=0)}")
     return done

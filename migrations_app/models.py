@@ -336,6 +336,12 @@ class MigrationJob(models.Model):
         self.refresh_from_db()
         return bool(claimed)
 
+    def unhold(self, message):
+        """What held the job is resolved: say so; the job goes on."""
+        self.event(message)
+        MigrationJob.objects.filter(pk=self.pk).update(attention="", updated=timezone.now())
+        self.refresh_from_db()
+
     def record_downtime(self, downtime):
         """The downtime as the helper measured it, to the app's first answer (see Downtime)."""
         MigrationJob.objects.filter(pk=self.pk).update(timings=downtime.to_dict())

@@ -71,19 +71,28 @@ class AgentSession:
 
     def end(self):
         """Close the agent's input and return (exit status, its error output)."""
-        try:
-            self.proc.stdin.close()
-        except OSError:
-            pass
+        quietly(self.proc.stdin.close)
         try:
             status = self.proc.wait(5)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             status = self.proc.wait()
-        err = self.proc.stderr.read().decode("utf-8", "replace")
+        try:
+            err = self.proc.stderr.read().decode("utf-8", "replace")
+        except (OSError, ValueError):  # the connection went
+            err = ""
         for stream in (self.proc.stdout, self.proc.stderr):
-            stream.close()
+            quietly(stream.close)
         return status, err
+
+
+def quietly(close):
+    """Close a stream whose other end may be gone (a dropped connection): now, here, and not
+    later, when the garbage collector's try would print a traceback to stderr."""
+    try:
+        close()
+    except (OSError, ValueError):
+        pass
 
 
 class HostGridDriver(Driver):

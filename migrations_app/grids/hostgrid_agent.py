@@ -857,8 +857,8 @@ def read_json_or_none(path):
         return read_json(path)
     except (FileNotFoundError, NotADirectoryError):
         return None
-    except ValueError:  # torn or damaged: as good as absent, but say so where it matters
-        return None
+    except ValueError as e:  # written whole or not at all: only a damaged disk does this
+        raise AgentError(f"{path} is damaged ({e}): the cut-over cannot be read; see to it by hand") from None
 
 
 class Cutover:

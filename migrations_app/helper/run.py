@@ -557,10 +557,17 @@ class Helper:
             raise Failure(f"the {role} app could not be started: {e}") from None
         self.apps[role] = "running"
         self.log.event(f"{app} started on {config.name}", fact=protocol.APP_STARTED)
-        self.retrying(
-            lambda: self.source.close_cutover(self.source_app, self.job_uid), "closing the cut-over"
-        )
         self.heartbeat.stop()
+        try:
+            self.retrying(
+                lambda: self.source.close_cutover(self.source_app, self.job_uid), "closing the cut-over"
+            )
+        except GridError as e:
+            # The decision is carried out; closing only lets the watchdog leave early. Silent
+            # now, it finds the decision it must obey, and leaves.
+            self.log.event(
+                f"Could not close the cut-over record on {self.source_grid.name}: {e}", level="warning"
+            )
         self.wait_first_answer(config)
 
     def start_app(self, grid, grid_config, app):

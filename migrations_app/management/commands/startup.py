@@ -3,9 +3,8 @@ import itertools
 import logging
 import os
 import shutil
-import signal
 import stat
-import threading
+import time
 from contextlib import contextmanager
 
 from django.conf import settings
@@ -77,10 +76,8 @@ class Command(BaseCommand):
         )
 
     def handle(self, **options):
-        self.stopping = threading.Event()
-        if options["keep_trying"]:
-            # MIG's app is stopping: leave between two tries, not in the middle of one.
-            signal.signal(signal.SIGTERM, lambda *a: self.stopping.set())
+        # SIGTERM (MIG's app stopping) ends this at once, as it should: the app has seconds to
+        # stop, and every row of the table is idempotent, so the next start takes it up.
         # Read every input first, so bad configuration stops before anything is written.
         grids = self.read_grid_info()
         delays = itertools.chain(migration.RETRY_DELAYS, itertools.repeat(migration.RETRY_DELAYS[-1]))
@@ -97,8 +94,7 @@ class Command(BaseCommand):
                     raise
                 delay = next(delays)
                 self.warn(f"{e}; trying again in {delay}s")
-                if self.stopping.wait(delay):
-                    return
+                time.sleep(delay)
         if self.changes:
             self.stdout.write(f"startup: done, {len(self.changes)} change(s).")
         elif active:
@@ -179,8 +175,7 @@ class Command(BaseCommand):
                 break
             delay = next(delays)
             self.warn(f"job #{job.pk}: {why}; trying again in {delay}s")
-            if self.stopping.wait(delay):
-                break
+            time.sleep(delay)
         job.refresh_from_db()
         if outcome == Outcome.FOLLOWING:
             # Only MIG restarted while its helper works on: keep mirroring its progress.
