@@ -11,7 +11,6 @@ import subprocess
 import pytest
 
 from migrations_app import catalog
-from migrations_app.grids import hostgrid_agent as agent
 
 from .world import PYTHON, journal, tree, wait_for
 
@@ -337,7 +336,7 @@ def test_target_app_already_exists(world):
 
 def test_everything_an_entry_has_arrives(world):
     # Through the whole path: rsync while the app runs, the final pass, verify.
-    from .test_sync import make_special_entries
+    from .test_sync import described, make_special_entries
 
     def fill(data):
         (data / "dir").mkdir(parents=True)
@@ -352,8 +351,7 @@ def test_everything_an_entry_has_arrives(world):
     made = ["sparse.bin", "tagged.txt", "dir", "acl.txt", "one.txt", "dir/two.txt", "fifo", "socket"]
     made += ["empty", "setuid", "to-one"] + (["null"] if os.geteuid() == 0 else [])
     for rel in made:
-        theirs = agent.describe_entry(str(source), rel, os.lstat(source / rel))
-        ours = agent.describe_entry(str(copy), rel, os.lstat(copy / rel))
+        theirs, ours = described(source, rel), described(copy, rel)
         for entry in (theirs, ours):
             entry.pop("i", None)  # inode numbers differ; that they are shared is checked below
             entry.pop("a", None)  # allocation: the sparse check is below

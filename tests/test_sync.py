@@ -41,6 +41,12 @@ def pair(tmp_path):
     return source, data, copy, tmp_path
 
 
+def described(base, rel):
+    """An entry of a tree as both sides of a copy describe it."""
+    with agent.parent_dir(str(base), rel) as (fd, name):
+        return agent.describe_entry(rel, os.stat(name, dir_fd=fd, follow_symlinks=False), fd, name)
+
+
 def index_now(pair):
     source, data, copy, tmp_path = pair
     index = sync.Index(str(tmp_path / "index.sqlite3"))
@@ -192,7 +198,8 @@ def test_a_file_written_while_hashed_says_so(tmp_path):
     try:
         time.sleep(0.02)
         before = os.lstat(path).st_ctime_ns  # what a listing just before would have said
-        entry = agent.hashed_entry(str(tmp_path), {"p": "busy.bin", "k": "f"})
+        with agent.parent_dir(str(tmp_path), "busy.bin") as (fd, name):
+            entry = agent.hashed_entry({"p": "busy.bin", "k": "f"}, fd, name)
     finally:
         writing = False
         writer.join()
@@ -328,3 +335,99 @@ def test_a_thread_that_fails_fails_the_pass_with_its_message(pair):
     run = sync.FinalPass(source, "app", str(copy), index, time.time_ns(), lambda n: None)
     with pytest.raises(sqlite3.OperationalError, match="no such table: sent"):
         run.run()
+
+
+# --- symlinks the app made: nothing outside the app is ever read or written --------------
+
+
+def snapshot_of(directory):
+    """Every entry under `directory` with its content, mode and time: to show it untouched."""
+    found = {}
+    for path in sorted(Path(directory).rglob("*")):
+        st = path.lstat()
+        content = path.read_bytes() if path.is_file() and not path.is_symlink() else None
+        found[str(path.relative_to(directory))] = (st.st_mode, st.st_mtime_ns, content)
+    return found
+
+
+@pytest.fixture
+def outside(tmp_path):
+    """A directory outside both apps, with a file an app might aim a symlink at."""
+    directory = tmp_path / "outside"
+    directory.mkdir()
+    (directory / "f").write_text("not the app's\n")
+    os.chmod(directory / "f", 0o640)
+    return directory
+
+
+def test_a_symlinked_directory_in_the_copy_is_never_written_through(pair, outside):
+    # The review's race: the copy has `d -> outside` (rsync copied it while the source had
+    # it), then the source makes `d` a real directory holding `f` before the hashing.
+    source, data, copy, _ = pair
+    os.symlink(outside, copy / "data/d")
+    (data / "d").mkdir()
+    (data / "d/f").write_text("the app's own\n")
+    before = snapshot_of(outside)
+    index, _, _ = index_now(pair)
+    files, sent, (entries, problems) = final(pair, index)
+    assert snapshot_of(outside) == before
+    assert problems == []
+    assert (copy / "data/d").is_dir() and not (copy / "data/d").is_symlink()
+    assert (copy / "data/d/f").read_text() == "the app's own\n"
+
+
+def test_a_directory_the_source_turns_into_a_symlink_is_not_read_through(pair, outside):
+    # A file that was changing while hashed is fetched again after the stop. If its directory
+    # on the source has become a symlink meanwhile, the source's agent must not follow it.
+    source, data, copy, _ = pair
+    secret = b"secret " * BLOCK
+    (outside / "g").write_bytes(secret)
+    (data / "e").mkdir()
+    (data / "e/g").write_text("changing\n")
+    (copy / "data/e").mkdir()
+    (copy / "data/e/g").write_text("an older copy\n")
+    index, _, _ = index_now(pair)
+    shutil.rmtree(data / "e")
+    os.symlink(outside, data / "e")
+    files, sent, (entries, problems) = final(pair, index)
+    assert sent == 0  # nothing of the outside file came across
+    assert problems == []
+    assert os.readlink(copy / "data/e") == str(outside)
+
+
+def test_a_directory_swapped_for_a_symlink_again_and_again_never_leads_outside(pair, outside):
+    # The app flips `d` between a symlink to outside and a real directory while rsync copies
+    # and while the helper hashes; then it stops, and the final pass runs. Whatever moment
+    # each flip hit, nothing outside changes, and the copy verifies.
+    source, data, copy, tmp_path = pair
+    before = snapshot_of(outside)
+
+    def flip(flipping, label):
+        while flipping.is_set():
+            if (data / "d").is_symlink():
+                (data / "d").unlink()
+                (data / "d").mkdir()
+                (data / "d/f").write_text(label * 1000)
+            else:
+                shutil.rmtree(data / "d", ignore_errors=True)
+                os.symlink(outside, data / "d")
+            os.sched_yield()
+
+    for round in range(12):
+        flipping = threading.Event()
+        flipping.set()
+        flipper = threading.Thread(target=flip, args=(flipping, f"round {round}\n"))
+        flipper.start()
+        try:
+            subprocess.run(
+                ["rsync", "-a", "--delete", f"{data}/", f"{copy / 'data'}/"], capture_output=True, check=False
+            )
+            index = sync.Index(str(tmp_path / "index.sqlite3"))
+            sync.build_index(source, "app", str(copy), index)
+        finally:
+            flipping.clear()
+            flipper.join()
+        # The stopped source, whichever way the last flip left it.
+        files, sent, (entries, problems) = final(pair, index, clean_before_ns=time.time_ns() + 10**9)
+        assert snapshot_of(outside) == before, f"round {round}"
+        assert problems == [], f"round {round}"

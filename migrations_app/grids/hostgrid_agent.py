@@ -1108,32 +1108,110 @@ HASH_BYTES = 16
 ZEROS = bytes(BLOCK)
 
 
+# --- paths under an app's volumes: no symlink followed -----------------------------------
+#
+# An app shapes its volumes as it likes: any name in them may be a symlink to anywhere, and
+# may become one at any moment while the app runs. So nothing under them is reached by a
+# path the kernel resolves: each directory on the way is opened with O_NOFOLLOW, and the
+# last name is used relative to its directory's descriptor, without following it.
+
+DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# What opening a path whose directories are not all real directories fails with.
+NOT_THERE = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
+
+
+def not_there(error):
+    """Whether an OSError means the path is gone, or leads through something not a directory."""
+    return isinstance(error, OSError) and error.errno in NOT_THERE
+
+
+class parent_dir:
+    """`with parent_dir(base, rel) as (fd, name)`: the directory holding `rel` under `base`,
+    opened one real directory at a time; OSError (see NOT_THERE) where one is not."""
+
+    def __init__(self, base, rel):
+        *self.dirs, self.name = rel.split("/")
+        self.base = base
+        self.fd = None
+
+    def open(self):
+        self.fd = os.open(self.base, DIRECTORY)
+        try:
+            for name in self.dirs:
+                inner = os.open(name, DIRECTORY, dir_fd=self.fd)
+                os.close(self.fd)
+                self.fd = inner
+        except BaseException:
+            self.close()
+            raise
+        return self.fd, self.name
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self.open()
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_regular(name, dir_fd, flags=os.O_RDONLY, mode=0o600):
+    """A regular file `name` in the directory `dir_fd`, opened without following a symlink
+    (and without blocking on a fifo), as a file object. FileNotFoundError if it is not a
+    regular file."""
+    fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise FileNotFoundError(errno.ENOENT, "not a regular file", name)
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "r+b" if flags & os.O_RDWR else "wb" if flags & os.O_WRONLY else "rb")
+
+
+def leaf_path(dir_fd, name):
+    """A path to `name` in `dir_fd` for the calls that take no descriptor (the xattr ones):
+    through /proc, so no directory on the way is looked up again. Use it only with
+    follow_symlinks=False."""
+    return f"/proc/self/fd/{dir_fd}/{name}"
+
+
 def tree_entries(base):
-    """(relative path, lstat) of everything under `base`, depth first, names sorted at each
-    level: the order of sort_key(), which both sides share. Memory stays flat: one listing
-    per directory level at a time."""
-
-    def listing(rel_dir):
-        try:
-            return iter(sorted(os.listdir(os.path.join(base, rel_dir))))
-        except FileNotFoundError:  # removed while the app runs
-            return iter(())
-
-    stack = [("", listing(""))]
-    while stack:
-        rel_dir, names = stack[-1]
-        name = next(names, None)
-        if name is None:
-            stack.pop()
-            continue
-        rel = f"{rel_dir}/{name}" if rel_dir else name
-        try:
-            st = os.lstat(os.path.join(base, rel))
-        except FileNotFoundError:
-            continue
-        yield rel, st
-        if stat.S_ISDIR(st.st_mode):
-            stack.append((rel, listing(rel)))
+    """(relative path, lstat, descriptor of its directory, name) of everything under `base`,
+    depth first, names sorted at each level: the order of sort_key(), which both sides share.
+    The descriptor is good until the next entry is taken. Only real directories are entered.
+    Memory stays flat: one listing per directory level at a time."""
+    try:
+        root = os.open(base, DIRECTORY)
+    except FileNotFoundError:
+        return
+    stack = [("", root, iter(sorted(os.listdir(root))))]
+    try:
+        while stack:
+            rel_dir, fd, names = stack[-1]
+            name = next(names, None)
+            if name is None:
+                os.close(fd)
+                stack.pop()
+                continue
+            rel = f"{rel_dir}/{name}" if rel_dir else name
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:  # removed while the app runs
+                continue
+            yield rel, st, fd, name
+            if stat.S_ISDIR(st.st_mode):
+                try:
+                    inner = os.open(name, DIRECTORY, dir_fd=fd)
+                except OSError as e:
+                    if not not_there(e):
+                        raise
+                    continue  # removed, or replaced by a symlink, while the app runs
+                stack.append((rel, inner, iter(sorted(os.listdir(inner)))))
+    finally:
+        for _, fd, _ in stack:
+            os.close(fd)
 
 
 def sort_key(rel):
@@ -1156,7 +1234,8 @@ KINDS = {
 
 
 def xattrs(path):
-    """{name: value as hex} of a file's extended attributes (links not followed)."""
+    """{name: value as hex} of a file's extended attributes (links not followed; see
+    leaf_path)."""
     try:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError as e:
@@ -1174,7 +1253,7 @@ def xattrs(path):
     return found
 
 
-def describe_entry(base, rel, st):
+def describe_entry(rel, st, dir_fd, name):
     """A file system entry as both sides of a copy describe it, one letter per field:
 
     p path, k kind (f file, d directory, l symlink, p fifo, s socket, c/b device), m mode,
@@ -1185,16 +1264,15 @@ def describe_entry(base, rel, st):
     kind = KINDS[stat.S_IFMT(st.st_mode)]
     entry = {"p": rel, "k": kind, "m": stat.S_IMODE(st.st_mode), "u": st.st_uid, "g": st.st_gid}
     entry["t"] = st.st_mtime_ns
-    path = os.path.join(base, rel)
     if kind == "f":
         entry.update(s=st.st_size, a=st.st_blocks * 512)
         if st.st_nlink > 1:
             entry.update(i=f"{st.st_dev}:{st.st_ino}", n=st.st_nlink)
     elif kind == "l":
-        entry["l"] = os.readlink(path)
+        entry["l"] = os.readlink(name, dir_fd=dir_fd)
     elif kind in ("c", "b"):
         entry["r"] = st.st_rdev
-    if found := xattrs(path):
+    if found := xattrs(leaf_path(dir_fd, name)):
         entry["x"] = found
     return entry
 
@@ -1204,18 +1282,15 @@ def all_zeros(data):
     return data == ZEROS if len(data) == BLOCK else data.count(0) == len(data)
 
 
-def block_hashes(path, on_block=None):
-    """(block hashes, file digest) of a file; on_block(index, data, hash) sees each block."""
+def block_hashes(f, on_block=None):
+    """(block hashes, file digest) of an open file; on_block(index, data, hash) sees each
+    block."""
     hashes = []
-    with open(path, "rb") as f:
-        while True:
-            data = f.read(BLOCK)
-            if not data:
-                break
-            h = hashlib.sha256(data).digest()[:HASH_BYTES]
-            if on_block:
-                on_block(len(hashes), data, h)
-            hashes.append(h)
+    while data := f.read(BLOCK):
+        h = hashlib.sha256(data).digest()[:HASH_BYTES]
+        if on_block:
+            on_block(len(hashes), data, h)
+        hashes.append(h)
     return hashes, file_digest(hashes)
 
 
@@ -1240,16 +1315,19 @@ def emit(entry):
     sys.stdout.write(json.dumps(entry, separators=(",", ":")) + "\n")
 
 
-def hashed_entry(base, entry):
+def hashed_entry(entry, dir_fd, name):
     """`entry` with its file's block hashes ("b"), digest ("d"), and the file's change time
     once read ("c"): a later time than the listing's means it changed while it was read.
-    None if the file is gone (deleted while the app runs: the final pass will see)."""
-    path = os.path.join(base, entry["p"])
+    None if it is gone or no longer a file (changed while the app runs: the final pass
+    will see)."""
     try:
-        hashes, entry["d"] = block_hashes(path)
-        entry["c"] = os.lstat(path).st_ctime_ns
-    except FileNotFoundError:
-        return None
+        with open_regular(name, dir_fd) as f:
+            hashes, entry["d"] = block_hashes(f)
+            entry["c"] = os.fstat(f.fileno()).st_ctime_ns
+    except OSError as e:
+        if not_there(e):
+            return None
+        raise
     entry["b"] = b"".join(hashes).hex()
     return entry
 
@@ -1263,10 +1341,10 @@ def op_scan(grid, args):
     base = volumes_dir(grid, args.app)
     if args.wait and not sys.stdin.readline():
         return
-    for rel, st in tree_entries(base):
-        entry = describe_entry(base, rel, st)
+    for rel, st, dir_fd, name in tree_entries(base):
+        entry = describe_entry(rel, st, dir_fd, name)
         if args.hashes and entry["k"] == "f":
-            entry = hashed_entry(base, entry)
+            entry = hashed_entry(entry, dir_fd, name)
         if entry is not None:
             emit(entry)
     sys.stdout.flush()
@@ -1290,7 +1368,6 @@ def op_delta(grid, args):
         request = json.loads(line)
         rel = check_relpath(request["p"])
         theirs = bytes.fromhex(request.get("b", ""))
-        path = os.path.join(base, rel)
 
         def send(index, data, h, theirs=theirs):
             if theirs[index * HASH_BYTES : (index + 1) * HASH_BYTES] != h:
@@ -1300,16 +1377,17 @@ def op_delta(grid, args):
                     out.write(b"B %d %d\n" % (index, len(data)) + data)  # one write, not two
 
         try:
-            st = os.lstat(path)
-            if not stat.S_ISREG(st.st_mode):
-                raise FileNotFoundError(path)
-            open(path, "rb").close()
-        except (FileNotFoundError, NotADirectoryError):  # gone, or no longer a file
-            out.write(b"X " + json.dumps(rel).encode() + b"\n")
+            with parent_dir(base, rel) as (dir_fd, name), open_regular(name, dir_fd) as f:
+                end = describe_entry(rel, os.fstat(f.fileno()), dir_fd, name)
+                data_fd = os.dup(f.fileno())
+        except OSError as e:
+            if not not_there(e):
+                raise
+            out.write(b"X " + json.dumps(rel).encode() + b"\n")  # gone, or no longer a file
             continue
         out.write(b"F " + json.dumps(rel).encode() + b"\n")
-        _, digest = block_hashes(path, send)
-        end = dict(describe_entry(base, rel, st), d=digest)
+        with os.fdopen(data_fd, "rb") as f:
+            _, end["d"] = block_hashes(f, send)
         out.write(b"E " + json.dumps(end).encode() + b"\n")
     out.flush()
 

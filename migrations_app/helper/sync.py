@@ -17,6 +17,10 @@ file untouched since the copy began, by rsync's check as it sent it), or at the 
 Between the hashing and verify the copy is the helper's alone: a copy file whose size and
 time are unchanged since it was hashed is taken to hold what was hashed.
 
+The source app shaped both trees, and any name in them may be a symlink to anywhere (one
+that rsync copied may stand where the source now has a directory). So nothing in the copy
+is reached by a path the kernel resolves: see `Copy`.
+
 Everything per file lives in SQLite in the helper's work directory, and the listings are
 streamed, so memory stays flat however many files an app has. Each thread writes through a
 connection of its own; the listing commits in batches, so no writer waits long.
@@ -41,6 +45,10 @@ from ..grids.hostgrid_agent import (
     block_hashes,
     describe_entry,
     file_digest,
+    leaf_path,
+    not_there,
+    open_regular,
+    parent_dir,
     sort_key,
     tree_entries,
     xattrs,
@@ -90,7 +98,7 @@ def agent_lines(proc, what):
 
 def merged(source_entries, target_base):
     """(source entry or None, target entry or None) pairs, walking both trees in step."""
-    target = ((rel, describe_entry(target_base, rel, st)) for rel, st in tree_entries(target_base))
+    target = ((rel, describe_entry(rel, st, fd, name)) for rel, st, fd, name in tree_entries(target_base))
     src, dst = next(source_entries, None), next(target, None)
     while src is not None or dst is not None:
         if dst is None or (src is not None and sort_key(src["p"]) < sort_key(dst[0])):
@@ -150,6 +158,7 @@ def build_index(source, source_app, target_base, index, copy_began_ns=None):
     source's hashes stream in. Returns (files, copies read, files differing).
     """
     proc = source.open_scan(source_app, hashes=True)
+    copy = Copy(target_base)
     db = index.db
     lock = threading.Lock()  # one connection, one transaction, two threads
     to_read = queue.Queue(maxsize=256)
@@ -159,29 +168,28 @@ def build_index(source, source_app, target_base, index, copy_began_ns=None):
         while (rel := to_read.get()) is not None:
             if failure:
                 continue  # keep taking requests, so the listing never waits on a full queue
-            path = os.path.join(target_base, rel)
             try:
-                st = os.lstat(path)
-                if not stat.S_ISREG(st.st_mode):
-                    continue
-                hashes, digest = block_hashes(path)
+                with copy.open(rel) as f:
+                    st = os.fstat(f.fileno())
+                    hashes, digest = block_hashes(f)
                 with lock:
                     db.execute(
                         "INSERT INTO dst VALUES (?, ?, ?, ?, ?)",
                         (rel, st.st_size, st.st_mtime_ns, digest, b"".join(hashes)),
                     )
-            except FileNotFoundError:
-                continue
-            except Exception as error:  # never a silent death: the hashing fails with it
-                failure.append(error)
+            except Exception as error:
+                if not not_there(error):  # never a silent death: the hashing fails with it
+                    failure.append(error)
 
     def untouched_since_copied(entry):
         if copy_began_ns is None or entry["c"] >= copy_began_ns:
             return False
         try:
-            st = os.lstat(os.path.join(target_base, entry["p"]))
-        except FileNotFoundError:
-            return False
+            st = copy.lstat(entry["p"])
+        except OSError as e:
+            if not_there(e):
+                return False
+            raise
         return stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (entry["s"], entry["t"])
 
     reader = threading.Thread(target=read_copies, name="index-reader")
@@ -230,6 +238,7 @@ class FinalPass:
     ):
         self.source, self.source_app = source, source_app
         self.bwlimit = bwlimit_kbps * 1024 if bwlimit_kbps else None
+        self.copy = Copy(target_base)
         self.base = target_base
         self.index = index
         self.clean_before_ns = clean_before_ns
@@ -334,32 +343,28 @@ class FinalPass:
             raise
         db.execute("COMMIT")
         for (rel,) in db.execute("SELECT path FROM doomed ORDER BY rowid DESC"):  # deepest first
-            remove(os.path.join(self.base, rel))
+            self.copy.remove(rel)
 
     def reconcile(self, src, dst):
-        path = os.path.join(self.base, src["p"])
-        kind = src["k"]
+        rel, kind = src["p"], src["k"]
         if dst is not None and (dst["k"] != kind or dst.get("r") != src.get("r")):
-            remove(path)
+            self.copy.remove(rel)
             dst = None
         if kind == "d":
             if dst is None:
-                os.mkdir(path, 0o700)  # its mode, owner and time once its contents are in
+                self.copy.make(src)  # its mode, owner and time once its contents are in
         elif kind == "f":
-            self.reconcile_file(src, dst, path)
+            self.reconcile_file(src, dst)
         else:
             if kind == "l" and dst is not None and dst["l"] != src["l"]:
-                os.unlink(path)
+                self.copy.remove(rel)
                 dst = None
             if dst is None:
-                if kind == "l":
-                    os.symlink(src["l"], path)
-                else:
-                    os.mknod(path, 0o600 | SPECIAL[kind], src.get("r", 0))
+                self.copy.make(src)
             if dst is None or any(src.get(f) != dst.get(f) for f in METADATA):
-                set_metadata(path, src)
+                self.copy.settle(src)
 
-    def reconcile_file(self, src, dst, path):
+    def reconcile_file(self, src, dst):
         db = self.index.db
         if (
             src.get("i")
@@ -379,10 +384,10 @@ class FinalPass:
         # One file in the copy, but not on the source: a file of its own, content kept.
         unlinked = dst is not None and dst.get("n") and not src.get("i")
         if unlinked:
-            unlink_copy(path)
+            self.copy.unlink_from_others(src["p"])
         if self.same_content(src, dst, row):
             if unlinked or any(src.get(f) != dst.get(f) for f in METADATA):
-                set_metadata(path, src)
+                self.copy.settle(src)
                 db.execute("INSERT OR REPLACE INTO sent VALUES (?, 1)", (src["p"],))
             return
         known = b""
@@ -435,7 +440,7 @@ class FinalPass:
                 kind, _, rest = header.rstrip(b"\n").partition(b" ")
                 if kind == b"F":
                     rel = json.loads(rest)
-                    current = Receiving(self.base, rel, blocks.pop(rel))
+                    current = self.receive(rel, blocks.pop(rel), gone_ok)
                 elif kind in (b"B", b"Z"):
                     number, length = (int(x) for x in rest.split())
                     if kind == b"Z":
@@ -450,10 +455,11 @@ class FinalPass:
                     self.on_progress(self.bytes_received)
                     self.throttle(started)
                 elif kind == b"E":
-                    ok = current.finish(json.loads(rest))
-                    db.execute("INSERT OR REPLACE INTO sent VALUES (?, ?)", (current.rel, int(ok)))
-                    with self.counting:
-                        self.fetched += 1
+                    ok = current.finish(json.loads(rest), gone_ok)
+                    if ok is not None:
+                        db.execute("INSERT OR REPLACE INTO sent VALUES (?, ?)", (current.rel, int(ok)))
+                        with self.counting:
+                            self.fetched += 1
                     current = None
                 elif kind == b"X" and gone_ok:
                     blocks.pop(json.loads(rest), None)
@@ -473,6 +479,17 @@ class FinalPass:
         if proc.wait() != 0 or current is not None:
             raise SyncError(f"sending changed blocks failed (status {proc.returncode}): {err[-400:]}")
 
+    def receive(self, rel, known, gone_ok):
+        """A Receiving for `rel`; with `gone_ok`, one that drops what it is sent if the
+        copy no longer has the file's directory (the listing has made it something else,
+        as the source has it now)."""
+        try:
+            return Receiving(self.copy, rel, known)
+        except OSError as error:
+            if gone_ok and not_there(error):
+                return Dropping(rel)
+            raise
+
     def throttle(self, started):
         """Read no faster than the bandwidth limit: the pipe slows the sender down in turn."""
         if self.bwlimit:
@@ -487,45 +504,45 @@ class FinalPass:
         for ino, rel in self.index.db.execute(
             "SELECT ino, path FROM final WHERE ino IS NOT NULL ORDER BY ino, rowid"
         ):
-            path = os.path.join(self.base, rel)
             if ino != current:
-                current, anchor = ino, path
+                current, anchor = ino, rel
                 continue
-            try:
-                if os.path.samestat(os.lstat(path), os.lstat(anchor)):
-                    continue
-            except FileNotFoundError:
-                pass
-            temporary = f"{path}.mig-link"
-            os.link(anchor, temporary)
-            os.replace(temporary, path)
+            self.copy.link(anchor, rel)
 
     def settle_dirs(self):
         """Directories' mode, owner, xattrs and time, now that their contents are in:
         deepest first, so that nothing changes a directory after it was settled."""
         db = self.index.db
         for (entry,) in db.execute("SELECT entry FROM final WHERE kind = 'd' ORDER BY rowid DESC"):
-            entry = json.loads(entry)
-            set_metadata(os.path.join(self.base, entry["p"]), entry)
+            self.copy.settle(json.loads(entry))
 
 
 class Receiving:
     """One file of the copy being brought up to date, block by block."""
 
-    def __init__(self, base, rel, known):
+    def __init__(self, copy, rel, known):
         self.rel = rel
-        self.path = os.path.join(base, rel)
+        self.copy = copy
         self.hashes = [known[i : i + HASH_BYTES] for i in range(0, len(known), HASH_BYTES)]
-        # Known blocks: patch the copy in place, unless another name shares its inode (a
-        # hard link): then patch a copy of it and rename that over this name only.
-        # Unknown blocks: write a new file and rename it over the old one.
-        self.fresh = not known
-        self.partial = self.path
-        if self.fresh or os.lstat(self.path).st_nlink > 1:
-            self.partial = f"{self.path}.mig-partial"
-            if known:
-                sparse_copy(self.path, self.partial)
-        self.file = open(self.partial, "r+b" if known else "wb")
+        # Its directory stays open until the file is in: it is reached once, with no symlink
+        # followed, and the new file is renamed within it.
+        self.parent = parent_dir(copy.base, rel)
+        self.dir_fd, self.name = self.parent.open()
+        try:
+            # Known blocks: patch the copy in place, unless another name shares its inode (a
+            # hard link): then patch a copy of it and rename that over this name only.
+            # Unknown blocks: write a new file and rename it over the old one.
+            self.fresh = not known
+            self.partial = self.name
+            if self.fresh or os.stat(self.name, dir_fd=self.dir_fd, follow_symlinks=False).st_nlink > 1:
+                self.partial = f"{self.name}.mig-partial"
+                if known:
+                    sparse_copy(self.dir_fd, self.name, self.partial)
+            flags = os.O_RDWR if known else os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+            self.file = open_regular(self.partial, self.dir_fd, flags)
+        except BaseException:
+            self.parent.close()
+            raise
 
     def note(self, number, digest):
         while len(self.hashes) <= number:
@@ -544,23 +561,52 @@ class Receiving:
         digest = ZERO_HASH if length == BLOCK else hashlib.sha256(bytes(length)).digest()[:HASH_BYTES]
         self.note(number, digest)
 
-    def finish(self, end):
-        """Size and metadata as the source has them; True if the digests match."""
-        self.file.truncate(end["s"])
-        self.file.close()
+    def finish(self, end, gone_ok=False):
+        """Size and metadata as the source has them; True if the digests match. With
+        `gone_ok`, None if the file's directory was removed meanwhile (see receive())."""
+        try:
+            self.file.truncate(end["s"])
+            self.file.close()
+            if self.partial != self.name:
+                try:
+                    os.replace(self.partial, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+                except FileNotFoundError:
+                    if gone_ok:
+                        return None
+                    raise
+            set_metadata(self.dir_fd, self.name, end)
+        finally:
+            self.parent.close()
         blocks = -(-end["s"] // BLOCK)
-        if self.partial != self.path:
-            os.replace(self.partial, self.path)
-        set_metadata(self.path, end)
         return file_digest(self.hashes[:blocks]) == end["d"]
 
     def abandon(self):
         self.file.close()
-        if self.partial != self.path:
+        if self.partial != self.name:
             try:
-                os.unlink(self.partial)
+                os.unlink(self.partial, dir_fd=self.dir_fd)
             except FileNotFoundError:
                 pass
+        self.parent.close()
+
+
+class Dropping:
+    """A file sent for a path the copy no longer has room for: its blocks go nowhere."""
+
+    def __init__(self, rel):
+        self.rel = rel
+
+    def write(self, number, data):
+        pass
+
+    def zero(self, number, length):
+        pass
+
+    def finish(self, end, gone_ok=True):
+        return None
+
+    def abandon(self):
+        pass
 
 
 libc = ctypes.CDLL(None, use_errno=True)
@@ -578,23 +624,16 @@ def punch_hole(file, offset, length):
         file.write(bytes(length))
 
 
-def sparse_copy(source, destination):
-    """Copy a file's bytes, leaving its zero blocks as holes."""
-    with open(source, "rb") as src, open(destination, "wb") as dst:
+def sparse_copy(dir_fd, source, destination):
+    """Copy a file's bytes to another name in its directory, leaving zero blocks as holes."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    with open_regular(source, dir_fd) as src, open_regular(destination, dir_fd, flags) as dst:
         while data := src.read(BLOCK):
             if all_zeros(data):
                 dst.seek(len(data), os.SEEK_CUR)
             else:
                 dst.write(data)
         dst.truncate()
-
-
-def unlink_copy(path):
-    """Make a name that shares its file with others a file of its own, with its content
-    (its metadata is the caller's to set)."""
-    temporary = f"{path}.mig-unlink"
-    sparse_copy(path, temporary)
-    os.replace(temporary, path)
 
 
 def set_xattrs(path, wanted):
@@ -606,22 +645,94 @@ def set_xattrs(path, wanted):
             os.setxattr(path, name, bytes.fromhex(value), follow_symlinks=False)
 
 
-def set_metadata(path, entry):
+def set_metadata(dir_fd, name, entry):
     """Owner, xattrs, mode and time of an entry as the source has them, in that order: a
     change of owner clears set-id bits, and a mode set after the ACLs keeps their mask."""
     if AS_ROOT:
-        os.lchown(path, entry["u"], entry["g"])
-    set_xattrs(path, entry.get("x", {}))
-    if entry["k"] != "l":  # a symlink's own mode is fixed; chmod would follow it
-        os.chmod(path, entry["m"])
-    os.utime(path, ns=(entry["t"], entry["t"]), follow_symlinks=False)
+        os.chown(name, entry["u"], entry["g"], dir_fd=dir_fd, follow_symlinks=False)
+    set_xattrs(leaf_path(dir_fd, name), entry.get("x", {}))
+    if entry["k"] != "l":  # a symlink's own mode is fixed
+        chmod_no_follow(dir_fd, name, entry["m"])
+    os.utime(name, ns=(entry["t"], entry["t"]), dir_fd=dir_fd, follow_symlinks=False)
 
 
-def remove(path):
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        os.unlink(path)
+def chmod_no_follow(dir_fd, name, mode):
+    try:
+        os.chmod(name, mode, dir_fd=dir_fd, follow_symlinks=False)
+    except NotImplementedError:  # a C library without fchmodat(AT_SYMLINK_NOFOLLOW)
+        if stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+            raise SyncError(f"{name}: a symlink where a file was expected") from None
+        os.chmod(name, mode, dir_fd=dir_fd)
+
+
+class Copy:
+    """The copy's tree (the target app's volumes), every name reached from a directory
+    descriptor with no symlink followed (see the agent's parent_dir)."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def parent(self, rel):
+        return parent_dir(self.base, rel)
+
+    def lstat(self, rel):
+        with self.parent(rel) as (fd, name):
+            return os.stat(name, dir_fd=fd, follow_symlinks=False)
+
+    def open(self, rel):
+        """A regular file, for reading (FileNotFoundError if it is something else)."""
+        with self.parent(rel) as (fd, name):
+            return open_regular(name, fd)
+
+    def remove(self, rel):
+        """Whatever `rel` is, gone (a directory with everything in it); nothing if it is
+        already gone."""
+        try:
+            with self.parent(rel) as (fd, name):
+                if stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+                    shutil.rmtree(name, dir_fd=fd)
+                else:
+                    os.unlink(name, dir_fd=fd)
+        except OSError as e:
+            if not not_there(e):
+                raise
+
+    def make(self, entry):
+        """A directory (private until settled), symlink or special file as `entry` describes."""
+        with self.parent(entry["p"]) as (fd, name):
+            if entry["k"] == "d":
+                os.mkdir(name, 0o700, dir_fd=fd)
+            elif entry["k"] == "l":
+                os.symlink(entry["l"], name, dir_fd=fd)
+            else:
+                os.mknod(name, 0o600 | SPECIAL[entry["k"]], entry.get("r", 0), dir_fd=fd)
+
+    def settle(self, entry):
+        with self.parent(entry["p"]) as (fd, name):
+            set_metadata(fd, name, entry)
+
+    def unlink_from_others(self, rel):
+        """Make a name that shares its file with others a file of its own, with its content
+        (its metadata is the caller's to set)."""
+        with self.parent(rel) as (fd, name):
+            temporary = f"{name}.mig-unlink"
+            sparse_copy(fd, name, temporary)
+            os.replace(temporary, name, src_dir_fd=fd, dst_dir_fd=fd)
+
+    def link(self, anchor, rel):
+        """Make `rel` another name of the file `anchor`, unless it is already."""
+        with self.parent(anchor) as (anchor_fd, anchor_name), self.parent(rel) as (fd, name):
+            try:
+                if os.path.samestat(
+                    os.stat(name, dir_fd=fd, follow_symlinks=False),
+                    os.stat(anchor_name, dir_fd=anchor_fd, follow_symlinks=False),
+                ):
+                    return
+            except FileNotFoundError:
+                pass
+            temporary = f"{name}.mig-link"
+            os.link(anchor_name, temporary, src_dir_fd=anchor_fd, dst_dir_fd=fd, follow_symlinks=False)
+            os.replace(temporary, name, src_dir_fd=fd, dst_dir_fd=fd)
 
 
 def verify(target_base, index):
