@@ -6,6 +6,9 @@ import sys
 
 
 def main():
+    # Whatever MIG writes is its own: the config volume holds sessions, the password hash
+    # and status tokens (see DESIGN.md, "Threat model").
+    os.umask(0o077)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "migsite.settings")
     from django.conf import settings
     from django.core.exceptions import ImproperlyConfigured

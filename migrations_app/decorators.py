@@ -5,12 +5,12 @@ from django.contrib.auth.decorators import login_required
 
 
 def mig_login_required(view):
-    """login_required, unless MIG_USERNAME is empty: then, as in the original, no login."""
+    """login_required, unless MIG_NO_LOGIN is set (as the original could)."""
     protected = login_required(view)
 
     @wraps(view)
     def wrapper(request, *args, **kwargs):
-        if not settings.MIG_USERNAME:
+        if settings.MIG_NO_LOGIN:
             return view(request, *args, **kwargs)
         return protected(request, *args, **kwargs)
 

@@ -311,7 +311,13 @@ class MigrationJob(models.Model):
         now = timezone.now()
         with transaction.atomic():
             changed = MigrationJob.objects.filter(pk=self.pk, state__in=self.ACTIVE_STATES).update(
-                state=state, error=reason, finished=now, updated=now, eta_seconds=None, attention=""
+                state=state,
+                error=reason,
+                finished=now,
+                updated=now,
+                eta_seconds=None,
+                attention="",
+                status_token="",  # the helper's status is nobody's business any more
             )
             Lock.objects.filter(job=self).delete()
         self.refresh_from_db()

@@ -26,7 +26,7 @@ class LoginView(auth_views.LoginView):
     redirect_authenticated_user = True
 
     def dispatch(self, request, *args, **kwargs):
-        if not settings.MIG_USERNAME:
+        if settings.MIG_NO_LOGIN:
             return redirect("index")
         return super().dispatch(request, *args, **kwargs)
 

@@ -10,6 +10,7 @@ import os
 import secrets
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import environ
 from django.core.exceptions import ImproperlyConfigured
@@ -69,23 +70,38 @@ def writable_dir(name, path):
     return path
 
 
-def secret_key(config_dir):
-    """SECRET_KEY from the environment, else generated once and kept on the config volume."""
-    if key := env.str("SECRET_KEY", default=""):
-        return key
-    path = config_dir / "secret_key"
+def kept_secret(path, length):
+    """A secret generated once and kept in `path` (mode 0600) on the config volume."""
     try:
         return path.read_text().strip()
     except FileNotFoundError:
         pass
-    key = secrets.token_urlsafe(50)
+    secret = secrets.token_urlsafe(length)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process won the race; use its key
+    except FileExistsError:  # another process won the race; use its secret
         return path.read_text().strip()
     with os.fdopen(fd, "w") as f:
-        f.write(key + "\n")
-    return key
+        f.write(secret + "\n")
+    return secret
+
+
+def app_url(name):
+    """Where the grid publishes this app: empty, or an http(s) URL with a host."""
+    value = env.str(name, default="").strip()
+    if value:
+        url = urlsplit(value)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ImproperlyConfigured(
+                f"{name} must be an http:// or https:// URL with a host (got {value!r})"
+            )
+    return value
+
+
+def allowed_host(url):
+    """The Host header a browser sends for `url`: an IPv6 address in brackets."""
+    host = urlsplit(url).hostname
+    return f"[{host}]" if ":" in host else host
 
 
 # The config volume: SQLite database, secret key, job logs. It travels with the app.
@@ -95,16 +111,28 @@ CONFIG_DIR = writable_dir("MIG_CONFIG_DIR", env_path("MIG_CONFIG_DIR", BASE_DIR 
 if (CONFIG_DIR / "mig.env").is_file():
     environ.Env.read_env(CONFIG_DIR / "mig.env")
 
+# Login is on unless MIG_NO_LOGIN=true (then MIG listens on loopback only, and every page
+# says so). Without MIG_USERNAME the login is "operator", with a password generated once
+# into the config volume (see MIG_PASSWORD_FILE; `startup` says where it is).
+MIG_NO_LOGIN = env_bool("MIG_NO_LOGIN")
 MIG_USERNAME = env.str("MIG_USERNAME", default="").strip()
 MIG_PASSWORD = env.str("MIG_PASSWORD", default="")
+MIG_PASSWORD_FILE = None
+if MIG_NO_LOGIN and MIG_USERNAME:
+    raise ImproperlyConfigured("MIG_NO_LOGIN=true and MIG_USERNAME are both set: choose one")
 if MIG_USERNAME and not MIG_PASSWORD:
     raise ImproperlyConfigured("MIG_PASSWORD is empty while MIG_USERNAME is set")
+if not MIG_NO_LOGIN and not MIG_USERNAME:
+    MIG_USERNAME = "operator"
+    MIG_PASSWORD_FILE = CONFIG_DIR / "password"
+    MIG_PASSWORD = kept_secret(MIG_PASSWORD_FILE, 18)
 MIG_MODE = env_choice("MIG_MODE", MODES, "both")
 MIG_PRIVATE_KEY_FILE = env_path("MIG_PRIVATE_KEY_FILE", CONFIG_DIR / "id_ed25519")
 MIG_GRID_INFO_FILE = env_path("MIG_GRID_INFO_FILE", CONFIG_DIR / "grid.info")
 # Set by the grid for every component: where this copy of MIG runs.
 MIG_GRID = env.str("MIG_GRID", default="")
 MIG_APP = env.str("MIG_APP", default="")
+MIG_APP_URL = app_url("MIG_APP_URL")
 
 # A copy that moves no data for this long fails instead of hanging.
 MIG_STALL_TIMEOUT = env_number("MIG_STALL_TIMEOUT", 60, 1, 86400)
@@ -113,9 +141,17 @@ MIG_HELPER_WAIT = env_number("MIG_HELPER_WAIT", 60, 1, 86400)
 # Helper silence (no heartbeat) after which the source grid's watchdog rolls a cut-over back.
 MIG_HEARTBEAT_TIMEOUT = env_number("MIG_HEARTBEAT_TIMEOUT", 15, 2, 3600)
 
-SECRET_KEY = secret_key(CONFIG_DIR)
+SECRET_KEY = env.str("SECRET_KEY", default="") or kept_secret(CONFIG_DIR / "secret_key", 50)
 DEBUG = env_bool("DEBUG")
-ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["*"])
+# Only the names MIG is published under: a page elsewhere cannot reach it by DNS rebinding.
+LOOPBACK_HOSTS = ["localhost", "127.0.0.1", "[::1]"]
+ALLOWED_HOSTS = env.list(
+    "ALLOWED_HOSTS", default=([allowed_host(MIG_APP_URL)] if MIG_APP_URL else []) + LOOPBACK_HOSTS
+)
+_published = urlsplit(MIG_APP_URL)
+CSRF_TRUSTED_ORIGINS = env.list(
+    "CSRF_TRUSTED_ORIGINS", default=[f"{_published.scheme}://{_published.netloc}"] if MIG_APP_URL else []
+)
 
 INSTALLED_APPS = [
     "django.contrib.admin",

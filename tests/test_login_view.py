@@ -52,8 +52,14 @@ def test_csrf_is_required(operator):
     assert response.status_code == 403
 
 
-def test_no_login_when_username_is_empty(client, settings):
-    settings.MIG_USERNAME = ""
+def test_login_is_required_by_default(client, db):
+    # No MIG_USERNAME in the test environment: the login is the generated one.
+    assert client.get(reverse("jobs"))["Location"].startswith(reverse("login"))
+    assert client.get(reverse("index"))["Location"].startswith(reverse("login"))
+
+
+def test_no_login_only_with_mig_no_login(client, settings):
+    settings.MIG_NO_LOGIN = True
     assert client.get(reverse("login"))["Location"] == reverse("index")
     page = client.get(reverse("jobs"))
     assert page.status_code == 200

@@ -56,3 +56,45 @@ def test_secret_key_generated_once_and_private(config_dir):
 def test_secret_key_from_environment_is_not_written(config_dir):
     run_manage(config_dir, "check", env={"SECRET_KEY": "x" * 60}, check=True)
     assert not (config_dir / "secret_key").exists()
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"MIG_NO_LOGIN": "true", "MIG_USERNAME": "admin", "MIG_PASSWORD": "x"},
+            "MIG_NO_LOGIN=true and MIG_USERNAME are both set: choose one",
+        ),
+        ({"MIG_APP_URL": "ftp://host/"}, "MIG_APP_URL must be an http:// or https:// URL with a host"),
+        ({"MIG_APP_URL": "http:///path"}, "MIG_APP_URL must be an http:// or https:// URL with a host"),
+    ],
+)
+def test_contradictions_are_refused(config_dir, env, message):
+    result = run_manage(config_dir, "check", env=env)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def allowed(config_dir, **env):
+    code = "from django.conf import settings; print(settings.ALLOWED_HOSTS, settings.CSRF_TRUSTED_ORIGINS)"
+    return run_manage(config_dir, "shell", "-v0", "-c", code, env=env, check=True).stdout.strip()
+
+
+def test_only_the_published_host_and_loopback_are_served(config_dir):
+    # Any other Host header is refused: a page elsewhere cannot reach MIG by DNS rebinding.
+    assert allowed(config_dir) == "['localhost', '127.0.0.1', '[::1]'] []"
+    assert allowed(config_dir, MIG_APP_URL="https://shop.example:8443/") == (
+        "['shop.example', 'localhost', '127.0.0.1', '[::1]'] ['https://shop.example:8443']"
+    )
+    assert allowed(config_dir, MIG_APP_URL="http://[fd00::5]:8080/").startswith("['[fd00::5]', 'localhost'")
+    assert allowed(config_dir, ALLOWED_HOSTS="mig.example") == "['mig.example'] []"
+
+
+def test_without_login_mig_listens_on_loopback_only(settings, monkeypatch):
+    from migrations_app.management.commands.serve import MigServer
+
+    monkeypatch.setenv("MIG_APP_URL", "http://127.0.0.9:8123/")
+    monkeypatch.delenv("MIG_BIND", raising=False)
+    assert MigServer().cfg.bind == ["127.0.0.9:8123"]
+    settings.MIG_NO_LOGIN = True
+    assert MigServer().cfg.bind == ["127.0.0.1:8123"]

@@ -16,6 +16,10 @@ class MigServer(Application):
 
     def load_config(self):
         self.load_config_from_file(str(settings.BASE_DIR / "conf" / "gunicorn.conf.py"))
+        if settings.MIG_NO_LOGIN:
+            # Without a login, only this host may reach MIG: the port stays, the address
+            # becomes loopback, whatever MIG_BIND or the app's URL said.
+            self.cfg.set("bind", [f"127.0.0.1:{address.rpartition(':')[2]}" for address in self.cfg.bind])
 
     def load(self):
         from migsite.wsgi import application

@@ -24,6 +24,21 @@ CONFIG_SUBDIRS = ("logs",)
 log = logging.getLogger("mig.startup")
 
 
+def make_private(directory):
+    """Take group and others' rights from `directory` and everything in it (symlinks are
+    neither followed nor changed): the config volume holds sessions, the password hash and
+    status tokens. Files written before MIG set its umask, or copied in by hand, get
+    repaired here. Returns how many entries changed."""
+    changed = 0
+    for parent, dirs, files in os.walk(directory):
+        for path in [parent, *(os.path.join(parent, name) for name in dirs + files)]:
+            st = os.lstat(path)
+            if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o077:
+                os.chmod(path, stat.S_IMODE(st.st_mode) & 0o700)
+                changed += 1
+    return changed
+
+
 # Free bytes under which the config volume counts as full: SQLite needs a little room to
 # open a database (its shared-memory file) and to write a transaction.
 FULL_BELOW = 1 << 20
@@ -135,6 +150,9 @@ class Command(BaseCommand):
             if not path.is_dir():
                 path.mkdir(mode=0o700)
                 self.changed(f"created {path}")
+        if repaired := make_private(settings.CONFIG_DIR):
+            entries = "entry" if repaired == 1 else "entries"
+            self.changed(f"made {repaired} {entries} of {settings.CONFIG_DIR} private")
         key = settings.MIG_PRIVATE_KEY_FILE
         if key.exists() and stat.S_IMODE(key.stat().st_mode) & 0o077:
             self.warn(f"{key} is readable by others; SSH grids will refuse it (chmod 600 {key})")
@@ -216,8 +234,14 @@ class Command(BaseCommand):
     def step_login_user(self):
         User = get_user_model()
         username, password = settings.MIG_USERNAME, settings.MIG_PASSWORD
-        if not username:
-            self.warn("MIG_USERNAME is empty: the web interface asks for no login")
+        if settings.MIG_NO_LOGIN:
+            self.warn("MIG_NO_LOGIN is set: the web interface asks for no login, on loopback only")
+            username = None
+        elif settings.MIG_PASSWORD_FILE:
+            self.stdout.write(
+                f"MIG_USERNAME is not set: log in as {username!r} with the password kept in "
+                f"{settings.MIG_PASSWORD_FILE} (mode 0600), or set MIG_USERNAME and MIG_PASSWORD"
+            )
         # MIG has one login; a previous MIG_USERNAME must stop working.
         others = User.objects.filter(is_active=True).exclude(username=username)
         if n := others.update(is_active=False):
