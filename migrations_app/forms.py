@@ -34,8 +34,15 @@ class MigrateForm(forms.Form):
         "snapshot": "Snapshot — copy it there, stopped; this app keeps running",
     }
 
+    # Longer input is cut before anything sees it: it still fails validation, and the page
+    # never echoes a megabyte back.
+    ECHOED = 200
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if len(self.data.get("target_app", "")) > self.ECHOED:
+            self.data = self.data.copy()
+            self.data["target_app"] = self.data["target_app"][: self.ECHOED]
         self.fields["target_grid"].choices = [(g.name, grid_label(g)) for g in Grid.objects.listed()]
         actions = migration.allowed_actions()
         self.fields["action"].choices = [(a, self.ACTION_LABELS[a]) for a in actions]

@@ -307,7 +307,8 @@ class MigrationJob(models.Model):
         """End the job (done, failed or overridden) and release its lock, in one transaction,
         so that no reader ever sees an ended job holding the lock. Once: a job that ended
         stays as it was; returns whether this call ended it."""
-        assert state not in self.ACTIVE_STATES
+        if state in self.ACTIVE_STATES:
+            raise ValueError(f"a job ends as done, failed or overridden, not {state}")
         now = timezone.now()
         with transaction.atomic():
             changed = MigrationJob.objects.filter(pk=self.pk, state__in=self.ACTIVE_STATES).update(

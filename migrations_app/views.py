@@ -8,6 +8,7 @@ from django.urls import reverse
 from django.views.decorators.cache import never_cache
 
 from . import migration
+from .clients import client_ip
 from .decorators import mig_login_required
 from .forms import JobFilterForm, MigrateForm, OverrideForm
 from .models import Grid, Lock, LockHeld, MigrationJob
@@ -18,7 +19,7 @@ EVENTS_IN_STATUS = 15
 def who(request):
     if request.user.is_authenticated:
         return request.user.get_username()
-    return f"anonymous at {request.META.get('REMOTE_ADDR', '?')}"
+    return f"anonymous at {client_ip(request) or '?'}"
 
 
 class LoginView(auth_views.LoginView):

@@ -6,6 +6,7 @@ Each helper below raises ImproperlyConfigured with a one-line message naming the
 so a bad value stops MIG before it touches anything.
 """
 
+import ipaddress
 import os
 import secrets
 from datetime import timedelta
@@ -98,6 +99,16 @@ def app_url(name):
     return value
 
 
+def ip_addresses(name):
+    values = env.list(name, default=[])
+    for value in values:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ImproperlyConfigured(f"{name} must list IP addresses (got {value[:60]!r})") from None
+    return values
+
+
 def allowed_host(url):
     """The Host header a browser sends for `url`: an IPv6 address in brackets."""
     host = urlsplit(url).hostname
@@ -185,9 +196,12 @@ LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "index"
 LOGOUT_REDIRECT_URL = "login"
 
-# Login failures: each one is answered more slowly (see migrations_app.signals), and after
-# AXES_FAILURE_LIMIT for one user from one address, that pair is locked out for a while.
+# Login failures: after AXES_FAILURE_LIMIT for one user from one address, that pair is
+# locked out for a while; the user from elsewhere is not, so nobody can lock the operator
+# out. Behind a proxy the address is the client's (see migrations_app.clients). Nothing
+# sleeps: a delay would only hold one of the server's threads.
 AXES_FAILURE_LIMIT = 5
+AXES_CLIENT_IP_CALLABLE = "migrations_app.clients.client_ip"
 AXES_COOLOFF_TIME = timedelta(minutes=env_number("MIG_LOCKOUT_MINUTES", 15, 1, 1440, "minutes"))
 AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
 AXES_RESET_ON_SUCCESS = True
@@ -197,8 +211,19 @@ AXES_VERBOSE = False
 # Behind an HTTPS proxy (MIG_HTTPS=true): cookies only over HTTPS, and trust the proxy's
 # X-Forwarded-Proto header. Cookies are HttpOnly and SameSite=Lax either way.
 MIG_HTTPS = env_bool("MIG_HTTPS")
+# Proxies in front of MIG whose X-Forwarded-For names the client (addresses).
+MIG_TRUSTED_PROXIES = ip_addresses("MIG_TRUSTED_PROXIES")
 SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = MIG_HTTPS
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if MIG_HTTPS else None
+# ...and browsers are told to use HTTPS only (`manage.py check --deploy` is clean). The ping
+# is exempt from the redirect: it carries nothing, and grids ask it on the app's own port.
+SECURE_SSL_REDIRECT = MIG_HTTPS
+SECURE_REDIRECT_EXEMPT = [r"^ping/$"]
+SECURE_HSTS_SECONDS = int(env_number("MIG_HSTS_SECONDS", 31536000, 0, 63072000)) if MIG_HTTPS else 0
+SECURE_HSTS_INCLUDE_SUBDOMAINS = SECURE_HSTS_PRELOAD = False
+# Whether every subdomain of MIG's host is HTTPS-only, or the domain is on browsers' preload
+# list, is the domain owner's decision, not MIG's: those two checks do not apply.
+SILENCED_SYSTEM_CHECKS = ["security.W005", "security.W021"]
 SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_AGE = 12 * 3600
 

@@ -68,6 +68,8 @@ def error(text):
         (('app_url = "http://127.0.0.2:8080"', 'app_url = "ftp://x"'), "key 'app_url': must be an http://"),
         (('host = "127.0.0.2"', 'host = "a b; rm"'), "key 'host': is not a host name or address"),
         (("[grids.east]", "[grids.1east]"), "grid '1east': grid names use letters"),
+        (('host = "127.0.0.2"', 'host = "-oProxyCommand"'), "key 'host': must not begin with '-'"),
+        (('host = "127.0.0.2"', 'host = "-V"'), "key 'host': must not begin with '-'"),
         (('root = "/srv/lab"', 'root = "/srv/lab"\nport = 22'), "grid 'lab', key 'port': only applies to"),
     ],
 )
@@ -77,6 +79,12 @@ def test_errors_name_file_line_grid_and_key(change, message):
     got = error(text)
     assert got.startswith("/cfg/grid.info: ")
     assert message in got
+
+
+def test_a_huge_name_is_not_echoed_in_full():
+    got = error(GOOD.replace("[grids.east]", f"[grids.{'e' * 1_000_000}]"))
+    assert "grid names use letters" in got and "…" in got
+    assert len(got) < 300
 
 
 def test_syntax_error_has_line():

@@ -57,6 +57,14 @@ def test_errors_are_shown_next_to_their_field(logged_in, grids, fields, field, m
     assert not MigrationJob.objects.exists() and not Lock.objects.exists()
 
 
+def test_a_huge_name_is_refused_without_echoing_it(logged_in, grids):
+    response = post(logged_in, target_app="x" * 1_000_000)
+    (error,) = field_errors(response, "target_app")
+    assert "at most 54 characters (it has 200)" in error
+    assert len(response.content) < 100_000  # the form does not send the megabyte back either
+    assert not MigrationJob.objects.exists()
+
+
 def test_target_app_exists(logged_in, grids):
     grids["west"].define("shop", {"volumes": [], "components": []})
     response = post(logged_in)

@@ -1,4 +1,4 @@
-"""Login: against MIG_USERNAME/MIG_PASSWORD, slowed and then locked out, CSRF, no secrets logged."""
+"""Login: against MIG_USERNAME/MIG_PASSWORD, locked out per user and address, CSRF, no secrets logged."""
 
 import logging
 
@@ -74,3 +74,38 @@ def test_ping_is_public_and_cross_origin(client, operator):
     response = client.get(reverse("ping"))
     assert response.json() == {"ok": True}
     assert response["Access-Control-Allow-Origin"] == "*"
+
+
+def test_behind_a_trusted_proxy_each_client_is_locked_out_alone(client, operator, settings):
+    # Everyone comes through one proxy: keyed on its address, one guesser would lock the
+    # operator out. The proxy's X-Forwarded-For names the client.
+    settings.MIG_TRUSTED_PROXIES = ["10.0.0.1"]
+    guesser = {"REMOTE_ADDR": "10.0.0.1", "HTTP_X_FORWARDED_FOR": "203.0.113.9"}
+    for _ in range(5):
+        client.post(reverse("login"), {"username": "operator", "password": "guess"}, **guesser)
+    locked = client.post(reverse("login"), {"username": "operator", "password": "guess"}, **guesser)
+    assert locked.status_code == 429
+    operator_behind_proxy = {"REMOTE_ADDR": "10.0.0.1", "HTTP_X_FORWARDED_FOR": "198.51.100.7, 10.0.0.1"}
+    response = Client().post(
+        reverse("login"), {"username": "operator", "password": "correct horse"}, **operator_behind_proxy
+    )
+    assert response.status_code == 302
+
+
+def test_x_forwarded_for_from_anyone_else_is_ignored(client, operator, settings):
+    # A guesser cannot escape the lockout by writing a new address into the header.
+    settings.MIG_TRUSTED_PROXIES = ["10.0.0.1"]
+    for n in range(5):
+        client.post(
+            reverse("login"),
+            {"username": "operator", "password": "guess"},
+            REMOTE_ADDR="203.0.113.9",
+            HTTP_X_FORWARDED_FOR=f"192.0.2.{n}",
+        )
+    again = client.post(
+        reverse("login"),
+        {"username": "operator", "password": "correct horse"},
+        REMOTE_ADDR="203.0.113.9",
+        HTTP_X_FORWARDED_FOR="192.0.2.200",
+    )
+    assert again.status_code == 429

@@ -98,3 +98,12 @@ def test_without_login_mig_listens_on_loopback_only(settings, monkeypatch):
     assert MigServer().cfg.bind == ["127.0.0.9:8123"]
     settings.MIG_NO_LOGIN = True
     assert MigServer().cfg.bind == ["127.0.0.1:8123"]
+
+
+def test_https_deployment_passes_django_s_deploy_checks(config_dir):
+    env = {"MIG_HTTPS": "true", "MIG_APP_URL": "https://mig.example/"}
+    result = run_manage(config_dir, "check", "--deploy", "--fail-level", "WARNING", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no issues" in result.stdout
+    plain = run_manage(config_dir, "check", "--deploy", "--fail-level", "WARNING")
+    assert plain.returncode != 0 and "SECURE_SSL_REDIRECT" in plain.stderr

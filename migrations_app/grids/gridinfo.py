@@ -22,7 +22,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
-from .names import NAME_RE
+from .names import NAME_RE, shorten
 
 DRIVERS = ("hostgrid",)
 PLANNED_DRIVERS = ("docker", "libvirt")
@@ -114,7 +114,7 @@ class _Locator:
     def error(self, grid, key, message):
         line = self.line_of(grid, key)
         where = f"{self.path}" + (f": line {line}" if line else "")
-        what = f"grid {grid!r}" + (f", key {key!r}" if key else "")
+        what = f"grid {shorten(grid)}" + (f", key {shorten(key)}" if key else "")
         return ConfigError(f"{where}: {what}: {message}")
 
 
@@ -159,7 +159,7 @@ def _root(loc, grid, value):
     if not value.startswith("/"):
         raise loc.error(grid, "root", "must be an absolute path")
     if ".." in value.split("/") or value != posixpath.normpath(value) or value == "/":
-        raise loc.error(grid, "root", f"must be a normalised path below / (got {value!r})")
+        raise loc.error(grid, "root", f"must be a normalised path below / (got {shorten(value)})")
     return value
 
 
@@ -204,12 +204,12 @@ def _grid_config(name, table, loc):
 
     driver = _require_str(loc, name, "driver", table["driver"])
     if driver in PLANNED_DRIVERS:
-        raise loc.error(name, "driver", f"driver {driver!r} is not available yet (use hostgrid)")
+        raise loc.error(name, "driver", f"driver {shorten(driver)} is not available yet (use hostgrid)")
     if driver not in DRIVERS:
-        raise loc.error(name, "driver", f"unknown driver {driver!r} (known: hostgrid)")
+        raise loc.error(name, "driver", f"unknown driver {shorten(driver)} (known: hostgrid)")
     transport = _require_str(loc, name, "transport", table["transport"])
     if transport not in TRANSPORTS:
-        raise loc.error(name, "transport", f"unknown transport {transport!r} (known: local, ssh)")
+        raise loc.error(name, "transport", f"unknown transport {shorten(transport)} (known: local, ssh)")
 
     values = {"name": name, "driver": driver, "transport": transport}
     values["root"] = _root(loc, name, table["root"])
@@ -220,13 +220,15 @@ def _grid_config(name, table, loc):
                 raise loc.error(name, required, f"is required for an ssh grid{why}")
         host = _require_str(loc, name, "host", table["host"])
         if not HOST_RE.match(host):
-            raise loc.error(name, "host", f"is not a host name or address: {host!r}")
+            raise loc.error(name, "host", f"is not a host name or address: {shorten(host)}")
+        if host.startswith("-"):  # ssh and rsync would take it for an option
+            raise loc.error(name, "host", f"must not begin with '-': {shorten(host)}")
         values["host"] = host
         values["host_key"] = _host_key(loc, name, table["host_key"])
         values["port"] = _number(loc, name, "port", table.get("port", 22), 1, 65535, int)
         user = _require_str(loc, name, "user", table.get("user", getpass.getuser()))
         if not USER_RE.match(user):
-            raise loc.error(name, "user", f"is not a valid user name: {user!r}")
+            raise loc.error(name, "user", f"is not a valid user name: {shorten(user)}")
         values["user"] = user
     else:
         for ssh_only in SSH_KEYS:
@@ -255,7 +257,7 @@ def parse(text, path="grid.info"):
     loc = _Locator(path, text)
     extra = sorted(set(data) - {"grids"})
     if extra:
-        raise ConfigError(f"{path}: unknown top-level key {extra[0]!r} (grids go in [grids.NAME])")
+        raise ConfigError(f"{path}: unknown top-level key {shorten(extra[0])} (grids go in [grids.NAME])")
     grids = data.get("grids", {})
     if not isinstance(grids, dict):
         raise ConfigError(f"{path}: 'grids' must be a table of [grids.NAME] tables")

@@ -68,17 +68,24 @@ class Invalid(AgentError):
     kind = "InvalidName"
 
 
+def shorten(value, limit=70):
+    """`value` as repr() shows it, cut to `limit` characters: an error names what it
+    refused without echoing a megabyte back."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def check_name(value, kind="app"):
-    if not NAME_RE.match(value or ""):
-        raise Invalid(f"invalid {kind} name {value!r}")
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise Invalid(f"invalid {kind} name {shorten(value)}")
     return value
 
 
 def check_relpath(value):
     """A path inside an app directory: relative, normalised, no way out."""
     norm = os.path.normpath(value)
-    if not value or os.path.isabs(value) or norm != value or norm.split("/")[0] == "..":
-        raise Invalid(f"invalid path {value!r}: must be relative and stay inside the app")
+    if not value or os.path.isabs(value) or norm != value or norm.split("/")[0] in ("..", "."):
+        raise Invalid(f"invalid path {shorten(value)}: must be relative and stay inside the app")
     return value
 
 
@@ -175,7 +182,7 @@ def signal_all(pids, sig):
 class Grid:
     def __init__(self, root):
         if not os.path.isabs(root) or os.path.normpath(root) != root or root == "/":
-            raise Invalid(f"invalid grid root {root!r}")
+            raise Invalid(f"invalid grid root {shorten(root)}")
         self.root = root
         self.apps = os.path.join(root, "apps")
         self.catalog = os.path.join(root, "catalog")
@@ -301,6 +308,8 @@ def validate_manifest(manifest):
         raise AgentError("manifest volumes and components must be lists")
     for v in volumes:
         check_name(v, "volume")
+    if len(set(volumes)) != len(volumes):
+        raise AgentError("manifest volumes must be distinct")
     seen = set()
     for c in components:
         if not isinstance(c, dict) or not isinstance(c.get("command"), list) or not c["command"]:
@@ -309,22 +318,29 @@ def validate_manifest(manifest):
         if c["name"] in seen:
             raise AgentError(f"component {c['name']!r} is listed twice")
         seen.add(c["name"])
-        if not all(isinstance(a, str) for a in c["command"]):
+        if not all(isinstance(a, str) and "\0" not in a for a in c["command"]):
             raise AgentError(f"component {c['name']!r}: command arguments must be strings")
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in c.get("env", {}).items()):
-            raise AgentError(f"component {c['name']!r}: env must map strings to strings")
+        env = c.get("env", {})
+        if not isinstance(env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and "\0" not in k + v and "=" not in k and k
+            for k, v in env.items()
+        ):
+            raise AgentError(f"component {c['name']!r}: env must map names to strings")
         restarts = c.get("restarts", 0)
         if isinstance(restarts, bool) or not isinstance(restarts, int) or not 0 <= restarts <= 100:
             raise AgentError(f"component {c['name']!r}: restarts must be a whole number from 0 to 100")
     props = manifest.get("properties", {})
-    if not isinstance(props, dict):
-        raise AgentError("manifest properties must be an object")
+    if not isinstance(props, dict) or not all(v is None or isinstance(v, str) for v in props.values()):
+        raise AgentError("manifest properties must be an object of strings (or null: required)")
+    template = manifest.get("template", "")
+    if not isinstance(template, str) or len(template) > 64:
+        raise AgentError("manifest template must be a name")
     owner = manifest.get("owner", "")
     if not isinstance(owner, str) or len(owner) > 200:
         raise AgentError("manifest owner must be a string of at most 200 characters")
     clean = {
         "format": MANIFEST_FORMAT,
-        "template": manifest.get("template", ""),
+        "template": template,
         "properties": props,
         "volumes": volumes,
         "components": components,
@@ -694,14 +710,31 @@ def safe_members(tar):
         yield member
 
 
+TEMPORARY_ARCHIVE_RE = re.compile(r"^tmp-[0-9a-f]{32}\.tar\.gz\Z")
+VERSION_RE = re.compile(r"^[A-Za-z0-9._+-]{1,64}\Z")
+
+
+def temporary_archive(grid, path):
+    """An archive MIG put in the grid's own directory for this operation, which deletes it:
+    nothing else may be named, so the agent never deletes anything of anyone else's."""
+    if os.path.dirname(path) != os.path.join(grid.root, ".mig") or not TEMPORARY_ARCHIVE_RE.match(
+        os.path.basename(path)
+    ):
+        raise Invalid(f"invalid archive {shorten(path)}: only MIG's own <root>/.mig/tmp-*.tar.gz")
+    return path
+
+
 def op_install_template(grid, args):
     name = check_name(args.template, "template")
+    archive = temporary_archive(grid, args.archive)
+    if not VERSION_RE.match(args.version):
+        raise Invalid(f"invalid version {shorten(args.version)}")
     ensure_dir(grid.catalog)
     final = os.path.join(grid.catalog, name)
     staging = os.path.join(grid.catalog, f".{name}.{uuid.uuid4().hex}")
     try:
         try:
-            with tarfile.open(args.archive) as tar:
+            with tarfile.open(archive) as tar:
                 tar.extractall(staging, members=safe_members(tar))
         except (tarfile.ReadError, EOFError) as e:
             free = shutil.disk_usage(grid.root).free
@@ -719,7 +752,7 @@ def op_install_template(grid, args):
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        os.unlink(args.archive)
+        os.unlink(archive)
     return {"installed": name, "version": args.version}
 
 
@@ -1431,6 +1464,25 @@ class Parser(argparse.ArgumentParser):
         raise AgentError(f"{self.prog}: {message}")
 
 
+def number(low, high, kind=float):
+    """An argument type: a finite number from `low` to `high`."""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:  # NaN compares false: refused too
+            raise argparse.ArgumentTypeError(f"must be a number from {low} to {high}, not {shorten(text)}")
+        return value
+
+    return parse
+
+
+SECONDS = number(0.0, 7 * 86400.0)
+OFFSET = number(0, 1 << 62, int)
+
+
 def parser():
     p = Parser(prog="hostgrid-agent")
     p.add_argument("root")
@@ -1448,14 +1500,14 @@ def parser():
     s = sub.add_parser("start")
     s.add_argument("app")
     s.add_argument("--listen-host", default="127.0.0.1")
-    s.add_argument("--listen-port", type=int)
-    s.add_argument("--timeout", type=float, default=60.0)
+    s.add_argument("--listen-port", type=number(1, 65535, int))
+    s.add_argument("--timeout", type=SECONDS, default=60.0)
     s = sub.add_parser("describe")
     s.add_argument("app")
     s.add_argument("--sizes", action="store_true")
     s = sub.add_parser("stop")
     s.add_argument("app")
-    s.add_argument("--grace", type=float)
+    s.add_argument("--grace", type=SECONDS)
     s.add_argument("--force", action="store_true")
     s = sub.add_parser("create")
     s.add_argument("app")
@@ -1473,13 +1525,13 @@ def parser():
     s = sub.add_parser("read")
     s.add_argument("app")
     s.add_argument("path")
-    s.add_argument("--offset", type=int, default=0)
-    s.add_argument("--limit", type=int, default=1 << 20)
+    s.add_argument("--offset", type=OFFSET, default=0)
+    s.add_argument("--limit", type=number(0, 16 << 20, int), default=1 << 20)
     s = sub.add_parser("follow")
     s.add_argument("app")
     s.add_argument("path")
-    s.add_argument("--offset", type=int, default=0)
-    s.add_argument("--max-time", type=float, default=86400.0)
+    s.add_argument("--offset", type=OFFSET, default=0)
+    s.add_argument("--max-time", type=SECONDS, default=86400.0)
     s = sub.add_parser("scan")
     s.add_argument("app")
     s.add_argument("--hashes", action="store_true")
@@ -1497,10 +1549,10 @@ def parser():
         if op != "cutover-read":
             s.add_argument("--job", required=True)
     s = sub.choices["cutover-arm"]
-    s.add_argument("--job-id", type=int, required=True)
+    s.add_argument("--job-id", type=number(1, 1 << 62, int), required=True)
     s.add_argument("--action", required=True)
     s.add_argument("--target", required=True)
-    s.add_argument("--timeout", type=float, required=True)
+    s.add_argument("--timeout", type=SECONDS, required=True)
     for op in ("cutover-claim", "cutover-abandon"):
         sub.choices[op].add_argument("--by", required=True)
         sub.choices[op].add_argument("--reason", default="")
@@ -1508,9 +1560,16 @@ def parser():
     return p
 
 
+MESSAGE_LIMIT = 1000
+
+
+def shortened(message):
+    return message if len(message) <= MESSAGE_LIMIT else message[: MESSAGE_LIMIT - 1] + "…"
+
+
 def answer(argv, served=False):
     """Do one operation; its JSON answer, or None once a streaming one has written its own."""
-    grid = None
+    grid = args = None
     try:
         args = parser().parse_args(argv)
         if args.op == "serve" or (served and args.op in STREAMING):
@@ -1518,11 +1577,14 @@ def answer(argv, served=False):
         grid = Grid(args.root)
         result = OPERATIONS[args.op](grid, args)
     except AgentError as e:
-        return {"ok": False, "error": e.kind, "message": str(e)}
+        return {"ok": False, "error": e.kind, "message": shortened(str(e))}
     except OSError as e:
         where = f": {e.filename}" if e.filename else ""
         message = f"{errno.errorcode.get(e.errno, 'error')} {e.strerror}{where}"
-        return {"ok": False, "error": "OperationFailed", "message": message}
+        return {"ok": False, "error": "OperationFailed", "message": shortened(message)}
+    except Exception as e:  # a request nobody foresaw: an answer, and the agent serves on
+        message = f"{args.op if args else 'request'} failed: {type(e).__name__}: {e}"
+        return {"ok": False, "error": "OperationFailed", "message": shortened(message)}
     finally:
         if grid is not None:
             grid.end_ops()
@@ -1531,14 +1593,14 @@ def answer(argv, served=False):
 
 def serve(root):
     """Answer operations read from stdin until it closes (see the module's docstring)."""
-    for line in sys.stdin:
+    for line in sys.stdin.buffer:  # bytes: a line that is not UTF-8 is a bad request, not an end
         try:
             request = json.loads(line)
             if not isinstance(request, list) or not all(isinstance(a, str) for a in request):
                 raise ValueError("a request is a JSON list of strings")
             reply = answer([root, *request], served=True)
-        except ValueError as e:
-            reply = {"ok": False, "error": "OperationFailed", "message": f"bad request: {e}"}
+        except (ValueError, RecursionError) as e:
+            reply = {"ok": False, "error": "OperationFailed", "message": shortened(f"bad request: {e}")}
         sys.stdout.write(json.dumps(reply) + "\n")
         sys.stdout.flush()
     return 0

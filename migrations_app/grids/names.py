@@ -3,6 +3,7 @@
 import re
 
 from .errors import InvalidName
+from .hostgrid_agent import shorten
 
 NAME_PATTERN = r"[A-Za-z][A-Za-z0-9_-]{0,63}"
 NAME_RE = re.compile(rf"^{NAME_PATTERN}\Z")
@@ -12,9 +13,9 @@ HELPER_PREFIX = "MigHelper_"
 def validate_name(value, kind="app"):
     """Return `value` if it is a safe grid or app name, else raise InvalidName."""
     if not isinstance(value, str) or not NAME_RE.match(value):
-        shown = value if isinstance(value, str) and len(value) <= 70 else f"{str(value)[:40]}…"
         raise InvalidName(
-            f"invalid {kind} name {shown!r}: use 1-64 letters, digits, '_' or '-', starting with a letter"
+            f"invalid {kind} name {shorten(value)}: "
+            "use 1-64 letters, digits, '_' or '-', starting with a letter"
         )
     return value
 

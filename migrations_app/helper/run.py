@@ -52,6 +52,9 @@ from .progress import ProgressLog, human_bytes
 from .status import serve_status
 
 LINGER_SECONDS = 3600
+# How long the status endpoint answers after the outcome: the page has moved on to the MIG
+# that ended the job long before; after it, the endpoint says only that the job has ended.
+STATUS_AFTER_RESULT = 120.0
 # Files modified this close before the hashing started may change again without their
 # time changing (coarse file-time ticks, clock jitter): the final pass reads them again.
 RACY_MARGIN = 1.0
@@ -180,6 +183,7 @@ class Helper:
         self.source = self.target = self.final = self.heartbeat = None
         self.target_created = self.journal.has(protocol.TARGET_DEFINING)
         self.armed = self.verified = self.finished = False
+        self.finished_at = None
         self.volumes = []
         self.total_bytes = int(self.config.get("bytes_total") or 0)
         self.rsync_pid_file = os.path.join(work_dir, "rsync.pid")
@@ -198,7 +202,7 @@ class Helper:
         self.serve_status()
         if self.journal.result:
             # Restarted after it had finished: nothing more to do but answer status.
-            self.finished = True
+            self.mark_finished()
             self.linger()
             return 0
         if stop_orphan(self.rsync_pid_file):
@@ -251,10 +255,12 @@ class Helper:
         except (OSError, ValueError, KeyError, IndexError):
             port = 0
         host = self.target_grid.app_host or "127.0.0.1"
+        # The monitor's page is on the source's MIG, then on the target's.
+        options = {"origins": [self.source_grid.app_url, self.target_grid.app_url], "gone": self.status_gone}
         try:
-            server = serve_status(host, self.token, self.snapshot, port)
+            server = serve_status(host, self.token, self.snapshot, port, **options)
         except OSError:
-            server = serve_status(host, self.token, self.snapshot)
+            server = serve_status(host, self.token, self.snapshot, **options)
         host, port = server.server_address[:2]
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
@@ -535,7 +541,8 @@ class Helper:
 
     def step_start(self):
         """Start the app that is the app from now on: the target (migrate) or the source."""
-        assert self.verified, "nothing starts from an unverified copy"
+        if not self.verified:  # a bug, if ever: explicit, since `python -O` drops asserts
+            raise Failure("nothing starts from an unverified copy (the helper's steps ran out of order)")
         if self.action == "migrate":
             role, grid, config, app = "target", self.target, self.target_grid, self.target_app
         else:
@@ -605,8 +612,15 @@ class Helper:
 
     # --- endings ------------------------------------------------------------------------
 
-    def succeed(self):
+    def mark_finished(self):
         self.finished = True
+        self.finished_at = time.monotonic()
+
+    def status_gone(self):
+        return self.finished_at is not None and time.monotonic() - self.finished_at > STATUS_AFTER_RESULT
+
+    def succeed(self):
+        self.mark_finished()
         self.apps["helper"] = "done"
         what = "started" if self.action == "migrate" else "kept stopped; source restarted"
         self.log.event(
@@ -629,7 +643,7 @@ class Helper:
             self.heartbeat.stop()
         for level, message in notes:
             self.log.event(message, level=level)
-        self.finished = True
+        self.mark_finished()
         self.apps["helper"] = "failed"
         signal.signal(signal.SIGTERM, self.on_sigterm)
         self.log.event(
@@ -727,7 +741,9 @@ class Helper:
         started = time.monotonic()
         total = max(self.total_bytes, 1)
         if self.source_grid.transport == "ssh":
-            source = f"{self.source_grid.host}:{self.source_path}/volumes/"
+            host = self.source_grid.host
+            # rsync's host:path; an IPv6 address goes in brackets, or its colons split it.
+            source = f"{f'[{host}]' if ':' in host else host}:{self.source_path}/volumes/"
             remote_shell = self.source.transport.remote_shell()
         else:
             source, remote_shell = f"{self.source_path}/volumes/", None

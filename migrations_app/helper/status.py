@@ -1,27 +1,57 @@
 """The helper's read-only status endpoint, so the monitor keeps working while MIG is down.
 
 GET /status with `Authorization: Bearer <token>` answers the latest progress line and the
-recent events as JSON. Browsers call it from MIG's page, another origin, hence CORS.
+recent events as JSON. MIG's page calls it from another origin, so CORS allows exactly
+MIG's own origins (the source's and the target's app URLs), and a request from any other
+origin is refused. It is bounded, since it listens on the grid's app address: each
+connection has a socket timeout, at most MAX_CONNECTIONS are served at once and any beyond
+are closed unanswered, and once the job's outcome is old (`gone()`) it answers 410 only.
+
+It speaks plain HTTP: where the app URL is https, a proxy in front of the grid fronts it
+(see the README), or the page waits for the target's MIG instead.
 """
 
 import hmac
 import json
 import threading
+from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+MAX_CONNECTIONS = 32
+SOCKET_TIMEOUT = 10.0
 
 
-def make_handler(token, snapshot):
+def origin_of(url: str) -> str | None:
+    """The origin a browser sends for a page at `url` (scheme://host[:port])."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else None
+
+
+def make_handler(token: str, snapshot: Callable[[], dict], origins: set[str], gone: Callable[[], bool]):
+    expected = f"Bearer {token}".encode()
+
     class Handler(BaseHTTPRequestHandler):
         server_version = "MigHelper"
         sys_version = ""
+        timeout = SOCKET_TIMEOUT  # an idle or slow client loses its connection
 
         def cors(self):
-            self.send_header("Access-Control-Allow-Origin", "*")
-            self.send_header("Access-Control-Allow-Headers", "Authorization")
-            self.send_header("Access-Control-Allow-Methods", "GET, OPTIONS")
+            origin = self.headers.get("Origin")
+            if origin in origins:
+                self.send_header("Access-Control-Allow-Origin", origin)
+                self.send_header("Access-Control-Allow-Headers", "Authorization")
+                self.send_header("Access-Control-Allow-Methods", "GET, OPTIONS")
+            self.send_header("Vary", "Origin")
             self.send_header("Cache-Control", "no-store")
 
+        def foreign_origin(self):
+            origin = self.headers.get("Origin")
+            return origin is not None and origin not in origins
+
         def do_OPTIONS(self):
+            if self.foreign_origin():
+                return self.reply(403, {"error": "this origin may not ask"})
             self.send_response(204)
             self.cors()
             self.end_headers()
@@ -29,9 +59,13 @@ def make_handler(token, snapshot):
         def do_GET(self):
             if self.path.split("?")[0] != "/status":
                 return self.reply(404, {"error": "not found"})
-            given = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode(), token.encode()):
-                return self.reply(403, {"error": "a valid token is required"})
+            if self.foreign_origin():
+                return self.reply(403, {"error": "this origin may not ask"})
+            given = self.headers.get("Authorization", "").strip().encode()
+            if not hmac.compare_digest(given, expected):
+                return self.reply(403, {"error": "Authorization: Bearer <the job's token> is required"})
+            if gone():
+                return self.reply(410, {"error": "the job has ended: ask MIG"})
             return self.reply(200, snapshot())
 
         def reply(self, status, data):
@@ -49,9 +83,44 @@ def make_handler(token, snapshot):
     return Handler
 
 
-def serve_status(host, token, snapshot, port=0):
-    """Start the endpoint on (host, port; 0: any free one) in a thread; returns the server."""
-    server = ThreadingHTTPServer((host, port), make_handler(token, snapshot))
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+class StatusServer(ThreadingHTTPServer):
+    """A thread per connection, at most `slots` of them at a time."""
+
+    daemon_threads = True
+
+    def __init__(self, address, handler, max_connections):
+        super().__init__(address, handler)
+        self.slots = threading.BoundedSemaphore(max_connections)
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)  # beyond the cap: closed unanswered
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
+def serve_status(
+    host: str,
+    token: str,
+    snapshot: Callable[[], dict],
+    port: int = 0,
+    origins: Iterable[str] = (),
+    gone: Callable[[], bool] = lambda: False,
+    max_connections: int = MAX_CONNECTIONS,
+) -> StatusServer:
+    """Start the endpoint on (host, port; 0: any free one) in a thread; returns the server.
+    `origins`: the app URLs whose pages may ask."""
+    allowed = {o for o in map(origin_of, origins) if o}
+    server = StatusServer((host, port), make_handler(token, snapshot, allowed, gone), max_connections)
+    threading.Thread(target=server.serve_forever, name="status", daemon=True).start()
     return server

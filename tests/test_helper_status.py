@@ -1,0 +1,109 @@
+"""The helper's status endpoint: the job's token as a Bearer, MIG's origins only, bounded."""
+
+import http.client
+import json
+import socket
+import threading
+
+import pytest
+
+from migrations_app.helper import status
+
+TOKEN = "t0ken-of-the-job"
+SOURCE_URL, TARGET_URL = "http://127.0.0.2:8080/", "https://shop.example/"
+
+
+@pytest.fixture
+def endpoint():
+    gone = threading.Event()
+    server = status.serve_status(
+        "127.0.0.1",
+        TOKEN,
+        lambda: {"job": 7, "phase": "precopy"},
+        origins=[SOURCE_URL, TARGET_URL],
+        gone=gone.is_set,
+        max_connections=4,
+    )
+    yield server, gone
+    server.shutdown()
+    server.server_close()
+
+
+def ask(server, method="GET", path="/status", **headers):
+    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
+    try:
+        connection.request(method, path, headers=headers)
+        response = connection.getresponse()
+        body = response.read()
+        return response.status, dict(response.getheaders()), json.loads(body) if body else None
+    finally:
+        connection.close()
+
+
+def test_the_token_must_come_as_a_bearer(endpoint):
+    server, _ = endpoint
+    assert ask(server, Authorization=f"Bearer {TOKEN}")[0] == 200
+    assert ask(server, Authorization=f"Bearer {TOKEN}")[2] == {"job": 7, "phase": "precopy"}
+    for wrong in (TOKEN, f"Basic {TOKEN}", f"Bearer {TOKEN}x", "Bearer ", ""):
+        code, _, body = ask(server, Authorization=wrong)
+        assert code == 403 and "Bearer" in body["error"], wrong
+    assert ask(server, "GET", "/elsewhere", Authorization=f"Bearer {TOKEN}")[0] == 404
+
+
+def test_only_mig_s_own_origins_may_ask(endpoint):
+    server, _ = endpoint
+    for origin in ("http://127.0.0.2:8080", "https://shop.example"):
+        code, headers, _ = ask(server, Authorization=f"Bearer {TOKEN}", Origin=origin)
+        assert code == 200 and headers["Access-Control-Allow-Origin"] == origin
+        code, headers, _ = ask(server, "OPTIONS", Origin=origin)
+        assert code == 204 and headers["Access-Control-Allow-Origin"] == origin
+    for origin in ("http://evil.example", "http://127.0.0.2:8081", "null"):
+        code, headers, _ = ask(server, Authorization=f"Bearer {TOKEN}", Origin=origin)
+        assert code == 403 and "Access-Control-Allow-Origin" not in headers
+        assert ask(server, "OPTIONS", Origin=origin)[0] == 403
+
+
+def test_once_the_job_has_ended_it_says_only_that(endpoint):
+    server, gone = endpoint
+    gone.set()
+    code, _, body = ask(server, Authorization=f"Bearer {TOKEN}")
+    assert code == 410 and body == {"error": "the job has ended: ask MIG"}
+    assert ask(server, Authorization="Bearer wrong")[0] == 403
+
+
+def test_idle_connections_beyond_the_cap_are_refused_and_time_out(endpoint, monkeypatch):
+    server, _ = endpoint
+    idle = [socket.create_connection(server.server_address[:2]) for _ in range(4)]
+    try:
+        # Every slot is held by a silent client: one more is closed unanswered.
+        extra = socket.create_connection(server.server_address[:2])
+        extra.settimeout(10)
+        extra.sendall(f"GET /status HTTP/1.0\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode())
+        assert extra.recv(100) == b""
+        extra.close()
+    finally:
+        for s in idle:
+            s.close()
+    # Their slots come back once they go, and the endpoint answers again.
+    pause = threading.Event()  # never set: a wait that is only a pause
+    for _ in range(100):
+        try:
+            if ask(server, Authorization=f"Bearer {TOKEN}")[0] == 200:
+                break
+        except (ConnectionError, http.client.RemoteDisconnected):
+            pause.wait(0.05)
+    else:
+        raise AssertionError("the endpoint never answered again")
+
+
+def test_a_silent_client_is_dropped_after_the_socket_timeout(monkeypatch):
+    monkeypatch.setattr(status, "SOCKET_TIMEOUT", 0.5)
+    server = status.serve_status("127.0.0.1", TOKEN, dict, max_connections=1)
+    try:
+        silent = socket.create_connection(server.server_address[:2])
+        silent.settimeout(10)
+        assert silent.recv(100) == b""  # the server hung up on it
+        assert ask(server, Authorization=f"Bearer {TOKEN}")[0] == 200  # and its slot is free
+    finally:
+        server.shutdown()
+        server.server_close()
