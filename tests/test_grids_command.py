@@ -70,3 +70,13 @@ def test_bad_grid_info_is_one_line(config_dir):
     result = run_manage(config_dir, "grids")
     assert result.returncode != 0
     assert result.stderr.strip().endswith("grid 'x', key 'driver': is required")
+
+
+def test_authorized_keys_only_for_a_grid_reached_by_ssh(config_dir, tmp_path, client_key):
+    write_grid_info(config_dir, {"west": grid_table("local", tmp_path / "west")})
+    result = run_manage(
+        config_dir, "grids", "--authorized-keys", "west", env={"MIG_PRIVATE_KEY_FILE": client_key}
+    )
+    assert result.returncode != 0
+    assert "grid west is reached without SSH: it has no key to restrict" in result.stderr
+    assert result.stdout == ""

@@ -19,6 +19,7 @@ from .errors import (
     TransportError,
 )
 from .gridinfo import GridConfig
+from .hostgrid import authorized_keys_line
 from .names import helper_name, validate_name
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "InvalidName",
     "OperationFailed",
     "TransportError",
+    "authorized_keys_line",
     "helper_name",
     "open_grid",
     "validate_name",

@@ -35,7 +35,7 @@ HOST_KEY_TYPES = (
     "ssh-rsa",
 )
 HOST_RE = re.compile(r"^[A-Za-z0-9.:-]{1,253}\Z")
-SSH_KEYS = ("host", "port", "user", "host_key")
+SSH_KEYS = ("host", "port", "user", "host_key", "restricted")
 USER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\Z", re.IGNORECASE)
 
 
@@ -51,6 +51,8 @@ class GridConfig:
     host_key: str = ""
     app_url: str = ""
     python: str = "python3"
+    # MIG's key on this grid runs only MIG's gate (see gate.py, `grids --authorized-keys`).
+    restricted: bool = False
     connect_timeout: float = 10.0
     command_timeout: float = 300.0
 
@@ -185,6 +187,7 @@ KEYS = {
     "root",
     "app_url",
     "python",
+    "restricted",
     "connect_timeout",
     "command_timeout",
 }
@@ -230,6 +233,10 @@ def _grid_config(name, table, loc):
         if not USER_RE.match(user):
             raise loc.error(name, "user", f"is not a valid user name: {shorten(user)}")
         values["user"] = user
+        restricted = table.get("restricted", False)
+        if not isinstance(restricted, bool):
+            raise loc.error(name, "restricted", "must be true or false")
+        values["restricted"] = restricted
     else:
         for ssh_only in SSH_KEYS:
             if ssh_only in table:

@@ -10,23 +10,30 @@ run an agent of their own. The agent is installed on first use at
 MIG never talks to an old agent.
 """
 
+import base64
 import dataclasses
 import hashlib
 import io
 import json
 import posixpath
+import shlex
 import subprocess
 import tarfile
 import threading
 import uuid
+import zlib
 from pathlib import Path
 
 from .driver import App, AppState, Component, Cutover, Driver, GridInfo, Volume
 from .errors import AppExists, AppNotFound, CommandTimeout, GridError, InvalidName, OperationFailed
+from .gridinfo import GridConfig
 from .names import validate_name
 
 AGENT_SOURCE = Path(__file__).with_name("hostgrid_agent.py").read_bytes()
 AGENT_VERSION = hashlib.sha256(AGENT_SOURCE).hexdigest()[:16]
+GATE_SOURCE = Path(__file__).with_name("gate.py").read_bytes()
+# Runs the gate's source from the authorized_keys line itself: the host needs no file of MIG's.
+GATE_LOADER = "import base64,sys,zlib;exec(zlib.decompress(base64.b64decode(sys.argv[1])))"
 CUTOVER_FIELDS = {f.name for f in dataclasses.fields(Cutover)}
 ERRORS = {
     "AppNotFound": AppNotFound,
@@ -41,6 +48,15 @@ def check_relpath(path):
     if not path or path.startswith("/") or norm != path or norm.split("/")[0] == "..":
         raise InvalidName(f"invalid path {path!r}: must be relative and stay inside the app")
     return path
+
+
+def authorized_keys_line(grid: GridConfig, public_key: str) -> str:
+    """The authorized_keys line that lets MIG's key (`public_key`, "TYPE BASE64 [COMMENT]")
+    do only MIG's work on `grid`, which then says `restricted = true` (see gate.py)."""
+    packed = base64.b64encode(zlib.compress(GATE_SOURCE, 9)).decode()
+    command = shlex.join([grid.python, "-c", GATE_LOADER, packed, grid.python, grid.root])
+    quoted = command.replace("\\", "\\\\").replace('"', '\\"')
+    return f'restrict,command="{quoted}" {public_key}'
 
 
 class AgentSession:

@@ -123,6 +123,10 @@ class Transport:
         """Write `data` to `path` on the host atomically, creating its directory."""
         raise NotImplementedError
 
+    def put_through_gate(self, data, path, mode):
+        """put() on a restricted grid, whose key can write files only through MIG's gate."""
+        self.run(["mig-put", str(path), f"{mode:o}"], input=data)
+
     def popen(self, argv):
         """Start a command with pipes to its stdin, stdout and stderr, for streaming data.
 
@@ -274,10 +278,12 @@ class SSHTransport(Transport):
         key_file,
         connect_timeout=10.0,
         command_timeout=300.0,
+        restricted=False,
     ):
         super().__init__(command_timeout)
         self.host, self.port, self.user = host, port, user
         self.host_key = host_key
+        self.restricted = restricted
         self.key_file = Path(key_file)
         self.connect_timeout = connect_timeout
         self.name = f"ssh {user}@{host}:{port}"
@@ -405,6 +411,8 @@ class SSHTransport(Transport):
         return None
 
     def put(self, data, path, mode=0o600):
+        if self.restricted:
+            return self.put_through_gate(data, path, mode)
         client = self._connect()
         path = str(path)
         directory = os.path.dirname(path)
@@ -496,9 +504,20 @@ class OpenSSHTransport(LocalTransport):
     master connection is shared by every command and by rsync (ControlMaster).
     """
 
-    def __init__(self, host, port, user, host_key, key_file, connect_timeout=10.0, command_timeout=300.0):
+    def __init__(
+        self,
+        host,
+        port,
+        user,
+        host_key,
+        key_file,
+        connect_timeout=10.0,
+        command_timeout=300.0,
+        restricted=False,
+    ):
         super().__init__(command_timeout)
         self.host, self.port, self.user = host, port, user
+        self.restricted = restricted
         self.name = f"ssh {user}@{host}:{port}"
         # Socket paths are limited to ~100 bytes: keep them in a short private directory.
         self.control_dir = tempfile.mkdtemp(prefix="mig-ssh-")
@@ -570,6 +589,8 @@ class OpenSSHTransport(LocalTransport):
         return TransportError(f"{self.name}: {detail or 'ssh failed'}")
 
     def put(self, data, path, mode=0o600):
+        if self.restricted:
+            return self.put_through_gate(data, path, mode)
         path = str(path)
         directory = os.path.dirname(path)
         tmp = f"{directory}/.{os.path.basename(path)}.{uuid.uuid4().hex}.tmp"
@@ -606,4 +627,5 @@ def open_transport(grid, key_file, ssh_client="paramiko"):
         key_file,
         grid.connect_timeout,
         grid.command_timeout,
+        grid.restricted,
     )

@@ -55,8 +55,11 @@ class PassStats:
     seconds: float = 0.0
 
 
-def rsync_argv(source, dest, remote_shell=None, bwlimit_kbps=None, stall_timeout=60):
-    """rsync arguments copying directory `source` into `dest` (both ending in /)."""
+def rsync_argv(source, dest, remote_shell=None, bwlimit_kbps=None, stall_timeout=60, protect_args=True):
+    """rsync arguments copying directory `source` into `dest` (both ending in /).
+
+    protect_args=False for a restricted source grid: its gate must see the paths on the
+    command line (rsync 3.2.4 and later quote them safely there anyway)."""
     argv = [
         "rsync",
         "--archive",
@@ -69,7 +72,7 @@ def rsync_argv(source, dest, remote_shell=None, bwlimit_kbps=None, stall_timeout
         # A pass cut short (a lost connection, a helper that died) leaves what it moved of a
         # file in place, and the next pass sends only the rest.
         "--partial",
-        "--protect-args",
+        *(["--protect-args"] if protect_args else []),
         "--no-inc-recursive",
         "--info=progress2",
         "--stats",

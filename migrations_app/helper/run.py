@@ -755,7 +755,14 @@ class Helper:
             eta = (total - done) / rate if rate > 0 else None
             self.log.progress(done, total, rate, eta, label)
 
-        argv = rsync_argv(source, f"{self.volumes_path}/", remote_shell, self.bwlimit, self.stall_timeout)
+        argv = rsync_argv(
+            source,
+            f"{self.volumes_path}/",
+            remote_shell,
+            self.bwlimit,
+            self.stall_timeout,
+            protect_args=not self.source_grid.restricted,
+        )
         stats = run_rsync(argv, on_progress, self.stall_timeout, self.rsync_pid_file)
         self.log.progress(total, total, total / max(stats.seconds, 1e-3), 0, label, force=True)
         return stats

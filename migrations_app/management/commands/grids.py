@@ -5,7 +5,15 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import connection
 
 from migrations_app import config
-from migrations_app.grids import AuthError, ConfigError, GridError, HostKeyError, TransportError
+from migrations_app.grids import (
+    AuthError,
+    ConfigError,
+    GridError,
+    HostKeyError,
+    TransportError,
+    authorized_keys_line,
+)
+from migrations_app.grids.transport import load_private_key
 from migrations_app.helper.progress import human_bytes
 from migrations_app.models import Grid
 
@@ -66,6 +74,15 @@ class Command(BaseCommand):
             metavar="GRID",
             help="make GRID's root a grid (directories and its name); safe to repeat",
         )
+        parser.add_argument(
+            "--authorized-keys",
+            metavar="GRID",
+            help=(
+                "print the authorized_keys line that lets MIG's key do only MIG's work on GRID "
+                "(no shell, no forwarding): put it in the grid user's ~/.ssh/authorized_keys "
+                "instead of the plain key, and set restricted = true for GRID in grid.info"
+            ),
+        )
 
     def handle(self, *args, **options):
         try:
@@ -74,6 +91,8 @@ class Command(BaseCommand):
             raise CommandError(str(e)) from None
         if options["init"]:
             return self.init(self.pick(configs, options["init"]))
+        if options["authorized_keys"]:
+            return self.authorized_keys(self.pick(configs, options["authorized_keys"]))
         if options["apps"]:
             return self.list_apps(self.pick(configs, options["apps"]))
         selected = [self.pick(configs, n) for n in options["names"]] or list(configs.values())
@@ -124,6 +143,20 @@ class Command(BaseCommand):
             self.stdout.write(f"no apps on grid {grid_config.name}")
         for app in apps:
             self.stdout.write(f"{app.name:<40} {app.state}")
+
+    def authorized_keys(self, grid_config):
+        if grid_config.transport != "ssh":
+            raise CommandError(f"grid {grid_config.name} is reached without SSH: it has no key to restrict")
+        try:
+            key = load_private_key(config.settings.MIG_PRIVATE_KEY_FILE)
+        except AuthError as e:
+            raise CommandError(str(e)) from None
+        self.stdout.write(authorized_keys_line(grid_config, f"{key.get_name()} {key.get_base64()} mig"))
+        if not grid_config.restricted:
+            self.stderr.write(
+                f"then set restricted = true for grid {grid_config.name} in grid.info: MIG writes "
+                "files through the gate, and rsync shows it its paths"
+            )
 
     def init(self, grid_config):
         changed = self.on_grid(grid_config, lambda driver: driver.init())
