@@ -320,6 +320,18 @@ def test_paths_stay_inside_the_app(grid, path):
         grid.read_file("box", path)
 
 
+def test_a_symlink_in_an_app_is_not_read_through(grid, tmp_path):
+    grid.define("box", {"volumes": ["data"], "components": []})
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("not the app's\n")
+    data = Path(grid.grid.root, "apps/box/volumes/data")
+    (data / "file").symlink_to(outside / "secret")
+    (data / "dir").symlink_to(outside)
+    assert grid.read_file("box", "volumes/data/file") == ("", 0)
+    assert grid.read_file("box", "volumes/data/dir/secret") == ("", 0)
+
+
 @pytest.mark.parametrize("name", BAD_NAMES)
 def test_bad_names_are_refused_before_any_command(grid, name, monkeypatch):
     before = sorted(p.name for p in Path(grid.grid.root, "apps").iterdir())

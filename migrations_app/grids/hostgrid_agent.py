@@ -765,14 +765,21 @@ def op_template_version(grid, args):
         return None
 
 
-def app_file(grid, app, relpath):
-    return os.path.join(grid.app_dir(app), check_relpath(relpath))
+def open_app_file(grid, app, relpath):
+    """A regular file of an app's, reached with no symlink followed (see parent_dir);
+    FileNotFoundError if there is none."""
+    try:
+        with parent_dir(grid.app_dir(app), check_relpath(relpath)) as (dir_fd, name):
+            return open_regular(name, dir_fd)
+    except OSError as e:
+        if not_there(e):
+            raise FileNotFoundError(errno.ENOENT, "no such file", relpath) from None
+        raise
 
 
 def op_read(grid, args):
-    path = app_file(grid, args.app, args.path)
     try:
-        with open(path, "rb") as f:
+        with open_app_file(grid, args.app, args.path) as f:
             f.seek(args.offset)
             data = f.read(args.limit)
     except FileNotFoundError:
@@ -782,13 +789,12 @@ def op_read(grid, args):
 
 def op_follow(grid, args):
     """Print a file's lines as they are appended, until its app stops running."""
-    path = app_file(grid, args.app, args.path)
     offset = args.offset
     pending = b""
     deadline = time.monotonic() + args.max_time
     while time.monotonic() < deadline:
         try:
-            with open(path, "rb") as f:
+            with open_app_file(grid, args.app, args.path) as f:
                 f.seek(offset)
                 data = f.read()
         except FileNotFoundError:
