@@ -144,7 +144,7 @@ def test_malformed_grid_info_names_file_line_grid_and_changes_nothing(config_dir
     assert error == (
         f"CommandError: {grid_info}: line 11: grid 'west', key 'hots': unknown key "
         "(known: app_url, command_timeout, connect_timeout, driver, host, host_key, port, python, "
-        "root, transport, user)"
+        "restricted, root, transport, user)"
     )
     assert not (config_dir / "mig.sqlite3").exists()
     assert not (config_dir / "logs").exists()

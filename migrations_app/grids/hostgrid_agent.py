@@ -1201,8 +1201,18 @@ def open_regular(name, dir_fd, flags=os.O_RDONLY, mode=0o600):
     """A regular file `name` in the directory `dir_fd`, opened without following a symlink
     (and without blocking on a fifo), as a file object. FileNotFoundError if it is not a
     regular file."""
-    fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode, dir_fd=dir_fd)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    # Look before opening: opening a device may do something by itself (a tape rewinds).
+    try:
+        found = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        if not flags & os.O_CREAT:
+            raise
+    else:
+        if not stat.S_ISREG(found.st_mode):
+            raise FileNotFoundError(errno.ENOENT, "not a regular file", name)
+    flags |= os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    fd = os.open(name, flags, mode, dir_fd=dir_fd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # replaced between the look and the open
         os.close(fd)
         raise FileNotFoundError(errno.ENOENT, "not a regular file", name)
     os.set_blocking(fd, True)
@@ -1308,7 +1318,12 @@ def describe_entry(rel, st, dir_fd, name):
         if st.st_nlink > 1:
             entry.update(i=f"{st.st_dev}:{st.st_ino}", n=st.st_nlink)
     elif kind == "l":
-        entry["l"] = os.readlink(name, dir_fd=dir_fd)
+        try:
+            entry["l"] = os.readlink(name, dir_fd=dir_fd)
+        except OSError as e:
+            if e.errno == errno.EINVAL:  # no longer a symlink: it changed since it was listed
+                raise FileNotFoundError(errno.ENOENT, "changed while listed", name) from None
+            raise
     elif kind in ("c", "b"):
         entry["r"] = st.st_rdev
     if found := xattrs(leaf_path(dir_fd, name)):
@@ -1381,7 +1396,12 @@ def op_scan(grid, args):
     if args.wait and not sys.stdin.readline():
         return
     for rel, st, dir_fd, name in tree_entries(base):
-        entry = describe_entry(rel, st, dir_fd, name)
+        try:
+            entry = describe_entry(rel, st, dir_fd, name)
+        except OSError as e:
+            if not_there(e):
+                continue  # removed while the app runs: the final pass lists the stopped source
+            raise
         if args.hashes and entry["k"] == "f":
             entry = hashed_entry(entry, dir_fd, name)
         if entry is not None:

@@ -18,13 +18,18 @@ class MigServer(Application):
         self.load_config_from_file(str(settings.BASE_DIR / "conf" / "gunicorn.conf.py"))
         if settings.MIG_NO_LOGIN:
             # Without a login, only this host may reach MIG: the port stays, the address
-            # becomes loopback, whatever MIG_BIND or the app's URL said.
-            self.cfg.set("bind", [f"127.0.0.1:{address.rpartition(':')[2]}" for address in self.cfg.bind])
+            # becomes loopback, whatever MIG_BIND or the app's URL said (a unix socket is
+            # local already).
+            self.cfg.set("bind", [loopback(address) for address in self.cfg.bind])
 
     def load(self):
         from migsite.wsgi import application
 
         return application
+
+
+def loopback(address):
+    return address if address.startswith("unix:") else f"127.0.0.1:{address.rpartition(':')[2]}"
 
 
 class Command(BaseCommand):
