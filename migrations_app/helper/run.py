@@ -47,7 +47,7 @@ from ..grids import (
 from ..grids.errors import OperationFailed
 from ..grids.gridinfo import GridConfig
 from . import protocol, sync
-from .copy import CopyError, rsync_argv, run_rsync, stop_orphan
+from .copy import CopyError, remote_path, rsync_argv, run_rsync, stop_orphan
 from .progress import ProgressLog, human_bytes
 from .status import serve_status
 
@@ -741,9 +741,7 @@ class Helper:
         started = time.monotonic()
         total = max(self.total_bytes, 1)
         if self.source_grid.transport == "ssh":
-            host = self.source_grid.host
-            # rsync's host:path; an IPv6 address goes in brackets, or its colons split it.
-            source = f"{f'[{host}]' if ':' in host else host}:{self.source_path}/volumes/"
+            source = remote_path(self.source_grid.host, f"{self.source_path}/volumes/")
             remote_shell = self.source.transport.remote_shell()
         else:
             source, remote_shell = f"{self.source_path}/volumes/", None
