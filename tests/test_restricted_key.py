@@ -15,25 +15,29 @@ ADDRESSES = {"east": "127.0.0.4", "west": "127.0.0.5"}
 @pytest.fixture
 def restricted(tmp_path, client_key):
     """Two sshd whose only authorized_keys line is MIG's restricted one, and a World on them."""
-    hosts = {
-        name: start_sshd(tmp_path / f"sshd-{name}", a, f"{client_key}.pub") for name, a in ADDRESSES.items()
-    }
-    config_dir = tmp_path / "config"
-    config_dir.mkdir()
-    tables = [f"[grids.{name}]\n{host.grid_table(tmp_path / name)}" for name, host in hosts.items()]
-    (config_dir / "grid.info").write_text("\n".join(tables))
-    env = {"MIG_PRIVATE_KEY_FILE": str(client_key)}
-    for name, host in hosts.items():
-        printed = run_manage(config_dir, "grids", "--authorized-keys", name, env=env, check=True)
-        assert "set restricted = true" in printed.stderr
-        (line,) = printed.stdout.splitlines()
-        assert line.startswith('restrict,command="') and line.endswith(" mig")
-        (host.workdir / "authorized_keys").write_text(line + "\n")
-    world = World(tmp_path, list(hosts.values()), client_key, extra_grid_keys="restricted = true\n")
-    yield world, hosts
-    world.close()
-    for host in hosts.values():
-        host.stop()
+    hosts = {}
+    world = None
+    try:
+        for name, address in ADDRESSES.items():
+            hosts[name] = start_sshd(tmp_path / f"sshd-{name}", address, f"{client_key}.pub")
+        config_dir = tmp_path / "config"
+        config_dir.mkdir()
+        tables = [f"[grids.{name}]\n{host.grid_table(tmp_path / name)}" for name, host in hosts.items()]
+        (config_dir / "grid.info").write_text("\n".join(tables))
+        env = {"MIG_PRIVATE_KEY_FILE": str(client_key)}
+        for name, host in hosts.items():
+            printed = run_manage(config_dir, "grids", "--authorized-keys", name, env=env, check=True)
+            assert "set restricted = true" in printed.stderr
+            (line,) = printed.stdout.splitlines()
+            assert line.startswith('restrict,command="') and line.endswith(" mig")
+            (host.workdir / "authorized_keys").write_text(line + "\n")
+        world = World(tmp_path, list(hosts.values()), client_key, extra_grid_keys="restricted = true\n")
+        yield world, hosts
+    finally:
+        if world is not None:
+            world.close()
+        for host in hosts.values():  # also when set-up failed: no sshd outlives its test
+            host.stop()
 
 
 def ssh(host, key, *command, input=b""):
