@@ -23,9 +23,19 @@ def endpoint():
         lambda: {"job": 7, "phase": "precopy"},
         origins=[SOURCE_URL, TARGET_URL],
         gone=gone.is_set,
-        max_connections=4,
     )
     yield server, gone
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def capped():
+    """An endpoint that serves 4 connections at once. Only the test of the cap uses so few:
+    a slot is freed a moment after its connection closes, so quick requests one after the
+    other may find a small cap full."""
+    server = status.serve_status("127.0.0.1", TOKEN, dict, max_connections=4)
+    yield server
     server.shutdown()
     server.server_close()
 
@@ -72,8 +82,8 @@ def test_once_the_job_has_ended_it_says_only_that(endpoint):
     assert ask(server, Authorization="Bearer wrong")[0] == 403
 
 
-def test_idle_connections_beyond_the_cap_are_refused_and_time_out(endpoint, monkeypatch):
-    server, _ = endpoint
+def test_idle_connections_beyond_the_cap_are_refused(capped):
+    server = capped
     idle = [socket.create_connection(server.server_address[:2]) for _ in range(4)]
     try:
         # Every slot is held by a silent client: one more is closed unanswered.
