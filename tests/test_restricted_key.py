@@ -68,6 +68,7 @@ def test_the_key_does_nothing_else(restricted, client_key, tmp_path):
         ("sh", "-c", "id"),
         ("rsync", "--server", "-logDtpr", ".", str(tmp_path / "east/apps/shop/volumes/")),  # receiving
         ("rsync", "--server", "--sender", "-logDtpr", ".", f"{outside}/"),
+        ("rsync", "--server", "--sender", "-rL", ".", f"{tmp_path}/east/apps/shop/volumes/"),  # follows links
         (
             "rsync",
             "--server",

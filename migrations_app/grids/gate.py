@@ -27,7 +27,9 @@ import shutil
 import sys
 import uuid
 
-RSYNC_FLAGS = re.compile(r"-[A-Za-z]+(e\.[A-Za-z]+)?")
+# Short options, then the protocol's capability letters after "e.". Never -L or -k (the
+# sender would follow an app's symlinks out of its volumes), nor -K.
+RSYNC_FLAGS = re.compile(r"-[A-JMNOP-Za-jl-z]+(e\.[A-Za-z]+)?")
 RSYNC_OPTIONS = re.compile(r"--numeric-ids|--timeout=\d{1,6}|--bwlimit=\d{1,9}")
 NAME = r"[A-Za-z][A-Za-z0-9_-]{0,63}"
 DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
