@@ -267,7 +267,7 @@ def provision(job):
                 provision_helper(job, target)
             except (GridError, OSError) as e:
                 job.event(f"could not provision the helper: {e}", level="error")
-                target.destroy(job.helper_app)
+                destroy_helper(job, target)
                 raise
     except (GridError, ConfigError, OSError) as e:
         reason = f"could not provision the helper: {e}"
@@ -294,7 +294,7 @@ def helper_config(job):
 
 def provision_helper(job, target):
     if target.exists(job.helper_app):
-        target.destroy(job.helper_app)
+        target.destroy(job.helper_app)  # any job's: pre-flight found no helper at work
         job.event(f"Destroyed a stale {job.helper_app} left by an earlier job")
     files, version = catalog.helper_template()
     if target.ensure_template(protocol.TEMPLATE, files, version):
@@ -306,7 +306,7 @@ def provision_helper(job, target):
         # The key travels as a file (mode 0600), never on a command line or in an environment.
         protocol.SECRET_KEY: key_file.read_bytes() if key_file.exists() else b"",
     }
-    target.provision(job.helper_app, protocol.TEMPLATE, secrets=secrets_)
+    target.provision(job.helper_app, protocol.TEMPLATE, secrets=secrets_, owner=job.owner_tag)
     job.event(f"Provisioned {job.helper_app} on {job.target_grid}")
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
@@ -629,7 +629,7 @@ def complete_on_source(job, facts, source, target):
         return Outcome.HELD
     snapshot_kept = facts.committed or facts.journal.result == protocol.Result.OK
     if job.action == MigrationJob.Action.SNAPSHOT and snapshot_kept:
-        target.destroy(job.helper_app)
+        destroy_helper(job, target)
         source.clear_cutover(job.source_app, job.uid)
         record_downtime(job, facts)
         job.event(f"Snapshot complete; destroyed {job.helper_app}; source back up")
@@ -653,12 +653,18 @@ def clean_up_failure(job, facts, source, target):
             reason += f" (last message: {last})"
     if job.target_created:
         remove_target(job, target)
-    target.destroy(job.helper_app)
+    destroy_helper(job, target)
     source.clear_cutover(job.source_app, job.uid)
     record_downtime(job, facts)
     job.event(f"Destroyed {job.helper_app}; the source app runs. The job failed: {reason}", level="error")
     job.end(MigrationJob.State.FAILED, reason)
     return Outcome.FAILED
+
+
+def destroy_helper(job, target):
+    """Remove this job's helper, and only this job's: a late clean-up of an ended job (two
+    processes may finish one job) must not remove the next job's helper of the same name."""
+    target.destroy(job.helper_app, owner=job.owner_tag)
 
 
 def remove_target(job, target):
@@ -691,7 +697,7 @@ def complete_on_target(job, facts, source, target):
             "committed: both copies may take writes. Stop the one that must not run, then override the lock."
         )
         return Outcome.HELD
-    target.destroy(job.helper_app)
+    destroy_helper(job, target)
     if facts.source is not None:
         source.destroy(job.source_app)
         job.event(f"Destroyed the source app {job.source_app} on {job.source_grid}")

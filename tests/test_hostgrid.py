@@ -263,6 +263,17 @@ def test_scan_streams_over_every_transport(grid, web_port):
     assert (page["k"], page["s"], len(page["b"])) == ("f", 23, 32)
 
 
+def test_a_provisioned_app_is_removed_only_by_its_owner(grid, web_port):
+    # Two processes may finish one job; the late one must not remove the next job's helper,
+    # which has the same name.
+    grid.provision("helper", "web", {"port": str(web_port), "bind": GRID_HOSTS[0]}, owner="mig-job:next")
+    assert grid.describe("helper", sizes=False).manifest["owner"] == "mig-job:next"
+    assert grid.destroy("helper", owner="mig-job:ended")["kept"] is True
+    assert grid.state("helper") == AppState.RUNNING
+    assert grid.destroy("helper", owner="mig-job:next")["kept"] is False
+    assert not grid.exists("helper")
+
+
 def test_provision_checks_template_and_properties(grid):
     with pytest.raises(OperationFailed, match="template 'nope' is not in this grid's catalog"):
         grid.provision("x", "nope")

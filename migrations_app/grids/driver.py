@@ -184,9 +184,10 @@ class Driver(abc.ABC):
         """The app's manifest, components and volumes (with sizes unless sizes=False)."""
 
     @abc.abstractmethod
-    def provision(self, app: str, template: str, properties=None, secrets=None, start=True):
-        """Create an app from a catalog template, give it its secrets (files only the app
-        can read, never in a command line), and start it. Raises AppExists."""
+    def provision(self, app: str, template: str, properties=None, secrets=None, start=True, owner: str = ""):
+        """Create an app from a catalog template, recording `owner` (see define), give it
+        its secrets (files only the app can read, never in a command line), and start it.
+        Raises AppExists."""
 
     @abc.abstractmethod
     def define(self, app: str, manifest: dict, owner: str = ""):

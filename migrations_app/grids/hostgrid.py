@@ -206,7 +206,7 @@ class HostGridDriver(Driver):
             components=[Component(**c) for c in data["components"]],
         )
 
-    def provision(self, app, template, properties=None, secrets=None, start=True):
+    def provision(self, app, template, properties=None, secrets=None, start=True, owner=""):
         """Create an app from a catalog template, give it its secrets, then start it.
 
         Secrets are files written with mode 0600 under the app's secrets/ directory:
@@ -214,7 +214,7 @@ class HostGridDriver(Driver):
         """
         validate_name(app)
         validate_name(template, "template")
-        args = [app, "--template", template]
+        args = [app, "--template", template, "--owner", owner]
         for key, value in (properties or {}).items():
             validate_name(key, "property")
             args += ["--property", f"{key}={value}"]
@@ -225,7 +225,7 @@ class HostGridDriver(Driver):
             if start:
                 self.start(app)
         except BaseException:
-            self.destroy(app)
+            self.destroy(app, owner=owner)
             raise
 
     def put_secret(self, app, name, data):

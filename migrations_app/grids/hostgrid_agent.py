@@ -485,7 +485,8 @@ def op_create(grid, args):
     missing = sorted(k for k, v in props.items() if v is None)
     if missing:
         raise AgentError(f"template {args.template!r} needs properties: {', '.join(missing)}")
-    manifest = dict(template, template=args.template, properties=props)
+    # Who created it: clean-up removes an app only if its owner is the job cleaning up.
+    manifest = validate_manifest(dict(template, template=args.template, properties=props, owner=args.owner))
 
     def fill(volume, path):
         source = os.path.join(template_dir, "volumes", volume)
@@ -1539,6 +1540,7 @@ def parser():
     s.add_argument("app")
     s.add_argument("--template", required=True)
     s.add_argument("--property", action="append")
+    s.add_argument("--owner", default="")
     s = sub.add_parser("define")
     s.add_argument("app")
     s.add_argument("--manifest", required=True)
