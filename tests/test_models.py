@@ -151,16 +151,7 @@ def test_grid_sync_mirrors_and_keeps_unlisted_grids():
     assert list(Grid.objects.listed().values_list("name", flat=True)) == ["west"]
 
 
-def test_an_ended_job_keeps_no_status_token(db):
-    from migrations_app.models import MigrationJob
-
-    job = MigrationJob.objects.create(
-        action="migrate",
-        source_grid="east",
-        source_app="shop",
-        target_grid="west",
-        target_app="shop",
-        status_token="secret-token",
-    )
+def test_an_ended_job_keeps_no_status_token():
+    job = MigrationJob.objects.create(**JOB, status_token="secret-token")
     job.end(MigrationJob.State.DONE)
     assert job.status_token == "" and MigrationJob.objects.get(pk=job.pk).status_token == ""

@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import posixpath
 import shlex
 import subprocess
 import tarfile
@@ -24,6 +23,7 @@ import uuid
 import zlib
 from pathlib import Path
 
+from . import hostgrid_agent
 from .driver import App, AppState, Component, Cutover, Driver, GridInfo, Volume
 from .errors import AppExists, AppNotFound, CommandTimeout, GridError, InvalidName, OperationFailed
 from .gridinfo import GridConfig
@@ -44,10 +44,11 @@ ERRORS = {
 
 
 def check_relpath(path):
-    norm = posixpath.normpath(path)
-    if not path or path.startswith("/") or norm != path or norm.split("/")[0] == "..":
-        raise InvalidName(f"invalid path {path!r}: must be relative and stay inside the app")
-    return path
+    """The agent's check, before any command is built: raises InvalidName."""
+    try:
+        return hostgrid_agent.check_relpath(path)
+    except hostgrid_agent.Invalid as e:
+        raise InvalidName(str(e)) from None
 
 
 def authorized_keys_line(grid: GridConfig, public_key: str) -> str:
