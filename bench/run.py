@@ -164,6 +164,7 @@ class Bench:
                 "east",
                 "shop",
                 "migrate_app",
+                "--yes",
                 "west",
                 target_app,
                 "--action",
@@ -331,7 +332,9 @@ class Bench:
         try:
             world.provision()
             # A job with a history, as the monitor would poll it.
-            world.manage("east", "shop", "migrate_app", "west", "copy", "--action", "snapshot", "--wait")
+            world.manage(
+                "east", "shop", "migrate_app", "--yes", "west", "copy", "--action", "snapshot", "--wait"
+            )
             assert world.wait_answering("east")
             url = world.url("east")
             cookie = login(url, world.LOGIN["MIG_USERNAME"], world.LOGIN["MIG_PASSWORD"])

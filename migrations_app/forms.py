@@ -2,8 +2,8 @@ from django import forms
 from django.utils.timesince import timesince
 
 from . import migration
-from .grids import InvalidName, validate_name
-from .models import Grid, MigrationJob
+from .grids import TARGET_NAME_MAX, InvalidName, validate_target_name
+from .models import Grid, MigrationJob, Snapshot
 
 
 def grid_label(grid):
@@ -14,11 +14,14 @@ def grid_label(grid):
 
 
 class MigrateForm(forms.Form):
+    """What to do: the first step. Sending it runs the pre-flight and shows the plan."""
+
     target_grid = forms.ChoiceField(label="Target grid", help_text="From grid.info, with its last check.")
+    # No maxlength: a browser would cut a long name silently, and the job would go to a name
+    # nobody typed. The rule is checked here, and says what is wrong.
     target_app = forms.CharField(
         label="Target app name",
-        max_length=54,
-        help_text="Letters, digits, '_' or '-', starting with a letter.",
+        help_text=f"1 to {TARGET_NAME_MAX} letters, digits, '_' or '-', starting with a letter.",
         widget=forms.TextInput(attrs={"autocomplete": "off", "spellcheck": "false"}),
     )
     action = forms.ChoiceField(label="Action", widget=forms.RadioSelect)
@@ -28,10 +31,14 @@ class MigrateForm(forms.Form):
         min_value=1,
         help_text="Optional: cap the copy so the app keeps its network.",
     )
+    # A refresh of one of this app's snapshot copies (from the snapshots page).
+    refresh = forms.ModelChoiceField(
+        queryset=Snapshot.objects.kept(), required=False, widget=forms.HiddenInput()
+    )
 
     ACTION_LABELS = {
-        "migrate": "Migrate — move this app to the target grid",
-        "snapshot": "Snapshot — copy it there, stopped; this app keeps running",
+        "migrate": "Migrate — move this app to the target grid; the source is destroyed afterwards",
+        "snapshot": "Snapshot — copy it there, stopped; this app stops briefly for the final pass",
     }
 
     # Longer input is cut before anything sees it: it still fails validation, and the page
@@ -52,7 +59,7 @@ class MigrateForm(forms.Form):
     def clean_target_app(self):
         name = self.cleaned_data["target_app"].strip()
         try:
-            return validate_name(name)
+            return validate_target_name(name)
         except InvalidName as e:
             raise forms.ValidationError(str(e)) from None
 
@@ -60,7 +67,9 @@ class MigrateForm(forms.Form):
         """Run the pre-flight; its errors land on the field they concern. Returns the plan."""
         grid, app, action = (self.cleaned_data[k] for k in ("target_grid", "target_app", "action"))
         try:
-            plan = migration.preflight(grid, app, action)
+            plan = migration.preflight(
+                grid, app, action, self.cleaned_data["bwlimit"], self.cleaned_data["refresh"]
+            )
         except migration.PreflightError as e:
             self.add_error(e.field, str(e))
             if e.field == "target_grid":
@@ -68,6 +77,44 @@ class MigrateForm(forms.Form):
             return None
         Grid.objects.record_check(grid, True)
         return plan
+
+
+class ConfirmForm(MigrateForm):
+    """The second step: the plan is shown, with the first step's answers kept hidden, and a
+    migration, which destroys the source, must be confirmed."""
+
+    confirm = forms.BooleanField(required=False)
+
+    def __init__(self, *args, plan, **kwargs):
+        super().__init__(*args, **kwargs)
+        for name in ("target_grid", "target_app", "action", "bwlimit", "refresh"):
+            self.fields[name].widget = forms.HiddenInput()
+        self.plan = plan
+        if plan.action == "migrate":
+            self.fields[
+                "confirm"
+            ].label = f"I understand: {plan.source} is destroyed once it runs on {plan.target}."
+        else:
+            self.fields["confirm"].widget = forms.HiddenInput()
+
+    def clean(self):
+        data = super().clean()
+        if self.plan.action == "migrate" and not data.get("confirm"):
+            self.add_error("confirm", "Tick the box to confirm: a migration destroys the source app.")
+        return data
+
+
+class SnapshotActionForm(forms.Form):
+    """Start or delete a snapshot copy: what happens is said on the page, and confirmed."""
+
+    confirm = forms.BooleanField(label="I understand what this does.")
+
+
+class CancelForm(forms.Form):
+    confirm = forms.BooleanField(
+        label="Cancel the job: the helper rolls back, the source app runs again, and what the job "
+        "created is removed."
+    )
 
 
 class OverrideForm(forms.Form):

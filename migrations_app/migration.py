@@ -48,20 +48,28 @@ from .grids import (
     InvalidName,
     TransportError,
     helper_name,
-    validate_name,
 )
 from .grids.hostgrid_agent import pid_alive, proc_stat
 from .grids.transport import load_private_key
 from .helper import protocol
 from .helper.progress import Summary, human_bytes, parse_lines
-from .models import JobEvent, Lock, MigrationJob
+from .models import JobEvent, Lock, MigrationJob, Snapshot
 
 log = logging.getLogger("mig.migration")
 
 SPACE_MARGIN = 64 << 20
 # An app in one of these states may be serving, or about to.
 UP = (AppState.RUNNING, AppState.STARTING)
-DEFAULT_RATE = 50 << 20  # bytes/s, for estimates before any job has been measured
+# For estimates before any job has been measured (see Plan): copy and hashing rates in bytes
+# per second, the helper's set-up, and the downtime's fixed part and its part per entry
+# (the final pass lists every entry and verify checks it: 28 and 17 µs each, measured).
+DEFAULT_RATE = 50 << 20
+HASH_RATE = 500 << 20
+PROVISION_SECONDS = 2.0
+FIXED_DOWNTIME = 1.0
+DOWNTIME_PER_FILE = 50e-6
+# Seconds a provisioned helper has to start its status endpoint.
+HELPER_START_TIMEOUT = 120.0
 
 
 class PreflightError(Exception):
@@ -83,7 +91,8 @@ def allowed_actions():
 
 @dataclass
 class Plan:
-    """What a job will do, as pre-flight found it."""
+    """What a job will do, as pre-flight found it: what is copied, where, how long it should
+    take and how long the app is down, and what is destroyed (the confirmation shows it)."""
 
     action: str
     source_grid: object
@@ -96,31 +105,71 @@ class Plan:
     files: int = 0
     target_free: int = 0
     stale_helper: bool = False  # a helper of an earlier job is there: provisioning replaces it
+    bwlimit_kbps: int | None = None
+    refresh: Snapshot | None = None  # the snapshot copy a refresh writes into
 
     @property
-    def estimated_seconds(self):
-        recent = (
-            MigrationJob.objects.filter(state=MigrationJob.State.DONE, rate__gt=0)
-            .order_by("-finished")
-            .values_list("rate", flat=True)
-            .first()
-        )
-        return self.bytes / (recent or DEFAULT_RATE)
+    def source(self):
+        return f"{self.source_grid.name}/{self.source_app}"
+
+    @property
+    def target(self):
+        return f"{self.target_grid.name}/{self.target_app}"
+
+    @property
+    def estimated_seconds(self) -> float:
+        """The whole job: copy and hashing while the app runs, then the downtime."""
+        rate = MigrationJob.objects.measured_copy_rate() or DEFAULT_RATE
+        if self.bwlimit_kbps:
+            rate = min(rate, self.bwlimit_kbps * 1024)
+        return PROVISION_SECONDS + self.bytes / rate + self.bytes / HASH_RATE + self.estimated_downtime
+
+    @property
+    def estimated_downtime(self) -> float:
+        """From the stop to the first answer: as the last job measured it, or per entry."""
+        measured = MigrationJob.objects.measured_downtime()
+        return measured if measured is not None else FIXED_DOWNTIME + self.files * DOWNTIME_PER_FILE
+
+    @property
+    def destroys(self) -> list[str]:
+        """What the job removes, as the confirmation must say it."""
+        gone = []
+        if self.refresh is not None:
+            gone.append(
+                f"what {self.target} holds that this app no longer has: the copy taken "
+                f"{self.refresh.taken:%Y-%m-%d %H:%M} UTC is brought up to date (only the changes move)"
+            )
+        if self.stale_helper:
+            gone.append(f"{self.helper} on {self.target_grid.name}, left by an earlier job, before it starts")
+        if self.action == MigrationJob.Action.MIGRATE:
+            gone.append(
+                f"the source app {self.source} with its volumes ({human_bytes(self.bytes)}), once "
+                f"{self.target} runs and has answered"
+            )
+        gone.append(f"the helper {self.helper} on {self.target_grid.name}, when the job ends")
+        return gone
 
     def describe(self):
-        source = f"{self.source_grid.name}/{self.source_app}"
+        """The plan in lines, as `migrate_app` prints it and the confirmation shows it."""
+        downtime = self.estimated_downtime
+        stop = (
+            f"this app stops for about {downtime:.0f} s, then runs on {self.target}"
+            if self.action == MigrationJob.Action.MIGRATE
+            else f"this app stops for about {downtime:.0f} s for the final pass, then runs again here; "
+            f"the copy {self.target} stays stopped"
+        )
         lines = [
-            f"{self.action} {source} → {self.target_grid.name}/{self.target_app}",
-            f"helper: {self.helper} on {self.target_grid.name}"
-            + (" (a stale one will be destroyed first)" if self.stale_helper else ""),
+            f"{self.action} {self.source} → {self.target}",
+            f"helper: {self.helper} on {self.target_grid.name}",
         ]
         for v in self.volumes:
             lines.append(f"  volume {v.name:<16} {human_bytes(v.bytes or 0):>12}  {v.files or 0} files")
-        lines.append(
+        lines += [
             f"total {human_bytes(self.bytes)} in {self.files} files; "
-            f"{human_bytes(self.target_free)} free on {self.target_grid.name}; "
-            f"estimated copy time {self.estimated_seconds:.0f}s"
-        )
+            f"{human_bytes(self.target_free)} free on {self.target_grid.name}",
+            f"expected: about {duration_words(self.estimated_seconds)} in all; {stop}",
+            *(f"destroys: {what}" for what in self.destroys),
+        ]
         return "\n".join(lines)
 
     def to_dict(self):
@@ -129,18 +178,28 @@ class Plan:
             "bytes": self.bytes,
             "files": self.files,
             "target_free": self.target_free,
+            "estimated_seconds": round(self.estimated_seconds, 1),
+            "estimated_downtime": round(self.estimated_downtime, 1),
         }
+
+
+def duration_words(seconds):
+    """12 -> "12 s"; 150 -> "3 min"; 5400 -> "1 h 30 min"."""
+    if seconds < 90:
+        return f"{max(seconds, 1):.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 90 else f"{minutes // 60} h {minutes % 60} min"
 
 
 # --- pre-flight --------------------------------------------------------------------------
 
 
-def preflight(target_grid_name, target_app, action):
-    """Check a job before it starts; raises PreflightError naming the field at fault."""
+def preflight(target_grid_name, target_app, action, bwlimit_kbps=None, refresh=None):
+    """Check a job before it starts; raises PreflightError naming the field at fault.
+    `refresh`: the Snapshot this snapshot job is to bring up to date."""
     if action not in allowed_actions():
         raise PreflightError(f"MIG_MODE={settings.MIG_MODE} does not allow {action}", "action")
     try:
-        validate_name(target_app)
         helper = helper_name(target_app)
     except InvalidName as e:
         raise PreflightError(str(e), "target_app") from None
@@ -174,7 +233,22 @@ def preflight(target_grid_name, target_app, action):
         except GridError as e:
             raise PreflightError(str(e)) from None
 
-    plan = Plan(action, source_grid, here_app, target_grid, target_app, helper)
+    if refresh is not None and (action, target_grid_name, target_app) != (
+        "snapshot",
+        refresh.grid,
+        refresh.app,
+    ):
+        raise PreflightError(f"a refresh is a snapshot into {refresh.name} itself")
+    plan = Plan(
+        action,
+        source_grid,
+        here_app,
+        target_grid,
+        target_app,
+        helper,
+        bwlimit_kbps=bwlimit_kbps,
+        refresh=refresh,
+    )
     with ThreadPoolExecutor(max_workers=2) as pool:
         source_check = pool.submit(check_source, plan)
         target_check = pool.submit(check_target, plan)
@@ -182,10 +256,12 @@ def preflight(target_grid_name, target_app, action):
         target_check.result()
         source_check.result()
     headroom = headroom_for(plan.bytes)
-    if plan.target_free < plan.bytes + headroom:
+    # A refresh writes over what the copy holds: it needs room only for what grew.
+    needed = max(plan.bytes - (refresh.bytes if refresh else 0), 0)
+    if plan.target_free < needed + headroom:
         raise PreflightError(
-            f"not enough space on {target_grid.name}: the copy needs {human_bytes(plan.bytes + headroom)} "
-            f"({human_bytes(plan.bytes)} of data and {human_bytes(headroom)} of headroom for the app to "
+            f"not enough space on {target_grid.name}: the copy needs {human_bytes(needed + headroom)} "
+            f"({human_bytes(needed)} of data and {human_bytes(headroom)} of headroom for the app to "
             f"go on writing), {human_bytes(plan.target_free)} is free",
             "target_grid",
         )
@@ -219,11 +295,18 @@ def check_target(plan):
             if problem := info.problem(plan.target_grid):
                 raise PreflightError(f"{name}: {problem[1]}", "target_grid")
             apps = {a.name: a.state for a in target.list_apps()}
+            copy = (
+                target.describe(plan.target_app, sizes=False)
+                if plan.refresh and plan.target_app in apps
+                else None
+            )
     except HostKeyError as e:
         raise PreflightError(f"{name}: {e}", "target_grid") from None
     except (TransportError, GridError) as e:
         raise PreflightError(f"{name} cannot be reached: {e}", "target_grid") from None
-    if plan.target_app in apps:
+    if plan.refresh is not None:
+        check_snapshot_copy(plan, copy)
+    elif plan.target_app in apps:
         raise PreflightError(f"an app named {plan.target_app} already exists on {name}", "target_app")
     helper_state = apps.get(plan.helper)
     if helper_state in UP:
@@ -235,10 +318,25 @@ def check_target(plan):
     plan.target_free = info.free_bytes or 0
 
 
+def check_snapshot_copy(plan, copy):
+    """A refresh writes into the snapshot copy this app made, stopped, and nothing else."""
+    where = plan.target
+    if copy is None:
+        raise PreflightError(f"the snapshot copy {where} is gone: delete it from the list", "target_app")
+    if copy.manifest.get("owner") != plan.refresh.owner:
+        raise PreflightError(
+            f"{where} is not the snapshot copy this app made: it is left alone", "target_app"
+        )
+    if copy.state != AppState.STOPPED:
+        raise PreflightError(
+            f"the snapshot copy {where} is {copy.state}: stop it first to refresh it", "target_app"
+        )
+
+
 # --- launch ------------------------------------------------------------------------------
 
 
-def acquire(plan, started_by, bwlimit_kbps=None):
+def acquire(plan, started_by):
     """Take the lock and create the job for `plan`. Raises LockHeld."""
     lock = Lock.acquire(
         action=plan.action,
@@ -248,8 +346,9 @@ def acquire(plan, started_by, bwlimit_kbps=None):
         target_app=plan.target_app,
         helper_app=plan.helper,
         started_by=started_by,
-        bwlimit_kbps=bwlimit_kbps,
+        bwlimit_kbps=plan.bwlimit_kbps,
         bytes_total=plan.bytes,
+        refresh_of=plan.refresh,
         status_token=secrets.token_urlsafe(32),
     )
     job = lock.job
@@ -270,9 +369,9 @@ def provision(job):
                 destroy_helper(job, target)
                 raise
     except (GridError, ConfigError, OSError) as e:
-        reason = f"could not provision the helper: {e}"
-        job.end(MigrationJob.State.FAILED, reason)
-        raise LaunchError(reason) from None
+        failure = job.failure_from(f"could not provision the helper: {e}")
+        job.end(MigrationJob.State.FAILED, failure)
+        raise LaunchError(f"{failure.summary} ({failure.detail})") from None
     return job
 
 
@@ -283,12 +382,19 @@ def helper_config(job):
         "job": job.pk,
         "job_uid": job.uid,
         "action": job.action,
-        "source": {"grid": source.name, "app": job.source_app, "table": source.to_table()},
+        # Where this MIG answers: the monitor's page comes from there.
+        "source": {
+            "grid": source.name,
+            "app": job.source_app,
+            "table": source.to_table(),
+            "url": settings.MIG_APP_URL,
+        },
         "target": {"grid": target.name, "app": job.target_app, "table": target.to_table()},
         "bwlimit_kbps": job.bwlimit_kbps,
         "stall_timeout": settings.MIG_STALL_TIMEOUT,
         "heartbeat_timeout": settings.MIG_HEARTBEAT_TIMEOUT,
         "bytes_total": job.bytes_total,
+        "refresh_owner": job.refresh_of.owner if job.refresh_of else "",
     }
 
 
@@ -308,15 +414,19 @@ def provision_helper(job, target):
     }
     target.provision(job.helper_app, protocol.TEMPLATE, secrets=secrets_, owner=job.owner_tag)
     job.event(f"Provisioned {job.helper_app} on {job.target_grid}")
-    deadline = time.monotonic() + 15
+    # A busy host takes its time to start an interpreter: wait for the endpoint, or for the
+    # helper to fail, not for a fixed while.
+    deadline = time.monotonic() + HELPER_START_TIMEOUT
     while time.monotonic() < deadline:
         text, _ = target.read_file(job.helper_app, protocol.STATUS_FILE)
         if text:
             job.status_url = json.loads(text)["url"]
             job.save(update_fields=["status_url", "updated"])
             return
+        if (state := target.state(job.helper_app)) not in UP:
+            raise GridError(f"{job.helper_app} is {state} before it started its status endpoint")
         time.sleep(0.1)
-    raise GridError(f"{job.helper_app} did not start its status endpoint")
+    raise GridError(f"{job.helper_app} did not start its status endpoint in {HELPER_START_TIMEOUT:g}s")
 
 
 def spawn_manage(*args, new_log=False, log=True):
@@ -351,6 +461,56 @@ def start_runner(job, new_log=False):
     return spawn_manage("run_job", str(job.pk), new_log=new_log)
 
 
+class CancelError(Exception):
+    """The job cannot be cancelled (any more); the message says why."""
+
+
+COMMITTED_SAYS = (
+    "the cut-over is committed: the copy was verified and is the app now, so cancelling would lose its writes"
+)
+
+
+def cancel(job, by) -> str:
+    """Ask for `job` to be cancelled. Before its commit it rolls back as a failure does: the
+    helper restarts the source and removes what the job created, and the job ends
+    cancelled. After the commit the helper refuses, and says why in the job's log.
+
+    The request travels as a file in the helper's work volume; before the helper exists it
+    waits in the job (the runner passes it on). Nothing else is written to MIG's database:
+    from "hands off" on, the final pass copies it. Returns what happens next; raises
+    CancelError when there is nothing to cancel or it is too late."""
+    job.refresh_from_db()
+    if not job.is_active:
+        raise CancelError(f"job #{job.pk} has ended ({job.get_state_display().lower()}): nothing to cancel")
+    if job.state in (MigrationJob.State.STARTING, MigrationJob.State.FINISHING) or config.here() == (
+        job.target_grid,
+        job.target_app,
+    ):
+        raise CancelError(f"job #{job.pk} cannot be cancelled: {COMMITTED_SAYS}")
+    if job.state == MigrationJob.State.ROLLING_BACK:
+        raise CancelError(f"job #{job.pk} is rolling back already: the source app will run again")
+    if job.state in (MigrationJob.State.PENDING, MigrationJob.State.PROVISIONING):
+        MigrationJob.objects.filter(pk=job.pk, cancel={}).update(cancel={"by": by})
+        job.event(f"Cancel requested by {by}: the helper is told as soon as it is provisioned")
+    try:
+        send_cancel(job, by)
+    except AppNotFound:
+        pass  # not provisioned yet: the runner passes the request on
+    except (GridError, ConfigError) as e:
+        raise CancelError(f"job #{job.pk}: the helper on {job.target_grid} cannot be told: {e}") from None
+    return (
+        f"Cancel requested for job #{job.pk}: the helper rolls back at its next step (the source app runs "
+        "again, what the job created is removed), unless the cut-over was committed meanwhile."
+    )
+
+
+def send_cancel(job, by):
+    """Write the cancel request into the helper's work volume. Raises AppNotFound."""
+    with config.driver_for(config.grid_config(job.target_grid)) as target:
+        target.state(job.helper_app)
+        target.put_file(job.helper_app, protocol.CANCEL_FILE, json.dumps({"by": by}).encode(), 0o644)
+
+
 def wait_until_answering(app_url, timeout):
     """True once the MIG at `app_url` answers its ping, False after `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -383,6 +543,7 @@ class Outcome(enum.StrEnum):
 
     DONE = "done"  # the job ended well
     FAILED = "failed"  # the job ended and failed; the source runs
+    CANCELLED = "cancelled"  # an operator cancelled the job; rolled back, the source runs
     CLEARED = "cleared"  # a snapshot copy started by hand cleared its stale lock
     FOLLOWING = "following"  # the helper is still at work: run_job follows it
     HANDED_OVER = "handed over"  # the source stops; the side that comes up finishes the job
@@ -433,6 +594,9 @@ class Runner:
                 provision(job)
             except LaunchError:
                 return Outcome.FAILED
+            job.refresh_from_db()
+            if by := job.cancel.get("by"):
+                send_cancel(job, by)  # asked for while the helper was being provisioned
         return self.follow()
 
     def follow(self) -> Outcome:
@@ -491,7 +655,9 @@ class Runner:
         if fact == protocol.RESULT:
             self.result, self.error = protocol.Result(line["result"]), line.get("error", "")
             if self.source_stopped:
-                return Outcome.DONE if self.result == protocol.Result.OK else Outcome.FAILED
+                return {protocol.Result.OK: Outcome.DONE, protocol.Result.CANCELLED: Outcome.CANCELLED}.get(
+                    self.result, Outcome.FAILED
+                )
             # The source never stopped, so the copy is over: this MIG may write again.
             self.write_db = True
             return complete(job, wait=0)
@@ -618,7 +784,7 @@ def complete_on_source(job, facts, source, target):
             job.source_app, job.uid, Decision.ROLLBACK, "MIG", "the helper was gone before the decision"
         )
     if facts.cutover is not None and facts.cutover.source_may_run and facts.source not in UP:
-        source.start(job.source_app, listen=config.grid_config(job.source_grid).app_listen)
+        source.start(job.source_app, listen=True)
         job.event(f"Started the source app {job.source_app} again")
     if facts.cutover is not None and facts.cutover.moved:
         job.hold(
@@ -638,26 +804,49 @@ def complete_on_source(job, facts, source, target):
     return clean_up_failure(job, facts, source, target)
 
 
+def failure_of(job, facts) -> protocol.Failure:
+    """Why the job failed, from the helper's own words if it left them."""
+    journal = facts.journal
+    if failure := journal.failure:
+        return failure
+    phase = journal.phase if journal.phase in protocol.PHASES else job.state
+    label = protocol.LABELS.get(phase, phase.capitalize())
+    if facts.cutover is not None and facts.cutover.decision == Decision.ROLLBACK:
+        return protocol.Failure(
+            f"{label} failed: the cut-over was rolled back by the {facts.cutover.decided_by} "
+            f"({facts.cutover.reason}); the source app runs.",
+            protocol.Cause.LOST if facts.cutover.decided_by != "helper" else protocol.Cause.OTHER,
+            phase,
+        )
+    detail = f"the helper's last message: {journal.latest.get('message')}" if journal.latest else ""
+    gone = "disappeared" if facts.helper is None else "stopped"
+    return protocol.Failure(
+        f"{label} failed: the helper {gone} before it reported a result; see its log on {job.target_grid}.",
+        protocol.Cause.LOST,
+        phase,
+        detail,
+    )
+
+
 def clean_up_failure(job, facts, source, target):
-    """The job failed: remove the helper and any target this job created; the source runs."""
-    summary = facts.journal
-    if summary.error:
-        reason = summary.error
-    elif facts.cutover is not None and facts.cutover.decision == Decision.ROLLBACK:
-        reason = f"the cut-over was rolled back by the {facts.cutover.decided_by}: {facts.cutover.reason}"
-    elif facts.helper is None:
-        reason = "the helper disappeared before reporting a result"
-    else:
-        reason = f"the helper stopped unexpectedly during {summary.phase or 'provisioning'}"
-        if last := summary.latest.get("message"):
-            reason += f" (last message: {last})"
+    """The job failed or was cancelled: remove the helper and any target this job created;
+    the source runs."""
+    failure = failure_of(job, facts)
+    cancelled = facts.journal.result == protocol.Result.CANCELLED
     if job.target_created:
         remove_target(job, target)
     destroy_helper(job, target)
     source.clear_cutover(job.source_app, job.uid)
     record_downtime(job, facts)
-    job.event(f"Destroyed {job.helper_app}; the source app runs. The job failed: {reason}", level="error")
-    job.end(MigrationJob.State.FAILED, reason)
+    job.event(
+        f"Destroyed {job.helper_app}; the source app runs. "
+        + ("The job was cancelled." if cancelled else "The job failed."),
+        level="warning" if cancelled else "error",
+    )
+    if cancelled:
+        job.end(MigrationJob.State.CANCELLED, failure)
+        return Outcome.CANCELLED
+    job.end(MigrationJob.State.FAILED, failure)
     return Outcome.FAILED
 
 
@@ -776,7 +965,7 @@ def recover(job, give_up_target=False, by="operator"):
             runs, grid, app = (job.source_grid, job.source_app), source, job.source_app
         started = state_or_none(grid, app) != AppState.RUNNING
         if started:
-            grid.start(app, listen=config.grid_config(runs[0]).app_listen)
+            grid.start(app, listen=True)
             done.append(f"started {runs[0]}/{app}: its MIG finishes the job")
         if record is not None and not record.closed and not record.moved:
             source.close_cutover(job.source_app, job.uid)

@@ -3,10 +3,11 @@ from datetime import UTC, datetime, timedelta
 
 from django.db import IntegrityError, models, transaction
 from django.db.models import F, Q
+from django.urls import reverse
 from django.utils import timezone
 
 from .grids.gridinfo import GridConfig
-from .helper import protocol
+from .helper import failures, protocol
 from .helper.progress import Summary
 
 
@@ -92,6 +93,21 @@ class JobQuerySet(models.QuerySet):
     def finished(self):
         return self.exclude(state__in=MigrationJob.ACTIVE_STATES)
 
+    def measured_copy_rate(self) -> float | None:
+        """Bytes per second of the last job's first pre-copy pass, for estimates."""
+        return self.filter(copy_rate__gt=0).order_by("-created").values_list("copy_rate", flat=True).first()
+
+    def measured_downtime(self) -> float | None:
+        """The last finished job's downtime, in seconds, for estimates."""
+        for timings in (
+            self.filter(state=MigrationJob.State.DONE)
+            .order_by("-finished")
+            .values_list("timings", flat=True)[:5]
+        ):
+            if timings and timings.get("total") is not None:
+                return timings["total"]
+        return None
+
 
 def new_uid():
     return uuid.uuid4().hex
@@ -104,16 +120,22 @@ class MigrationJob(models.Model):
 
         pending ─► provisioning ─► precopy ─► stopping ─► final_sync ─► verifying
             ─► starting ─► finishing ─► done
+        any active state before starting ─► rolling_back ─► failed | cancelled
 
     - pending: the lock is taken, the job exists; `run_job` is about to provision the helper.
     - provisioning: `run_job` is giving the helper its files and provisioning it.
     - precopy … starting: reported by the helper as it works (MIG is down from stopping on).
     - finishing: the helper is done; `startup` on the side that came up completes the job.
+    - rolling_back: the helper failed, or was cancelled: it restarts the source and removes
+      what the job created; `error` already says why.
     - done: `startup` saw the expected side come up and cleaned up.
-    - failed: from any active state, with `error` saying why (a provisioning error, the
-      helper's reason, the helper lost, a rollback of the cut-over).
+    - failed: from any active state, with `error` saying why in one line (a provisioning
+      error, the helper's reason, the helper lost, a rollback of the cut-over) and
+      `error_detail` what the tools said.
+    - cancelled: an operator cancelled it before the commit; rolled back like a failure.
     - overridden: from any active state, when an operator overrode the lock.
 
+    States only move forward (`advance`): a journal line read late never takes a job back.
     A job ends with `end()`, which releases its lock in the same transaction. An active job
     whose `attention` is set is held: only an operator can move it on, and `attention` says
     what to do and which command does it.
@@ -126,17 +148,19 @@ class MigrationJob(models.Model):
     class State(models.TextChoices):
         PENDING = "pending"
         PROVISIONING = "provisioning"
-        PRECOPY = "precopy", "Pre-copy"
-        STOPPING = "stopping", "Stopping source"
-        FINAL_SYNC = "final_sync", "Final sync"
-        VERIFYING = "verifying"
-        STARTING = "starting"
-        FINISHING = "finishing"
+        PRECOPY = protocol.PRECOPY, protocol.LABELS[protocol.PRECOPY]
+        STOPPING = protocol.STOPPING, protocol.LABELS[protocol.STOPPING]
+        FINAL_SYNC = protocol.FINAL_SYNC, protocol.LABELS[protocol.FINAL_SYNC]
+        VERIFYING = protocol.VERIFYING, protocol.LABELS[protocol.VERIFYING]
+        STARTING = protocol.STARTING, protocol.LABELS[protocol.STARTING]
+        FINISHING = protocol.FINISHING, protocol.LABELS[protocol.FINISHING]
+        ROLLING_BACK = protocol.ROLLING_BACK, protocol.LABELS[protocol.ROLLING_BACK]
         DONE = "done"
         FAILED = "failed"
+        CANCELLED = "cancelled"
         OVERRIDDEN = "overridden"
 
-    # The phases the helper reports, in order.
+    # The phases the helper reports, in the order a job goes through them.
     HELPER_PHASES = [
         State.PRECOPY,
         State.STOPPING,
@@ -144,8 +168,10 @@ class MigrationJob(models.Model):
         State.VERIFYING,
         State.STARTING,
         State.FINISHING,
+        State.ROLLING_BACK,
     ]
     ACTIVE_STATES = [State.PENDING, State.PROVISIONING, *HELPER_PHASES]
+    ENDED_STATES = [State.DONE, State.FAILED, State.CANCELLED, State.OVERRIDDEN]
 
     action = models.CharField(max_length=16, choices=Action.choices)
     state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING)
@@ -158,15 +184,31 @@ class MigrationJob(models.Model):
     created = models.DateTimeField(default=timezone.now)
     updated = models.DateTimeField(auto_now=True)
     finished = models.DateTimeField(null=True, blank=True)
-    bytes_total = models.BigIntegerField(default=0)
-    bytes_done = models.BigIntegerField(default=0)
-    rate = models.FloatField(default=0, help_text="bytes per second in the current phase")
-    eta_seconds = models.FloatField(null=True, blank=True)
+    bytes_total = models.BigIntegerField(default=0, help_text="the app's data, as pre-flight measured it")
+    bytes_moved = models.BigIntegerField(default=0, help_text="data sent by every pass of the job")
+    # How far the current step is (protocol.StepProgress), as the helper last said.
+    progress = models.JSONField(null=True, blank=True)
+    # The last line of the helper's journal filed into this job.
+    journal_seq = models.PositiveIntegerField(default=0)
+    copy_rate = models.FloatField(default=0, help_text="bytes per second of the first pre-copy pass")
     # When the helper began stopping the source: the app serves no one from then on.
     source_stopped = models.DateTimeField(null=True, blank=True)
     # When MIG answered again after the stop: on the target (migrate) or the source (snapshot).
     app_up = models.DateTimeField(null=True, blank=True)
+    # Why it failed: one line (the summary, naming the phase and the likely cause), what the
+    # tools said, and the phase and cause (see protocol.Failure).
     error = models.TextField(blank=True)
+    error_detail = models.TextField(blank=True)
+    failed_phase = models.CharField(max_length=16, blank=True)
+    failure_cause = models.CharField(max_length=24, blank=True)
+    # {"by": who asked, "refused": why not, if it came too late}; see migration.cancel.
+    cancel = models.JSONField(default=dict, blank=True)
+    # Where the target answers once it runs (known once the helper defined it).
+    target_url = models.CharField(max_length=2048, blank=True)
+    # A snapshot job that writes into an earlier snapshot copy: only the changes move.
+    refresh_of = models.ForeignKey(
+        "Snapshot", models.SET_NULL, null=True, blank=True, related_name="refreshes"
+    )
     bwlimit_kbps = models.PositiveIntegerField(null=True, blank=True)
     # Read-only access to the helper's progress while MIG itself is down.
     status_url = models.CharField(max_length=2048, blank=True)
@@ -197,7 +239,7 @@ class MigrationJob(models.Model):
                 name="job_target_differs_from_source",
             ),
             models.CheckConstraint(
-                condition=Q(bytes_done__gte=0) & Q(bytes_total__gte=0),
+                condition=Q(bytes_moved__gte=0) & Q(bytes_total__gte=0),
                 name="job_bytes_not_negative",
             ),
         ]
@@ -236,6 +278,13 @@ class MigrationJob(models.Model):
         return None
 
     @property
+    def downtime_seconds(self) -> float | None:
+        """As the helper measured it (to the first answer), else as MIG saw it."""
+        if self.timings.get("total") is not None:
+            return self.timings["total"]
+        return self.downtime.total_seconds() if self.downtime is not None else None
+
+    @property
     def duration(self) -> timedelta | None:
         return (self.finished - self.created) if self.finished else None
 
@@ -257,7 +306,8 @@ class MigrationJob(models.Model):
         self.refresh_from_db()
 
     def apply_helper_lines(self, lines):
-        """File the helper's events (each once) and take its latest counters and phase."""
+        """File the helper's events (each once) and take what its lines say, read as the
+        helper reads them (progress.Summary): a phase only ever moves the job forward."""
         events = [
             JobEvent(
                 job=self,
@@ -272,29 +322,73 @@ class MigrationJob(models.Model):
             if line.get("kind") == protocol.EVENT
         ]
         JobEvent.objects.bulk_create(events, ignore_conflicts=True)
-        updates = {}
+        said = Summary()
         for line in lines:
-            if line.get("phase") in self.HELPER_PHASES:
-                updates["state"] = line["phase"]
-            if line.get("kind") == protocol.PROGRESS:
-                updates.update(
-                    bytes_done=line["bytes_done"],
-                    bytes_total=line["bytes_total"],
-                    rate=line["rate"],
-                    eta_seconds=line["eta"],
-                )
-            if line.get("fact") == protocol.SOURCE_STOPPING:
-                updates["source_stopped"] = datetime.fromisoformat(line["time"])
-            if line.get("fact") == protocol.APP_ANSWERED:
-                updates["app_up"] = datetime.fromtimestamp(line["at"], UTC)
-            if line.get("fact") == protocol.TARGET_DEFINING:
-                updates["target_created"] = True
-            if "apps" in line:
-                updates["apps"] = line["apps"]
-        if updates:
-            updates["updated"] = timezone.now()
-            MigrationJob.objects.filter(pk=self.pk, state__in=self.ACTIVE_STATES).update(**updates)
-            self.refresh_from_db()
+            said.add(line, keep_events=False)
+        if not said.seq:
+            return
+        updates = {
+            "journal_seq": max(self.journal_seq, said.seq),
+            "bytes_moved": max(self.bytes_moved, said.bytes_moved),
+        }
+        phases = [line["phase"] for line in lines if line.get("phase") in protocol.PHASES]
+        furthest = max(phases, key=protocol.PHASES.index, default=None)
+        if furthest and self.is_before(furthest):
+            updates["state"] = furthest
+        if said.progress:
+            step = protocol.StepProgress.from_line(said.progress)
+            updates["progress"] = {**step.to_dict(), "phase": said.progress.get("phase")}
+        elif furthest:
+            updates["progress"] = None  # a new phase, no word yet on how far it is
+        if said.apps:
+            updates["apps"] = said.apps
+        facts = said.facts
+        if line := facts.get(protocol.SOURCE_STOPPING):
+            updates["source_stopped"] = datetime.fromisoformat(line["time"])
+        if line := facts.get(protocol.APP_ANSWERED):
+            updates["app_up"] = datetime.fromtimestamp(line["at"], UTC)
+        if protocol.TARGET_DEFINING in facts:
+            updates["target_created"] = True
+        if said.target_url:
+            updates["target_url"] = said.target_url
+        for line in lines:
+            if line.get("pass_number") == 1 and line.get("seconds"):
+                updates["copy_rate"] = line.get("changed_bytes", 0) / line["seconds"]
+        if said.cancel:
+            updates["cancel"] = said.cancel
+        failing = facts.get(protocol.RESULT) or facts.get(protocol.FAILING)
+        if failing and (failure := protocol.Failure.from_dict(failing.get("failure"))):
+            updates.update(self.failure_fields(failure))
+        updates["updated"] = timezone.now()
+        MigrationJob.objects.filter(pk=self.pk, state__in=self.ACTIVE_STATES).update(**updates)
+        self.refresh_from_db()
+
+    def is_before(self, phase):
+        """Whether the job's state comes before `phase` (states only move forward)."""
+        order = self.ACTIVE_STATES
+        return self.state in order and order.index(self.state) < order.index(phase)
+
+    @staticmethod
+    def failure_fields(failure: protocol.Failure) -> dict:
+        return {
+            "error": failure.summary,
+            "error_detail": failure.detail,
+            "failed_phase": failure.phase,
+            "failure_cause": str(failure.cause),
+        }
+
+    @property
+    def failure(self) -> protocol.Failure | None:
+        if not self.error:
+            return None
+        cause = protocol.Cause.parse(self.failure_cause)
+        return protocol.Failure(self.error, cause, self.failed_phase, self.error_detail)
+
+    def failure_from(self, error) -> protocol.Failure:
+        """A Failure for an error MIG met itself (provisioning, a helper gone)."""
+        grids = {self.source_grid: self.source_grid, self.target_grid: self.target_grid}
+        phase = self.state if self.state in protocol.PHASES else self.State.PROVISIONING
+        return failures.describe(error, phase, grids, self.target_grid)
 
     def helper_summary(self):
         """What the helper has reported, from the events filed so far."""
@@ -303,24 +397,29 @@ class MigrationJob(models.Model):
             summary.add(data)
         return summary
 
-    def end(self, state, reason=""):
-        """End the job (done, failed or overridden) and release its lock, in one transaction,
-        so that no reader ever sees an ended job holding the lock. Once: a job that ended
-        stays as it was; returns whether this call ended it."""
-        if state in self.ACTIVE_STATES:
-            raise ValueError(f"a job ends as done, failed or overridden, not {state}")
+    def end(self, state, failure: protocol.Failure | str | None = None):
+        """End the job (done, failed, cancelled or overridden) and release its lock, in one
+        transaction, so that no reader ever sees an ended job holding the lock. Once: a job
+        that ended stays as it was; returns whether this call ended it. `failure` says why
+        it failed (a message MIG met itself is described as one)."""
+        if state not in self.ENDED_STATES:
+            raise ValueError(f"a job ends as done, failed, cancelled or overridden, not {state}")
+        if isinstance(failure, str):
+            failure = self.failure_from(failure)
         now = timezone.now()
         with transaction.atomic():
             changed = MigrationJob.objects.filter(pk=self.pk, state__in=self.ACTIVE_STATES).update(
                 state=state,
-                error=reason,
                 finished=now,
                 updated=now,
-                eta_seconds=None,
+                progress=None,
                 attention="",
                 status_token="",  # the helper's status is nobody's business any more
+                **(self.failure_fields(failure) if failure else {}),
             )
             Lock.objects.filter(job=self).delete()
+            if changed and self.action == self.Action.SNAPSHOT:
+                Snapshot.objects.record(MigrationJob.objects.get(pk=self.pk))
         self.refresh_from_db()
         return bool(changed)
 
@@ -363,7 +462,7 @@ class MigrationJob(models.Model):
             return {"source": "destroyed", "helper": "destroyed", "target": "running"}
         if self.state == self.State.DONE:
             return {"source": "running", "helper": "destroyed", "target": "stopped"}
-        if self.state == self.State.FAILED:
+        if self.state in (self.State.FAILED, self.State.CANCELLED):
             target = "removed" if self.target_created else "absent"
             return {"source": "running", "helper": "destroyed", "target": target}
         # Overridden: nothing was touched on any grid, so nothing is known.
@@ -372,35 +471,62 @@ class MigrationJob(models.Model):
     def override(self, by, reason):
         """An operator ends a stuck job: recorded, lock released, nothing touched on a grid."""
         self.event(f"Lock overridden by {by}: {reason}", level="warning", data={"by": by})
-        self.end(self.State.OVERRIDDEN, f"overridden by {by}: {reason}")
+        self.end(
+            self.State.OVERRIDDEN,
+            protocol.Failure(f"Overridden by {by}: {reason}", protocol.Cause.OTHER, self.state),
+        )
 
-    def to_dict(self):
-        percent = round(100 * self.bytes_done / self.bytes_total, 1) if self.bytes_total else None
-        return {
-            "id": self.pk,
-            "action": self.action,
-            "state": self.state,
-            "state_label": self.get_state_display(),
-            "active": self.is_active,
-            "source": {"grid": self.source_grid, "app": self.source_app},
-            "target": {"grid": self.target_grid, "app": self.target_app},
-            "helper": self.helper_app,
-            "started_by": self.started_by,
-            "created": self.created.isoformat(),
-            "finished": self.finished.isoformat() if self.finished else None,
-            "bytes_total": self.bytes_total,
-            "bytes_done": self.bytes_done,
-            "percent": percent,
-            "rate": self.rate,
-            "eta_seconds": self.eta_seconds,
-            "downtime_seconds": self.downtime.total_seconds() if self.downtime else None,
-            "downtime_parts": self.timings,
-            "held": self.held,
-            "attention": self.attention,
-            "apps": self.app_states(),
-            "duration_seconds": self.duration.total_seconds() if self.duration else None,
-            "error": self.error,
-        }
+    def links(self) -> dict:
+        """Where what the job made lives: the app's new home, or the snapshot copy."""
+        if self.state != self.State.DONE:
+            return {}
+        if self.action == self.Action.MIGRATE:
+            return {"new_home": self.target_url} if self.target_url else {}
+        return {"snapshot": reverse("snapshots") + f"#snapshot-{self.target_grid}-{self.target_app}"}
+
+    def to_dict(self, events=None):
+        """The job's protocol.Status, as MIG knows it; `events` are the ones to show (by
+        default the last EVENTS_SHOWN of an active job, every one of an ended job)."""
+        if events is None:
+            events = self.events.order_by("-created", "-pk")
+            events = list(events[: self.EVENTS_SHOWN])[::-1] if self.is_active else list(events)[::-1]
+        failure = self.failure
+        downtime = self.timings or ({"total": self.downtime_seconds} if self.downtime_seconds else None)
+        return protocol.Status(
+            job=self.pk,
+            action=self.action,
+            state=self.state,
+            state_label=self.get_state_display(),
+            active=self.is_active,
+            answered_by="mig",
+            seq=self.journal_seq,
+            apps=self.app_states(),
+            bytes_total=self.bytes_total,
+            bytes_moved=self.bytes_moved,
+            progress=self.progress if self.is_active else None,
+            result=None,
+            failure=failure.to_dict() if failure else None,
+            cancel=self.cancel or None,
+            downtime=downtime,
+            target_url=self.target_url,
+            events=[
+                {"time": e.created.isoformat(), "level": e.level, "phase": e.phase, "message": e.message}
+                for e in events
+            ],
+            source={"grid": self.source_grid, "app": self.source_app},
+            target={"grid": self.target_grid, "app": self.target_app},
+            started_by=self.started_by,
+            created=self.created.isoformat(),
+            finished=self.finished.isoformat() if self.finished else None,
+            duration_seconds=self.duration.total_seconds() if self.duration else None,
+            held=self.held,
+            attention=self.attention,
+            links=self.links(),
+            helper_url=self.status_url if self.is_active else "",
+        ).to_dict()
+
+    # The monitor's log tail while a job runs.
+    EVENTS_SHOWN = 15
 
 
 class JobEvent(models.Model):
@@ -491,3 +617,96 @@ class Lock(models.Model):
             raise LockHeld(held) from None
         job.event(f"Lock taken by {job.started_by or 'unknown'}.", phase=job.state)
         return lock
+
+
+class SnapshotQuerySet(models.QuerySet):
+    def kept(self):
+        return self.exclude(state=Snapshot.State.DELETED)
+
+    def record(self, job):
+        """What a snapshot job that just ended made of its copy (in end()'s transaction)."""
+        snapshot = job.refresh_of
+        if job.state == MigrationJob.State.DONE:
+            fields = {"job": job, "taken": job.source_stopped or job.finished, "bytes": job.bytes_total}
+            if snapshot is None:
+                self.create(grid=job.target_grid, app=job.target_app, owner=job.owner_tag, **fields)
+            else:
+                self.filter(pk=snapshot.pk).update(state=Snapshot.State.COMPLETE, **fields)
+        elif snapshot is not None and (job.bytes_moved > 0 or job.failed_phase in protocol.PHASES):
+            # It had begun to write into the copy: now that is part new, part old.
+            self.filter(pk=snapshot.pk).update(state=Snapshot.State.INCOMPLETE, job=job)
+
+
+class Snapshot(models.Model):
+    """A snapshot copy this app made: a stopped app on a grid, kept until an operator deletes
+    it, and recorded in MIG's database so that it travels with the app.
+
+    States:
+        complete ─► (a refresh: a snapshot job into it) ─► complete, only the changes moved
+                                                       └─► incomplete, if it failed after it
+                                                           began to write: refresh it again or
+                                                           delete it; it cannot be started
+        complete | incomplete ─► deleted (removed from its grid; kept as history)
+
+    While a refresh runs, `refreshing` says so (the job is active).
+
+    `owner` is the tag the copy carries on its grid (that of the job that made it): only a
+    copy with that tag is ever refreshed or deleted. Starting a copy makes it an app of its
+    own, with its own MIG (`started`); it stays listed here.
+    """
+
+    class State(models.TextChoices):
+        COMPLETE = "complete"
+        INCOMPLETE = "incomplete"
+        DELETED = "deleted"
+
+    grid = models.CharField(max_length=64)
+    app = models.CharField(max_length=64)
+    owner = models.CharField(max_length=64)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.COMPLETE)
+    # The job that last wrote into it (the one that made it, or its latest refresh).
+    job = models.ForeignKey(MigrationJob, models.PROTECT, related_name="+")
+    # When its data was taken: the source's stop for the final pass.
+    taken = models.DateTimeField()
+    bytes = models.BigIntegerField(default=0)
+    created = models.DateTimeField(default=timezone.now)
+    started = models.DateTimeField(null=True, blank=True)
+    started_by = models.CharField(max_length=150, blank=True)
+    deleted = models.DateTimeField(null=True, blank=True)
+    deleted_by = models.CharField(max_length=150, blank=True)
+
+    objects = SnapshotQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-taken"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["grid", "app"], condition=~Q(state="deleted"), name="snapshot_one_copy_per_name"
+            ),
+        ]
+
+    def __str__(self):
+        return f"snapshot {self.grid}/{self.app} ({self.state})"
+
+    @property
+    def name(self):
+        return f"{self.grid}/{self.app}"
+
+    @property
+    def anchor(self):
+        """Its id on the snapshots page (job pages link to it)."""
+        return f"snapshot-{self.grid}-{self.app}"
+
+    @property
+    def refreshing(self):
+        return self.refreshes.active().exists()
+
+    def mark_started(self, by):
+        Snapshot.objects.filter(pk=self.pk).update(started=timezone.now(), started_by=by)
+        self.refresh_from_db()
+
+    def mark_deleted(self, by):
+        Snapshot.objects.filter(pk=self.pk).update(
+            state=self.State.DELETED, deleted=timezone.now(), deleted_by=by
+        )
+        self.refresh_from_db()

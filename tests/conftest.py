@@ -114,6 +114,29 @@ def grid(request, tmp_path, client_key):
     driver.close()
 
 
+def port_range(address, size=40):
+    """[LOW, HIGH]: ports from a free one on, for a grid that gives each app its own (the
+    grid skips any that something holds when it hands one out)."""
+    low = min(free_port(address), 65535 - size)
+    return [low, low + size - 1]
+
+
+@pytest.fixture(params=["local", "ssh"])
+def ported(request, tmp_path, client_key):
+    """A fresh hostgrid grid whose apps each answer on a port of their own (app_url with
+    {port}, app_ports), over each transport."""
+    hosts = request.getfixturevalue("ssh_hosts") if request.param == "ssh" else None
+    table = grid_table(request.param, tmp_path / "east", hosts).replace(":8080/", ":{port}/")
+    table += f"app_ports = {port_range(GRID_HOSTS[0])}\n"
+    config = gridinfo.parse("[grids.east]\n" + table)["east"]
+    driver = open_grid(config, client_key)
+    driver.init()
+    yield driver
+    for app in driver.list_apps():
+        driver.destroy(app.name)
+    driver.close()
+
+
 @pytest.fixture
 def web_port():
     return free_port(GRID_HOSTS[0])

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from migrations_app.helper.progress import human_bytes
+
 from .conftest import ROOT, mig_env
 
 CHROMIUM = "/usr/bin/chromium"
@@ -112,11 +114,13 @@ def test_migrate_the_demo_in_the_browser(demo, browser):
 
     page.get_by_label("Target grid", exact=True).select_option("west")
     page.get_by_label("Target app name").fill("shop")
-    page.get_by_label("Migrate — move this app to the target grid").check()
+    page.get_by_label("Migrate — move this app to the target grid", exact=False).check()
     # Slow enough to watch: about five seconds of pre-copy.
     page.get_by_label("Bandwidth limit (KiB/s)").fill("100")
+    page.get_by_role("button", name="Review the plan").click()
+    page.get_by_label("I understand: east/shop is destroyed once it runs on west/shop.").check()
     # A double click sends the form twice: there must still be one job.
-    page.get_by_role("button", name="Start").dblclick()
+    page.get_by_role("button", name="Migrate now").dblclick()
     page.wait_for_url(f"{url}jobs/1/", timeout=30_000)
 
     seen, shot = [], False
@@ -149,3 +153,191 @@ def test_migrate_the_demo_in_the_browser(demo, browser):
     assert page.locator("tbody tr").count() == 1
     assert errors == []
     assert Path(ARTIFACTS / "monitor-mid-migration.png").stat().st_size > 10_000
+
+
+# --- every kind of job, watched in the browser ---------------------------------------------
+
+ORDER = ["pending", "provisioning", "precopy", "stopping", "final_sync", "verifying", "starting",
+         "finishing", "rolling_back", "done", "failed", "cancelled", "overridden"]  # fmt: skip
+
+
+class Watch:
+    """What a job page shows, sampled as it changes: the states in the order the page
+    showed them (across the move to another MIG), and the screenshots taken."""
+
+    def __init__(self, page, name):
+        self.page, self.name = page, name
+        self.states = []
+
+    def sample(self):
+        current = state(self.page)
+        if current and (not self.states or self.states[-1] != current):
+            self.states.append(current)
+        return current
+
+    def until(self, predicate, timeout=120, what="the page to show it"):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            current = self.sample()
+            if predicate(current):
+                return current
+            time.sleep(0.05)
+        try:
+            note = self.text("#source-note")
+        except Exception:  # navigating
+            note = "?"
+        raise AssertionError(
+            f"waited {timeout}s for {what}: the page ({self.page.url}) showed {self.states}, saying {note!r}"
+        )
+
+    def shot(self, label):
+        path = ARTIFACTS / f"{self.name}-{label}.png"
+        self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+    def never_went_back(self):
+        ranks = [ORDER.index(s) for s in self.states]
+        assert ranks == sorted(ranks), f"the page went back: {self.states}"
+
+    def text(self, selector):
+        return self.page.locator(selector).inner_text()
+
+
+def submit(page, url, target_app, action, bwlimit=None):
+    """The form, then the plan, confirmed: returns the plan page's text."""
+    page.goto(url)
+    page.get_by_label("Target grid", exact=True).select_option("west")
+    page.get_by_label("Target app name").fill(target_app)
+    page.locator(f'input[name="action"][value="{action}"]').check()
+    if bwlimit:
+        page.get_by_label("Bandwidth limit (KiB/s)").fill(str(bwlimit))
+    page.get_by_role("button", name="Review the plan").click()
+    plan = page.locator("#plan").inner_text()
+    if action == "migrate":
+        page.get_by_role("button", name="Migrate now").click()
+        assert "Tick the box to confirm" in page.locator("main").inner_text()  # not without it
+        page.get_by_label("I understand: east/shop is destroyed once it runs on west/").check()
+        page.get_by_role("button", name="Migrate now").click()
+    else:
+        page.get_by_role("button", name="Take the snapshot").click()
+    return plan
+
+
+def log_in(page, url):
+    """Log in, from the login page it is on or the one `url` sends it to; it lands on `url`."""
+    if "/login/" not in page.url:
+        page.goto(url)
+    page.get_by_label("User name").fill("operator")
+    page.get_by_label("Password").fill("s3cret pass")
+    page.get_by_role("button", name="Log in").click()
+    page.wait_for_url(url)
+
+
+def test_every_kind_of_job_in_the_browser(world, browser):
+    """Snapshot, a cancelled migration, a failed one (its helper dies mid-copy), then the
+    migration, each watched from the job page: what it shows at each step is true, its
+    states never go back, and it ends final, with its whole log, without a reload."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    world.provision(padding=2 << 20)
+    east, west = world.url("east"), world.url("west")
+    page = browser.new_page(viewport={"width": 1100, "height": 900})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    log_in(page, east)
+
+    # 1. A snapshot: the plan says the app stops briefly and nothing is destroyed.
+    plan = submit(page, east, "copy", "snapshot")
+    assert "this app stops for the final pass, then runs again here" in plan
+    assert "the helper MigHelper_copy on west, when the job ends" in plan and "the source app" not in plan
+    page.wait_for_url(f"{east}jobs/1/")
+    watch = Watch(page, "snapshot")
+    watch.until(lambda s: s == "done", what="the snapshot to end")
+    watch.never_went_back()
+    assert watch.text("#result-state") == "Done" and page.locator("#progress-block").is_hidden()
+    assert "Snapshot complete" in watch.text("#log")  # the whole log, not a stale tail
+    size = human_bytes(world.job("east", "shop", 1)["bytes_total"])
+    assert watch.text("#result-bytes").startswith(f"{size} of data; ") and size.endswith(" MiB")
+    watch.shot("done")
+    page.get_by_role("link", name="the snapshot west/copy").click()
+    row = page.locator("#snapshot-west-copy")
+    assert "stopped" in row.inner_text() and row.get_by_role("link", name="Delete…").is_visible()
+    watch.shot("listed")
+
+    # 2. A migration, cancelled during its pre-copy: it rolls back as a failure would.
+    submit(page, east, "shop", "migrate", bwlimit=40)
+    page.wait_for_url(f"{east}jobs/2/")
+    watch = Watch(page, "cancelled")
+    watch.until(lambda s: s == "precopy" and page.eval_on_selector("#progress", "e => e.value > 0"),
+                what="progress in the pre-copy")  # fmt: skip
+    assert "ETA" in watch.text("#progress-text")
+    page.get_by_text("Cancel this job…").click()
+    page.get_by_label("Cancel the job: the helper rolls back").check()
+    page.get_by_role("button", name="Cancel the job").click()
+    watch.until(lambda s: s == "cancelled", what="the cancel to end the job")
+    watch.never_went_back()
+    assert "Cancelled by operator during pre-copy: rolled back, the source app runs." in watch.text(
+        "#failure"
+    )
+    assert watch.text("#app-source") == "running" and watch.text("#result-state") == "Cancelled"
+    assert page.locator('#phases li[data-phase="precopy"]').get_attribute("class") == "failed"
+    watch.shot("done")
+    assert world.running("east", "shop") and world.state("west", "shop") is None
+
+    # 3. A migration whose helper dies for good mid-copy: failed, and said so at once.
+    submit(page, east, "shop", "migrate", bwlimit=40)
+    page.wait_for_url(f"{east}jobs/3/")
+    watch = Watch(page, "failed")
+    watch.until(lambda s: s == "precopy" and page.eval_on_selector("#progress", "e => e.value > 0"),
+                what="progress in the pre-copy")  # fmt: skip
+    world.kill_helper_app("west", "MigHelper_shop")
+    watch.until(lambda s: s == "failed", timeout=60, what="the failure")
+    watch.never_went_back()
+    summary = watch.text("#failure-summary")
+    assert summary.startswith("Pre-copy failed: the helper stopped before it reported a result"), summary
+    assert watch.text("#result-state") == "Failed" and watch.text("#app-source") == "running"
+    watch.shot("done")
+    # On a phone the reasons wrap: nothing is wider than the screen.
+    page.set_viewport_size({"width": 375, "height": 800})
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    watch.shot("phone")
+    page.set_viewport_size({"width": 1100, "height": 900})
+
+    # 4. The migration: the page follows the app to the target's MIG and ends there.
+    plan = submit(page, east, "shop", "migrate", bwlimit=200)
+    assert "the source app east/shop with its volumes" in plan
+    watch = Watch(page, "migrated")
+    # The page follows the app to the target's MIG, on another host: there, the same login
+    # (which travelled with the app) is asked for once, and the page goes on where it was.
+    watch.until(lambda s: "/login/" in page.url, what="the page to follow the app to the target")
+    assert page.url == f"{west}login/?next=/jobs/4/"
+    assert (
+        "log in with the same user and password to follow the job" in page.locator("#followed").inner_text()
+    )
+    watch.shot("login-on-target")
+    log_in(page, f"{west}jobs/4/")
+    watch.until(lambda s: s == "done", what="the migration to end on the target")
+    watch.never_went_back()
+    assert page.url == f"{west}jobs/4/"
+    assert watch.text("#result-state") == "Done" and watch.text("#app-target") == "running"
+    size = human_bytes(world.job("west", "shop", 4)["bytes_total"])
+    assert watch.text("#result-bytes").startswith(f"{size} of data; ")
+    assert page.get_by_role("link", name=f"the app runs at {west}").is_visible()
+    assert "Migration complete" in watch.text("#log")
+    watch.shot("done")
+
+    # The history answers the questions: outcome, duration, downtime, data.
+    page.goto(f"{west}jobs/")
+    rows = page.locator("#history tbody tr")
+    assert rows.count() == 4
+    assert [rows.nth(i).locator(".state").inner_text() for i in range(4)] == [
+        "Done",
+        "Failed",
+        "Cancelled",
+        "Done",
+    ]
+    assert " s" in rows.nth(0).locator("td").nth(5).inner_text()  # the downtime
+    time_text = rows.nth(0).locator("time").inner_text()
+    assert len(time_text) == 19 and time_text[4] == "-" and time_text[10] == " "  # ISO-8601, local
+    assert rows.nth(0).locator("time").get_attribute("title").endswith(" UTC")
+    watch.shot("history")
+    assert errors == []

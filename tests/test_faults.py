@@ -133,7 +133,9 @@ def settle(world, job_id=1, timeout=120):
 def migrate_on(world, grid):
     """The next migration, from wherever the app runs to the other grid, works."""
     other = "west" if grid == "east" else "east"
-    result = world.manage(grid, "shop", "migrate_app", other, "shop", "--action", "migrate", "--wait")
+    result = world.manage(
+        grid, "shop", "migrate_app", "--yes", other, "shop", "--action", "migrate", "--wait"
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert wait_for(lambda: world.running(other, "shop"), 60)
     assert world.wait_job(other, "shop", 2)["state"] == "done"
@@ -141,7 +143,7 @@ def migrate_on(world, grid):
 
 
 def start_migration(world, bwlimit=None):
-    args = ["migrate_app", "west", "shop", "--action", "migrate"]
+    args = ["migrate_app", "--yes", "west", "shop", "--action", "migrate"]
     result = world.manage("east", "shop", *args, *(["--bwlimit", str(bwlimit)] if bwlimit else []))
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -182,7 +184,8 @@ def test_helper_killed(faulty, phase):
     else:
         # Stopped, not yet decided: the restarted helper rolls back, the source runs again.
         assert (grid, job["state"]) == ("east", "failed"), job
-        assert "restarted before the cut-over was decided" in job["error"]
+        assert "the helper died before the cut-over was decided, so it was rolled back" in job["error"]
+        assert job["failure_cause"] == "helper lost"
         assert world.state("west", "shop") is None
     assert world.state("west", HELPER) is None
     migrate_on(world, assert_nothing_lost(world))
@@ -367,11 +370,14 @@ def test_target_disk_full_during_the_copy(faulty):
     world.provision_acked(padding=8 << 20)
     unmount = mount_tmpfs(world.app_dir("west", "shop") / "volumes/data", "2m")
     try:
-        result = world.manage("east", "shop", "migrate_app", "west", "shop", "--action", "migrate", "--wait")
+        result = world.manage(
+            "east", "shop", "migrate_app", "--yes", "west", "shop", "--action", "migrate", "--wait"
+        )
         assert result.returncode != 0
         grid, job = settle(world)
         assert (grid, job["state"]) == ("east", "failed"), job
-        assert job["error"].startswith("disk full on west"), job["error"]
+        assert "failed: disk full on west" in job["error"], job["error"]
+        assert job["failure_cause"] == "disk full" and "rsync failed" in job["error_detail"], job
         assert world.state("west", "shop") is None
     finally:
         unmount()
@@ -399,8 +405,9 @@ def test_target_config_volume_full_before_the_start(faulty, small_target_config)
     fill(small_target_config)
     grid, job = settle(world)
     assert (grid, job["state"]) == ("east", "failed"), job
-    assert "the target app failed to start" in job["error"]
-    assert "disk full on west (MIG's config volume" in job["error"], job["error"]
+    assert job["error"].startswith("Starting failed: disk full on west"), job["error"]
+    assert "the target app failed to start" in job["error_detail"]
+    assert "disk full on west (MIG's config volume" in job["error_detail"], job["error_detail"]
     migrate_on(world, assert_nothing_lost(world))
 
 

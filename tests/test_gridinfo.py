@@ -33,6 +33,25 @@ def test_parses_typed_grids_in_order():
     assert grids["lab"].address == "local" and grids["lab"].python == "python3"
 
 
+PORTED = GOOD.replace(":8080", ":{port}").replace(
+    'root = "/srv/grid"', 'root = "/srv/grid"\napp_ports = [8100, 8199]'
+)
+
+
+def test_a_grid_may_give_each_app_a_port_of_its_own():
+    east = gridinfo.parse(PORTED)["east"]
+    assert east.app_url == "http://127.0.0.2:{port}/" and east.app_ports == (8100, 8199)
+    assert east.per_app_ports and east.app_host == "127.0.0.2"
+    assert gridinfo.GridConfig.from_table("east", east.to_table()) == east
+
+
+@pytest.mark.parametrize(
+    "ports", ["[8199, 8100]", "[0, 10]", '"8100-8199"', "[8100]", "[8100, 8199.5]", "[true, 8199]"]
+)
+def test_app_ports_are_a_range_of_ports(ports):
+    assert "key 'app_ports': must be" in error(PORTED.replace("[8100, 8199]", ports))
+
+
 def test_table_round_trip():
     for grid in gridinfo.parse(GOOD).values():
         assert gridinfo.GridConfig.from_table(grid.name, grid.to_table()) == grid
@@ -71,6 +90,13 @@ def error(text):
         (('host = "127.0.0.2"', 'host = "-oProxyCommand"'), "key 'host': must not begin with '-'"),
         (('host = "127.0.0.2"', 'host = "-V"'), "key 'host': must not begin with '-'"),
         (('root = "/srv/lab"', 'root = "/srv/lab"\nport = 22'), "grid 'lab', key 'port': only applies to"),
+        ((":8080", ":{port}"), "key 'app_ports': is required when app_url has {port}: [LOW, HIGH]"),
+        (
+            ('root = "/srv/grid"', 'root = "/srv/grid"\napp_ports = [1, 2]'),
+            "app_ports': needs an app_url with {port}",
+        ),
+        ((":8080", ":{port}/{app}"), "key 'app_url': may hold one placeholder, {port}"),
+        (("127.0.0.2:8080", "{port}.example:80"), "key 'app_url': has {port} where the port goes"),
     ],
 )
 def test_errors_name_file_line_grid_and_key(change, message):

@@ -1,4 +1,5 @@
-"""The helper's status endpoint: the job's token as a Bearer, MIG's origins only, bounded."""
+"""The helper's status endpoint: the job's token as a Bearer, MIG's origins only, bounded;
+and its cancel, for the page while MIG is down."""
 
 import http.client
 import json
@@ -12,18 +13,27 @@ from migrations_app.helper import status
 
 TOKEN = "t0ken-of-the-job"
 SOURCE_URL, TARGET_URL = "http://127.0.0.2:8080/", "https://shop.example/"
+TARGET = "https://shop.example"
+
+
+CANCELS = []
 
 
 @pytest.fixture
 def endpoint():
     gone = threading.Event()
+    origins = {status.origin_of(SOURCE_URL)}
+    CANCELS.clear()
     server = status.serve_status(
         "127.0.0.1",
         TOKEN,
         lambda: {"job": 7, "phase": "precopy"},
-        origins=[SOURCE_URL, TARGET_URL],
+        origins=origins,
         gone=gone.is_set,
+        cancel=lambda by: CANCELS.append(by) or {"requested": True},
     )
+    # The target's URL is known once the helper has defined it: its origin comes later.
+    origins.add(status.origin_of(TARGET_URL))
     yield server, gone
     server.shutdown()
     server.server_close()
@@ -40,10 +50,10 @@ def capped():
     server.server_close()
 
 
-def ask(server, method="GET", path="/status", **headers):
+def ask(server, method="GET", path="/status", body=None, **headers):
     connection = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
     try:
-        connection.request(method, path, headers=headers)
+        connection.request(method, path, body=body, headers=headers)
         response = connection.getresponse()
         body = response.read()
         return response.status, dict(response.getheaders()), json.loads(body) if body else None
@@ -72,6 +82,24 @@ def test_only_mig_s_own_origins_may_ask(endpoint):
         code, headers, _ = ask(server, Authorization=f"Bearer {TOKEN}", Origin=origin)
         assert code == 403 and "Access-Control-Allow-Origin" not in headers
         assert ask(server, "OPTIONS", Origin=origin)[0] == 403
+
+
+def test_a_cancel_needs_the_token_and_says_who_asked(endpoint):
+    server, _ = endpoint
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    code, headers, said = ask(server, "POST", "/cancel", json.dumps({"by": "alice"}), Origin=TARGET, **auth)
+    assert code == 200 and said == {"requested": True}
+    assert headers["Access-Control-Allow-Origin"] == TARGET
+    assert CANCELS == ["alice (through the helper, while MIG was down)"]
+    assert ask(server, "POST", "/cancel", "{}", Authorization="Bearer wrong")[0] == 403
+    assert (
+        ask(server, "POST", "/cancel", "{}", Authorization=f"Bearer {TOKEN}", Origin="http://evil.example")[0]
+        == 403
+    )
+    assert ask(server, "POST", "/cancel", "not json", Authorization=f"Bearer {TOKEN}")[0] == 400
+    assert ask(server, "POST", "/cancel", "x" * 5000, Authorization=f"Bearer {TOKEN}")[0] == 400
+    assert ask(server, "POST", "/status", "{}", Authorization=f"Bearer {TOKEN}")[0] == 404
+    assert len(CANCELS) == 1
 
 
 def test_once_the_job_has_ended_it_says_only_that(endpoint):

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -185,8 +186,8 @@ def test_failed_start_reports_the_log(grid):
     assert grid.state("broken") == AppState.FAILED
 
 
-def listener_app(grid, name, port, delay):
-    """An app that starts listening on `port` after `delay` seconds, and says it needs 30 s."""
+def listener_app(grid, name, delay):
+    """An app that starts listening on its port after `delay` seconds, and says it needs 30 s."""
     code = (
         "import socket, sys, time; time.sleep(float(sys.argv[2])); s = socket.socket(); "
         "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
@@ -197,25 +198,63 @@ def listener_app(grid, name, port, delay):
         {
             "volumes": [],
             "start_settle": 30,
-            "components": [{"name": "main", "command": ["{python}", "-c", code, str(port), str(delay)]}],
+            "components": [{"name": "main", "command": ["{python}", "-c", code, "{app_port}", str(delay)]}],
         },
     )
 
 
-def test_start_ends_once_the_app_listens(grid, web_port):
-    listener_app(grid, "server", web_port, delay=0.5)
+def test_start_ends_once_the_app_listens(ported):
+    listener_app(ported, "server", delay=0.5)
     started = time.monotonic()
-    result = grid.start("server", listen=(GRID_HOSTS[0], web_port), timeout=20)
+    result = ported.start("server", listen=True, timeout=20)
     assert result["listening"] is True
     assert 0.5 <= time.monotonic() - started < 10  # not the 30 s settle time
-    assert grid.state("server") == AppState.RUNNING
+    assert ported.state("server") == AppState.RUNNING
 
 
-def test_start_reports_an_app_that_does_not_listen(grid, web_port):
-    listener_app(grid, "quiet", web_port, delay=600)
-    result = grid.start("quiet", listen=(GRID_HOSTS[0], web_port), timeout=0.5)
+def test_start_reports_an_app_that_does_not_listen(ported):
+    listener_app(ported, "quiet", delay=600)
+    result = ported.start("quiet", listen=True, timeout=0.5)
     assert result["listening"] is False
-    assert grid.state("quiet") == AppState.RUNNING  # reported, not stopped: a proxy may front it
+    assert ported.state("quiet") == AppState.RUNNING  # reported, not stopped: a proxy may front it
+
+
+def test_each_app_gets_a_port_of_its_own(ported):
+    low, high = ported.grid.app_ports
+    env_dump = (
+        "import json, os, sys; "
+        "json.dump({k: v for k, v in os.environ.items() if k.startswith('MIG_')}, open(sys.argv[1], 'w')); "
+        "import time; time.sleep(600)"
+    )
+    component = {"name": "main", "command": ["{python}", "-c", env_dump, "{volume:x}/env"]}
+    manifest = {"volumes": ["x"], "components": [component]}
+    urls = []
+    for name in ("one", "two", "three"):
+        # A copy's manifest carries its source's port: the grid gives the copy one of its own.
+        ported.define(name, {**manifest, "port": low})
+        urls.append(ported.describe(name, sizes=False).url)
+    ports = [int(url.rsplit(":", 1)[1].strip("/")) for url in urls]
+    assert len(set(ports)) == 3 and all(low <= p <= high for p in ports), urls
+    assert urls[0] == f"http://{GRID_HOSTS[0]}:{ports[0]}/"
+    # What the app's components are told is its own URL.
+    ported.start("two")
+    env_file = Path(ported.describe("two").volumes[0].path) / "env"
+    assert wait_for(lambda: env_file.exists() and env_file.read_text().endswith("}"))
+    env = json.loads(env_file.read_text())
+    assert (env["MIG_APP"], env["MIG_APP_URL"]) == ("two", urls[1])
+    # A port freed by a destroyed app goes to the next one; a port something holds is skipped.
+    ported.destroy("one")
+    with socket.socket() as holder:
+        holder.bind((GRID_HOSTS[0], ports[0]))
+        ported.define("four", manifest)
+        assert ported.describe("four", sizes=False).url != urls[0]
+
+
+def test_a_grid_out_of_ports_says_so(ported):
+    low, high = ported.grid.app_ports
+    with pytest.raises(OperationFailed, match=f"no free port left in this grid's app_ports {low}-{high}"):
+        for i in range(high - low + 2):
+            ported.define(f"app{i}", {"volumes": [], "components": []})
 
 
 def test_one_serving_agent_answers_many_operations(grid, web_port):
@@ -235,11 +274,11 @@ def test_an_agent_that_ended_is_replaced(grid, web_port):
     assert grid.state("shop") == AppState.RUNNING
 
 
-def test_an_operation_that_takes_too_long_times_out(grid, web_port):
-    listener_app(grid, "slow", web_port, delay=600)
+def test_an_operation_that_takes_too_long_times_out(ported):
+    listener_app(ported, "slow", delay=600)
     with pytest.raises(CommandTimeout, match="start did not finish in 0.5s"):
-        grid._call("start", "slow", "--listen-port", str(web_port), "--timeout", "3", timeout=0.5)
-    assert grid.state("slow") in (AppState.STARTING, AppState.RUNNING)  # a new agent answers
+        ported._call("start", "slow", "--listen", "--timeout", "3", timeout=0.5)
+    assert ported.state("slow") in (AppState.STARTING, AppState.RUNNING)  # a new agent answers
 
 
 def test_requests_the_agent_cannot_take_are_answered(grid):

@@ -53,14 +53,20 @@ def test_errors_are_shown_next_to_their_field(logged_in, grids, fields, field, m
     response = post(logged_in, **fields)
     assert response.status_code == 200
     assert any(message in e for e in field_errors(response, field)), response.context["form"].errors
-    assert f'id="{field}-errors"' in response.content.decode()
+    page = response.content.decode()
+    # The error is where the field says it is: its aria-describedby names the error's id.
+    assert f'id="id_{field}_error"' in page
+    if field != "action":
+        assert f'aria-describedby="id_{field}_helptext id_{field}_error"' in page or (
+            f'aria-describedby="id_{field}_error"' in page
+        )
     assert not MigrationJob.objects.exists() and not Lock.objects.exists()
 
 
 def test_a_huge_name_is_refused_without_echoing_it(logged_in, grids):
     response = post(logged_in, target_app="x" * 1_000_000)
     (error,) = field_errors(response, "target_app")
-    assert "at most 54 characters (it has 200)" in error
+    assert "a target app's name has at most 54 characters (this one has 200)" in error
     assert len(response.content) < 100_000  # the form does not send the megabyte back either
     assert not MigrationJob.objects.exists()
 
@@ -105,8 +111,46 @@ def test_mode_limits_actions(logged_in, grids, settings):
     assert field_errors(response, "action")[0].startswith("Select a valid choice")
 
 
+def test_a_name_too_long_for_its_helper_is_refused_not_cut(logged_in, grids):
+    page = logged_in.get(reverse("index")).content.decode()
+    assert "maxlength" not in page  # a browser would cut the name silently
+    response = post(logged_in, target_app="a" * 55)
+    assert field_errors(response, "target_app") == [
+        "a target app's name has at most 54 characters (this one has 55): its helper is named "
+        "MigHelper_<name>, and that must fit in 64"
+    ]
+    assert not MigrationJob.objects.exists()
+
+
+def test_the_plan_is_shown_and_a_migration_must_be_confirmed(logged_in, grids):
+    response = post(logged_in)
+    page = response.content.decode()
+    assert response.status_code == 200 and not MigrationJob.objects.exists()
+    assert "<h1>Migrate east/shop → west/shop?</h1>" in page
+    for said in ("Expected duration", "Expected downtime", "the source app east/shop with its volumes"):
+        assert said in page
+    assert "I understand: east/shop is destroyed once it runs on west/shop." in page
+    data = {"target_grid": "west", "target_app": "shop", "action": "migrate", "bwlimit": ""}
+    response = logged_in.post(reverse("start"), data)
+    assert "Tick the box to confirm" in response.content.decode() and not MigrationJob.objects.exists()
+    response = logged_in.post(reverse("start"), {**data, "confirm": "on"})
+    job = MigrationJob.objects.get()
+    assert response["Location"] == reverse("job", args=[job.pk]) and job.action == "migrate"
+
+
+def test_the_plan_is_checked_again_when_confirmed(logged_in, grids):
+    post(logged_in)
+    grids["west"].define("shop", {"volumes": [], "components": []})  # meanwhile, someone took the name
+    data = {"target_grid": "west", "target_app": "shop", "action": "migrate", "bwlimit": "", "confirm": "on"}
+    response = logged_in.post(reverse("start"), data)
+    assert field_errors(response, "target_app") == ["an app named shop already exists on west"]
+    assert not MigrationJob.objects.exists()
+
+
 def test_valid_submit_creates_the_job_and_answers_at_once(logged_in, grids):
-    response = post(logged_in, target_app="copy", action="snapshot", bwlimit="500")
+    assert "Take the snapshot" in post(logged_in, target_app="copy", action="snapshot").content.decode()
+    data = {"target_grid": "west", "target_app": "copy", "action": "snapshot", "bwlimit": "500"}
+    response = logged_in.post(reverse("start"), data)
     job = MigrationJob.objects.get()
     assert response.status_code == 302 and response["Location"] == reverse("job", args=[job.pk])
     assert (job.action, job.target_grid, job.target_app) == ("snapshot", "west", "copy")
@@ -122,7 +166,8 @@ def test_two_submits_at_once_make_one_job(client, operator, grids):
     responses = []
 
     def submit():
-        responses.append(post(client, target_app="copy", action="snapshot"))
+        data = {"target_grid": "west", "target_app": "copy", "action": "snapshot", "bwlimit": ""}
+        responses.append(client.post(reverse("start"), data))
         connection.close()
 
     threads = [threading.Thread(target=submit) for _ in range(2)]

@@ -3,6 +3,7 @@
 import pytest
 from django.urls import reverse
 
+from migrations_app.helper import protocol
 from migrations_app.models import Grid, MigrationJob
 
 pytestmark = pytest.mark.django_db
@@ -22,17 +23,41 @@ def make_job(**fields):
 
 
 def test_status_json_shape(logged_in):
-    job = make_job(state="precopy", bytes_total=400, bytes_done=100, rate=50.0, eta_seconds=6.0)
+    job = make_job(state="precopy", bytes_total=400, bytes_moved=100, journal_seq=7)
+    job.progress = {"done": 100, "total": 400, "rate": 50.0, "eta": 6.0, "message": "pre-copy pass 1"}
+    job.save()
     job.event("Pre-copy pass 1", phase="precopy")
     data = logged_in.get(reverse("job_status", args=[job.pk])).json()
     assert data["state"] == "precopy" and data["state_label"] == "Pre-copy" and data["active"] is True
-    assert (data["bytes_done"], data["bytes_total"], data["percent"]) == (100, 400, 25.0)
-    assert (data["rate"], data["eta_seconds"]) == (50.0, 6.0)
+    assert (data["seq"], data["bytes_total"], data["bytes_moved"]) == (7, 400, 100)
+    assert data["progress"] == {
+        "done": 100,
+        "total": 400,
+        "rate": 50.0,
+        "eta": 6.0,
+        "message": "pre-copy pass 1",
+    }
     assert data["source"] == {"grid": "east", "app": "shop"}
     assert set(data["apps"]) == {"source", "helper", "target"}
     assert data["events"][-1]["message"] == "Pre-copy pass 1"
     assert {"time", "level", "phase", "message"} == set(data["events"][-1])
-    assert "status_token" not in data
+    assert "status_token" not in data and data["failure"] is None
+
+
+def test_an_ended_status_has_the_whole_log_and_the_failure(logged_in):
+    job = make_job(state="precopy")
+    for i in range(40):
+        job.event(f"step {i}")
+    failure = protocol.Failure(
+        "Pre-copy failed: disk full on west: free space there.",
+        protocol.Cause.DISK_FULL,
+        "precopy",
+        "rsync failed (status 11): No space left on device (28)",
+    )
+    job.end(MigrationJob.State.FAILED, failure)
+    data = logged_in.get(reverse("job_status", args=[job.pk])).json()
+    assert data["active"] is False and len(data["events"]) == 40
+    assert data["failure"] == failure.to_dict() and data["progress"] is None
 
 
 def test_status_requires_login(client, operator):
@@ -51,9 +76,11 @@ def test_monitor_page_carries_what_the_browser_needs(logged_in):
         '"helper_url": "http://w:4444/status"',
         '"token": "tok"',
         '"target_url": "http://w:8080/"',
+        '"order": ["pending", "provisioning", "precopy", "stopping", "final_sync", "verifying", "starting", '
+        '"finishing", "rolling_back", "done", "failed", "cancelled", "overridden"]',
     ):
         assert expected in page
-    assert 'data-phase="final_sync">Final sync</li>' in page
+    assert 'data-phase="final_sync">Final pass</li>' in page
 
 
 def test_finished_job_shows_result_and_no_token(logged_in):

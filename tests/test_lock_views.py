@@ -45,7 +45,7 @@ def test_override_is_recorded_and_releases_the_lock(logged_in, job, settings, tm
     assert response["Location"] == reverse("index")
     job.refresh_from_db()
     assert job.state == MigrationJob.State.OVERRIDDEN
-    assert job.error == "overridden by operator: helper host died"
+    assert job.error == "Overridden by operator: helper host died"
     event = job.events.last()
     assert event.level == "warning" and event.data == {"by": "operator"}
     assert not Lock.objects.exists()

@@ -40,7 +40,9 @@ def test_migrate(world):
     world.provision()
     secret_key = (world.app_dir("east", "shop") / "volumes/config/secret_key").read_bytes()
 
-    result = world.manage("east", "shop", "migrate_app", "west", "shop", "--action", "migrate", "--wait")
+    result = world.manage(
+        "east", "shop", "migrate_app", "--yes", "west", "shop", "--action", "migrate", "--wait"
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "[verifying] Verified" in result.stdout
     assert f"MIG answers at {world.url('west')}" in result.stdout
@@ -79,7 +81,7 @@ def test_migrate(world):
 def test_snapshot(world):
     world.provision()
     result = world.manage(
-        "east", "shop", "migrate_app", "west", "shop-copy", "--action", "snapshot", "--wait"
+        "east", "shop", "migrate_app", "--yes", "west", "shop-copy", "--action", "snapshot", "--wait"
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -107,7 +109,9 @@ def test_snapshot(world):
 
 def test_snapshot_to_the_same_grid_under_another_name(world):
     world.provision()
-    result = world.manage("east", "shop", "migrate_app", "east", "shop2", "--action", "snapshot", "--wait")
+    result = world.manage(
+        "east", "shop", "migrate_app", "--yes", "east", "shop2", "--action", "snapshot", "--wait"
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert world.wait_answering("east")
     assert world.wait_job("east", "shop", 1)["state"] == "done"
@@ -119,7 +123,9 @@ def test_snapshot_to_the_same_grid_under_another_name(world):
 
 def test_manually_started_snapshot_copy_clears_its_stale_lock(world):
     world.provision()
-    result = world.manage("east", "shop", "migrate_app", "west", "copy", "--action", "snapshot", "--wait")
+    result = world.manage(
+        "east", "shop", "migrate_app", "--yes", "west", "copy", "--action", "snapshot", "--wait"
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert world.wait_job("east", "shop", 1)["state"] == "done"
     # The copy carries the lock as it was at the final pass.
@@ -137,12 +143,14 @@ def test_manually_started_snapshot_copy_clears_its_stale_lock(world):
     assert world.state("west", "MigHelper_copy") is None
 
 
-def assert_failed_cleanly(world, job_id, reason, target_app="shop"):
-    """The source runs, nothing this job created is left on the target, the job says why."""
+def assert_failed_cleanly(world, job_id, summary, detail="", target_app="shop"):
+    """The source runs, nothing this job created is left on the target, the job says why:
+    in one line (`summary`, naming the phase and the cause), and what the tools said."""
     assert world.wait_answering("east")
     job = world.wait_job("east", "shop", job_id)
     assert job["state"] == "failed", job
-    assert reason in job["error"], job["error"]
+    assert summary in job["error"] and "\n" not in job["error"], job["error"]
+    assert detail in job["error_detail"], job["error_detail"]
     assert world.running("east", "shop")
     assert world.state("west", target_app) is None
     assert world.state("west", f"MigHelper_{target_app}") is None
@@ -164,12 +172,15 @@ def test_target_volume_not_writable(world):
     world.provision()
     restore = make_unwritable(world.app_dir("west", "shop") / "volumes" / "data")
     try:
-        result = world.manage("east", "shop", "migrate_app", "west", "shop", "--action", "migrate", "--wait")
+        result = world.manage(
+            "east", "shop", "migrate_app", "--yes", "west", "shop", "--action", "migrate", "--wait"
+        )
         assert result.returncode != 0
         assert "failed" in result.stderr
         # Whichever pass meets the volume first (rsync, or the final pass), the reason is one.
         reason = "read-only file system on west" if os.geteuid() == 0 else "permission denied on west"
-        assert_failed_cleanly(world, 1, reason)
+        job = assert_failed_cleanly(world, 1, reason)
+        assert job["failure_cause"] in ("read-only file system", "permission denied"), job
     finally:
         restore()
     # What the job created is gone; only the directory the test made remains, empty.
@@ -180,7 +191,7 @@ def test_target_volume_not_writable(world):
 def test_helper_killed_during_precopy_resumes_and_finishes(world):
     world.provision(padding=4 << 20)
     launched = world.manage(
-        "east", "shop", "migrate_app", "west", "shop", "--action", "migrate", "--bwlimit", "800"
+        "east", "shop", "migrate_app", "--yes", "west", "shop", "--action", "migrate", "--bwlimit", "800"
     )
     assert launched.returncode == 0, launched.stderr
     assert wait_for(lambda: any(line["kind"] == "progress" for line in world.helper_log("west", HELPER)), 30)
@@ -206,7 +217,7 @@ def test_helper_gone_for_good_before_the_stop(world):
             (data / f"f{i:05d}").write_bytes(b"x" * 100)
 
     world.provision(fill=many_files)
-    launched = world.manage("east", "shop", "migrate_app", "west", "shop", "--action", "migrate")
+    launched = world.manage("east", "shop", "migrate_app", "--yes", "west", "shop", "--action", "migrate")
     assert launched.returncode == 0, launched.stderr
 
     def hands_off():
@@ -214,26 +225,36 @@ def test_helper_gone_for_good_before_the_stop(world):
 
     assert wait_for(hands_off, 60, interval=0.01)
     world.kill_helper_app("west", HELPER)
-    job = assert_failed_cleanly(world, 1, "the helper stopped unexpectedly")
-    assert job["source_stopped"] is None
+    job = assert_failed_cleanly(world, 1, "Pre-copy failed: the helper stopped before it reported a result")
+    assert job["source_stopped"] is None and job["failure_cause"] == "helper lost"
 
 
 @pytest.mark.parametrize(
-    ("misbehaviour", "reason", "detail"),
+    ("misbehaviour", "summary", "detail"),
     [
         # The source refuses to stop: its data component ignores SIGTERM.
-        ({"ignore_stop": "yes"}, "the source app did not stop", "did not stop within 5s of SIGTERM: data"),
+        (
+            {"ignore_stop": "yes"},
+            "Stopping source failed: the app did not do what it was asked: see its component logs on east",
+            "the source app did not stop: grid 'east': app 'shop' did not stop within 5s of SIGTERM: data",
+        ),
         # The target fails to start: its data component will not run on grid west.
-        ({"fail_on_grid": "west"}, "the target app failed to start", "refusing to run on grid west"),
+        (
+            {"fail_on_grid": "west"},
+            "Starting failed: the app did not do what it was asked: see its component logs on west",
+            "the target app failed to start",
+        ),
     ],
     ids=["source-refusing-to-stop", "target-failing-to-start"],
 )
-def test_app_misbehaving(world, misbehaviour, reason, detail):
+def test_app_misbehaving(world, misbehaviour, summary, detail):
     world.provision(properties=misbehaviour)
-    result = world.manage("east", "shop", "migrate_app", "west", "shop", "--action", "migrate", "--wait")
+    result = world.manage(
+        "east", "shop", "migrate_app", "--yes", "west", "shop", "--action", "migrate", "--wait"
+    )
     assert result.returncode != 0
-    job = assert_failed_cleanly(world, 1, reason)
-    assert detail in job["error"]
+    assert summary in result.stderr
+    assert_failed_cleanly(world, 1, summary, detail)
 
 
 def test_stalled_copy_fails_instead_of_hanging(world):
@@ -241,7 +262,7 @@ def test_stalled_copy_fails_instead_of_hanging(world):
     env_file = world.app_dir("east", "shop") / "volumes/config/mig.env"
     env_file.write_text(env_file.read_text() + "MIG_STALL_TIMEOUT='2'\n")
     launched = world.manage(
-        "east", "shop", "migrate_app", "west", "shop", "--action", "migrate", "--bwlimit", "400"
+        "east", "shop", "migrate_app", "--yes", "west", "shop", "--action", "migrate", "--bwlimit", "400"
     )
     assert launched.returncode == 0, launched.stderr
     assert wait_for(lambda: any(line["kind"] == "progress" for line in world.helper_log("west", HELPER)), 30)
@@ -252,8 +273,8 @@ def test_stalled_copy_fails_instead_of_hanging(world):
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
     try:
-        job = assert_failed_cleanly(world, 1, "")
-        assert "no progress for 2s" in job["error"] or "timeout" in job["error"], job["error"]
+        job = assert_failed_cleanly(world, 1, "Pre-copy failed: the copy moved no data for too long")
+        assert "no progress for 2s" in job["error_detail"] or "timeout" in job["error_detail"], job
     finally:
         for pid in pids:
             try:
@@ -265,7 +286,7 @@ def test_stalled_copy_fails_instead_of_hanging(world):
 def test_concurrent_calls_make_one_job(world):
     world.provision()
     calls = [
-        world.popen_manage("east", "shop", "migrate_app", "west", name, "--action", "snapshot")
+        world.popen_manage("east", "shop", "migrate_app", "--yes", "west", name, "--action", "snapshot")
         for name in ("first", "second")
     ]
     results = [(c.wait(120), *c.communicate()) for c in calls]
@@ -278,12 +299,23 @@ def test_concurrent_calls_make_one_job(world):
     assert len(world.db("east", "shop", "SELECT id FROM migrations_app_migrationjob")) == 1
 
 
+def test_without_yes_and_a_terminal_nothing_starts(world):
+    world.provision()
+    result = world.manage("east", "shop", "migrate_app", "west", "shop", "--action", "migrate")
+    assert result.returncode != 0
+    assert "destroys: the source app east/shop" in result.stdout
+    assert "not started: add --yes to start without asking (the plan is above)" in result.stderr
+    assert world.drivers["west"].list_apps() == []
+    assert world.db("east", "shop", "SELECT id FROM migrations_app_migrationjob") == []
+
+
 def test_dry_run_changes_nothing(world):
     world.provision()
     result = world.manage("east", "shop", "migrate_app", "west", "shop", "--action", "migrate", "--dry-run")
     assert result.returncode == 0, result.stderr
     assert "migrate east/shop → west/shop" in result.stdout
-    assert "volume data" in result.stdout and "estimated copy time" in result.stdout
+    assert "volume data" in result.stdout and "expected: about" in result.stdout
+    assert "destroys: the source app east/shop with its volumes" in result.stdout
     assert "dry run: no lock taken, nothing changed" in result.stdout
     assert world.drivers["west"].list_apps() == []
     assert world.db("east", "shop", "SELECT id FROM migrations_app_migrationjob") == []
@@ -313,7 +345,7 @@ def test_refusals(world, args, env, message):
     world_env = world.mig_env("east", "shop")
     world_env.update(env)
     result = subprocess.run(
-        [PYTHON, "manage.py", "migrate_app", *args],
+        [PYTHON, "manage.py", "migrate_app", "--yes", *args],
         cwd=world.app_dir("east", "shop") / "volumes/code",
         env=world_env,
         capture_output=True,
@@ -328,7 +360,7 @@ def test_refusals(world, args, env, message):
 def test_target_app_already_exists(world):
     world.provision()
     world.drivers["west"].define("shop", {"volumes": [], "components": []})
-    result = world.manage("east", "shop", "migrate_app", "west", "shop", "--action", "migrate")
+    result = world.manage("east", "shop", "migrate_app", "--yes", "west", "shop", "--action", "migrate")
     assert result.returncode != 0
     assert "an app named shop already exists on west" in result.stderr
     assert world.state("west", "shop") == "stopped"  # untouched
@@ -343,7 +375,9 @@ def test_everything_an_entry_has_arrives(world):
         make_special_entries(data)
 
     world.provision(fill=fill)
-    result = world.manage("east", "shop", "migrate_app", "west", "copy", "--action", "snapshot", "--wait")
+    result = world.manage(
+        "east", "shop", "migrate_app", "--yes", "west", "copy", "--action", "snapshot", "--wait"
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert world.wait_job("east", "shop", 1)["state"] == "done"
     source = world.app_dir("east", "shop") / "volumes/data"

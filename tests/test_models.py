@@ -1,9 +1,12 @@
 """The lock is enforced by the database; jobs keep their history and their invariants."""
 
+import dataclasses
+
 import pytest
 from django.db import IntegrityError, transaction
 
 from migrations_app.grids import gridinfo
+from migrations_app.helper import protocol
 from migrations_app.models import Grid, JobEvent, Lock, LockHeld, MigrationJob
 
 pytestmark = pytest.mark.django_db
@@ -68,7 +71,11 @@ def test_a_job_ends_once_and_releases_its_lock_with_it():
     assert not Lock.objects.exists()
     assert not job.end(MigrationJob.State.DONE)
     job.refresh_from_db()
-    assert job.state == "failed" and job.error == "helper lost" and job.finished
+    assert job.state == "failed" and job.error_detail == "helper lost" and job.finished
+    assert (
+        job.error
+        == "Provisioning failed: an unexpected error: see the details below, and the helper's log on west."
+    )
     assert job not in MigrationJob.objects.active()
 
 
@@ -118,12 +125,54 @@ def test_helper_event_is_filed_once():
     assert JobEvent.objects.filter(job=job).count() == 3
 
 
-def test_to_dict_reports_progress():
-    job = MigrationJob.objects.create(**JOB, bytes_total=200, bytes_done=50)
+def test_to_dict_is_the_status_shape_the_helper_answers_too():
+    job = MigrationJob.objects.create(**JOB, bytes_total=200)
     data = job.to_dict()
-    assert data["percent"] == 25.0
-    assert data["source"] == {"grid": "east", "app": "shop"}
-    assert data["active"] is True
+    assert set(data) == {f.name for f in dataclasses.fields(protocol.Status)}
+    assert data["source"] == {"grid": "east", "app": "shop"} and data["answered_by"] == "mig"
+    assert data["active"] is True and data["bytes_total"] == 200 and data["progress"] is None
+
+
+def line(seq, kind="event", **fields):
+    return {"seq": seq, "time": "2026-12-01T10:00:00+00:00", "kind": kind, **fields}
+
+
+def test_helper_lines_move_the_job_forward_only():
+    job = MigrationJob.objects.create(**JOB, state="precopy")
+    progress = {"bytes_done": 50, "bytes_total": 200, "rate": 10.0, "eta": 15.0, "message": "pass 1"}
+    job.apply_helper_lines(
+        [line(1, phase="precopy"), line(2, "progress", phase="precopy", bytes_moved=50, **progress)]
+    )
+    assert job.state == "precopy" and job.journal_seq == 2 and job.bytes_moved == 50
+    assert job.to_dict()["progress"] == {
+        **{"done": 50, "total": 200, "rate": 10.0, "eta": 15.0},
+        "message": "pass 1",
+        "phase": "precopy",
+    }
+    job.apply_helper_lines([line(3, phase="verifying"), line(4, phase="stopping")])
+    assert job.state == "verifying" and job.progress is None  # a new phase: no figures yet
+    failure = {
+        "summary": "Verifying failed: the copy did not match.",
+        "cause": "verify mismatch",
+        "phase": "verifying",
+        "detail": "verify failed, 1 difference(s): a size 1 ≠ 2",
+    }
+    job.apply_helper_lines(
+        [
+            line(
+                5,
+                phase="rolling_back",
+                fact="failing",
+                failure=failure,
+                level="error",
+                message=failure["summary"],
+            )
+        ]
+    )
+    assert job.state == "rolling_back" and job.error == failure["summary"]
+    assert job.to_dict()["failure"] == failure
+    job.apply_helper_lines([line(6, phase="precopy", message="late")])  # a line read late
+    assert job.state == "rolling_back" and job.journal_seq == 6
 
 
 GRID_INFO = """

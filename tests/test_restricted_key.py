@@ -50,7 +50,9 @@ def ssh(host, key, *command, input=b""):
 def test_mig_s_work_goes_through_and_the_app_moves(restricted):
     world, hosts = restricted
     world.provision()
-    result = world.manage("east", "shop", "migrate_app", "west", "shop", "--action", "migrate", "--wait")
+    result = world.manage(
+        "east", "shop", "migrate_app", "--yes", "west", "shop", "--action", "migrate", "--wait"
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert world.wait_job("west", "shop", 1)["state"] == "done"
     assert world.running("west", "shop") and world.state("east", "shop") is None

@@ -98,7 +98,9 @@ def put_lock_back(world, grid, app, job_id):
 
 def test_target_row_is_idempotent_and_retries_an_unreachable_grid(world):
     world.provision()
-    result = world.manage("east", "shop", "migrate_app", "west", "shop", "--action", "migrate", "--wait")
+    result = world.manage(
+        "east", "shop", "migrate_app", "--yes", "west", "shop", "--action", "migrate", "--wait"
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert world.wait_job("west", "shop", 1)["state"] == "done"
 
@@ -124,7 +126,9 @@ def test_target_row_is_idempotent_and_retries_an_unreachable_grid(world):
 
 def test_source_row_after_snapshot_is_idempotent(world):
     world.provision()
-    result = world.manage("east", "shop", "migrate_app", "west", "copy", "--action", "snapshot", "--wait")
+    result = world.manage(
+        "east", "shop", "migrate_app", "--yes", "west", "copy", "--action", "snapshot", "--wait"
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert world.wait_job("east", "shop", 1)["state"] == "done"
     helper_events = [e for e in world.events("east", "shop", 1) if e["seq"] is not None]

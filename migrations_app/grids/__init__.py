@@ -20,9 +20,10 @@ from .errors import (
 )
 from .gridinfo import GridConfig
 from .hostgrid import authorized_keys_line
-from .names import helper_name, validate_name
+from .names import TARGET_NAME_MAX, helper_name, validate_name, validate_target_name
 
 __all__ = [
+    "TARGET_NAME_MAX",
     "App",
     "AppExists",
     "AppNotFound",
@@ -44,4 +45,5 @@ __all__ = [
     "helper_name",
     "open_grid",
     "validate_name",
+    "validate_target_name",
 ]

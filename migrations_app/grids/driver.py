@@ -45,6 +45,7 @@ class App:
     name: str
     state: AppState
     path: str = ""
+    url: str = ""  # where the grid publishes the app (its own port, if the grid gives those)
     manifest: dict = field(default_factory=dict)
     volumes: list = field(default_factory=list)
     components: list = field(default_factory=list)
@@ -181,7 +182,8 @@ class Driver(abc.ABC):
 
     @abc.abstractmethod
     def describe(self, app: str, sizes: bool = True) -> App:
-        """The app's manifest, components and volumes (with sizes unless sizes=False)."""
+        """The app's manifest, components, volumes (with sizes unless sizes=False) and the
+        URL the grid publishes it at."""
 
     @abc.abstractmethod
     def provision(self, app: str, template: str, properties=None, secrets=None, start=True, owner: str = ""):
@@ -192,15 +194,17 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     def define(self, app: str, manifest: dict, owner: str = ""):
         """Create a stopped, empty app with `manifest` (its volumes without data), recording
-        `owner` (who created it: clean-up removes only what it owns). Raises AppExists."""
+        `owner` (who created it: clean-up removes only what it owns). On a grid that gives
+        each app its own URL, the app gets one (the manifest's is not reused). Raises
+        AppExists; OperationFailed when the grid has no port left to give."""
 
     @abc.abstractmethod
-    def start(self, app: str, listen=None, timeout: float = 30.0) -> dict:
+    def start(self, app: str, listen: bool = False, timeout: float = 30.0) -> dict:
         """Start the app's stopped components. Started means: up for the manifest's settle
-        time, or with `listen` (host, port), listening there; the answer's "listening" is
-        False if nothing listened within `timeout`. A component that exits at start fails
-        the start, and the app is stopped again. Refused (OperationFailed) while the app's
-        cut-over record forbids it to run. Idempotent."""
+        time, or with `listen`, listening where the grid publishes the app; the answer's
+        "listening" is False if nothing listened within `timeout`. A component that exits at
+        start fails the start, and the app is stopped again. Refused (OperationFailed) while
+        the app's cut-over record forbids it to run. Idempotent."""
 
     @abc.abstractmethod
     def stop(self, app: str, grace: float | None = None, force: bool = False) -> dict:

@@ -49,7 +49,10 @@ class GridConfig:
     port: int = 22
     user: str = ""
     host_key: str = ""
+    # Where an app's MIG answers once it runs there; with "{port}", each app has its own
+    # port, which the grid hands out from app_ports (low, high) when the app is created.
     app_url: str = ""
+    app_ports: tuple[int, int] | None = None
     python: str = "python3"
     # MIG's key on this grid runs only MIG's gate (see gate.py, `grids --authorized-keys`).
     restricted: bool = False
@@ -66,15 +69,12 @@ class GridConfig:
     @property
     def app_host(self):
         """The address apps on this grid listen on, taken from app_url."""
-        return urlsplit(self.app_url).hostname or ""
+        return urlsplit(self.app_url.replace(PORT, "1")).hostname or ""
 
     @property
-    def app_listen(self):
-        """(host, port) an app with MIG in it listens on here, or None without an app_url."""
-        url = urlsplit(self.app_url)
-        if not url.hostname:
-            return None
-        return url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    def per_app_ports(self):
+        """Whether each app on this grid answers on a port of its own."""
+        return PORT in self.app_url
 
     def to_table(self):
         """This grid as its grid.info table: what the helper receives as JSON."""
@@ -165,16 +165,38 @@ def _root(loc, grid, value):
     return value
 
 
+PORT = "{port}"
+
+
 def _app_url(loc, grid, value):
     value = _require_str(loc, grid, "app_url", value)
-    parts = urlsplit(value)
+    if value.replace(PORT, "").count("{") or value.replace(PORT, "").count("}"):
+        raise loc.error(grid, "app_url", "may hold one placeholder, {port} (each app's own port)")
+    parts = urlsplit(value.replace(PORT, "1"))
     try:
         parts.port  # noqa: B018 - raises on a bad port
     except ValueError:
         raise loc.error(grid, "app_url", "has an invalid port") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise loc.error(grid, "app_url", "must be an http:// or https:// URL with a host")
+    if PORT in value and not urlsplit(value).netloc.endswith(f":{PORT}"):
+        raise loc.error(grid, "app_url", "has {port} where the port goes: http://HOST:{port}/")
     return value if value.endswith("/") else value + "/"
+
+
+def _app_ports(loc, grid, value, app_url):
+    if value is None:
+        if PORT in app_url:
+            raise loc.error(grid, "app_ports", "is required when app_url has {port}: [LOW, HIGH]")
+        return None
+    if PORT not in app_url:
+        raise loc.error(grid, "app_ports", "needs an app_url with {port}, e.g. http://HOST:{port}/")
+    if not (isinstance(value, list | tuple) and len(value) == 2 and all(type(v) is int for v in value)):
+        raise loc.error(grid, "app_ports", "must be [LOW, HIGH], two port numbers")
+    low, high = value
+    if not 1 <= low <= high <= 65535:
+        raise loc.error(grid, "app_ports", f"must be ports from 1 to 65535, LOW <= HIGH (got {low}, {high})")
+    return low, high
 
 
 KEYS = {
@@ -186,6 +208,7 @@ KEYS = {
     "host_key",
     "root",
     "app_url",
+    "app_ports",
     "python",
     "restricted",
     "connect_timeout",
@@ -244,6 +267,7 @@ def _grid_config(name, table, loc):
     values["app_url"] = _app_url(
         loc, name, table.get("app_url", f"http://{values.get('host') or '127.0.0.1'}:8080/")
     )
+    values["app_ports"] = _app_ports(loc, name, table.get("app_ports"), values["app_url"])
     if "python" in table:
         python = _require_str(loc, name, "python", table["python"])
         if python.startswith("-") or any(c.isspace() for c in python):

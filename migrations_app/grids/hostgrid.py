@@ -185,7 +185,11 @@ class HostGridDriver(Driver):
     def init(self):
         """Create the grid's layout and record its name; idempotent."""
         validate_name(self.grid.name, "grid")
-        return self._call("init", "--name", self.grid.name, "--app-url", self.grid.app_url)["changed"]
+        args = ["--name", self.grid.name, "--app-url", self.grid.app_url]
+        if self.grid.app_ports:
+            low, high = self.grid.app_ports
+            args += ["--app-ports", f"{low}-{high}"]
+        return self._call("init", *args)["changed"]
 
     # --- apps ---
 
@@ -202,6 +206,7 @@ class HostGridDriver(Driver):
             name=data["name"],
             state=AppState(data["state"]),
             path=data["path"],
+            url=data.get("url", ""),
             manifest=data["manifest"],
             volumes=[Volume(**v) for v in data["volumes"]],
             components=[Component(**c) for c in data["components"]],
@@ -236,14 +241,14 @@ class HostGridDriver(Driver):
         """Write a file inside an app's directory (a volume's content, a secret)."""
         self.transport.put(data, f"{self.grid.root}/apps/{validate_name(app)}/{check_relpath(path)}", mode)
 
-    def start(self, app, listen=None, timeout=30.0):
+    def start(self, app, listen=False, timeout=30.0):
         """Start the app's components: started once they have stayed up for the manifest's
-        settle time, or, with `listen` (host, port), as soon as something listens there.
-        The answer's "listening" is False if nothing did within `timeout` seconds."""
+        settle time, or, with `listen`, as soon as something listens where the grid
+        publishes the app. The answer's "listening" is False if nothing did within
+        `timeout` seconds."""
         args = [validate_name(app)]
         if listen:
-            host, port = listen
-            args += ["--listen-host", host, "--listen-port", str(int(port)), "--timeout", str(float(timeout))]
+            args += ["--listen", "--timeout", str(float(timeout))]
         return self._call("start", *args, timeout=timeout + 30 if listen else None)
 
     def stop(self, app, grace=None, force=False):

@@ -15,9 +15,9 @@ uses the Python standard library only, so a grid host needs nothing but Python (
 for copies).
 
 A grid is a directory:
-    grid.json                   the grid's own name and app URL (written by `init`)
+    grid.json                   the grid's own name, app URL and app ports (written by `init`)
     catalog/<template>/         manifest.json and volumes/<name>/ with initial content
-    apps/<app>/app.json         the manifest; an app exists once this file does
+    apps/<app>/app.json         the manifest (and the app's port); an app exists once this file does
     apps/<app>/state.json       the desired state: running or stopped
     apps/<app>/volumes/<name>/  the app's data
     apps/<app>/run/<c>.pid      "<pid> <start time>" of each running component
@@ -42,6 +42,7 @@ import sys
 import tarfile
 import time
 import uuid
+from urllib.parse import urlsplit
 
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}\Z")
 PLACEHOLDER_RE = re.compile(r"\{([a-z_]+)(?::([A-Za-z0-9_-]+))?\}")
@@ -191,6 +192,44 @@ class Grid:
     def config(self):
         return read_json(os.path.join(self.root, "grid.json"), {})
 
+    # where apps answer
+
+    def app_url(self, app, manifest=None):
+        """Where the grid publishes `app`: its app_url, with the app's own port if the grid
+        gives each app one ({port})."""
+        template = self.config().get("app_url", "")
+        if "{port}" not in template:
+            return template
+        port = (manifest or self.manifest(app)).get("port")
+        return template.replace("{port}", str(port)) if port else ""
+
+    def assign_port(self, app):
+        """The lowest port of the grid's app_ports that no other app has and nothing holds
+        (call with the grid's lock held). None if the grid does not give apps ports."""
+        config = self.config()
+        if "{port}" not in config.get("app_url", ""):
+            return None
+        low, high = config["app_ports"]
+        taken = set()
+        for name in os.listdir(self.apps) if os.path.isdir(self.apps) else []:
+            if NAME_RE.match(name) and name != app and self.exists(name):
+                taken.add(read_json(os.path.join(self.app_dir(name), "app.json"), {}).get("port"))
+        host = urlsplit(config["app_url"].replace("{port}", "1")).hostname or "127.0.0.1"
+        for port in range(low, high + 1):
+            if port not in taken and bindable(host, port):
+                return port
+        raise AgentError(
+            f"no free port left in this grid's app_ports {low}-{high} ({len(taken)} apps have one): "
+            "widen app_ports in grid.info and run `manage.py grids --init` again"
+        )
+
+    def grid_lock(self):
+        """Serialise what concerns every app at once (handing out ports)."""
+        ensure_dir(os.path.join(self.root, ".mig"))
+        fd = os.open(os.path.join(self.root, ".mig", "grid.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
+
     def app_dir(self, app):
         return os.path.join(self.apps, check_name(app))
 
@@ -288,7 +327,8 @@ class Grid:
                 "app": app,
                 "grid": grid.get("name", ""),
                 "app_dir": self.app_dir(app),
-                "app_url": grid.get("app_url", ""),
+                "app_url": self.app_url(app, manifest),
+                "app_port": str(manifest.get("port") or urlsplit(self.app_url(app, manifest)).port or ""),
                 "python": sys.executable,
             }
             if arg is None and key in simple:
@@ -383,9 +423,13 @@ def op_init(grid, args):
         raise AgentError(
             f"{grid.root} is already grid {current['name']!r}; refusing to call it {args.name!r}"
         )
+    if ("{port}" in args.app_url) != (args.app_ports is not None):
+        raise Invalid("an app_url with {port} needs app_ports, and app_ports an app_url with {port}")
     for path in (grid.root, grid.apps, grid.catalog):
         ensure_dir(path)
     wanted = {"format": 1, "name": args.name, "app_url": args.app_url}
+    if args.app_ports is not None:
+        wanted["app_ports"] = list(args.app_ports)
     changed = current != wanted
     if changed:
         write_json(os.path.join(grid.root, "grid.json"), wanted)
@@ -444,6 +488,7 @@ def op_describe(grid, args):
         "name": args.app,
         "state": grid.state(args.app),
         "path": app_dir,
+        "url": grid.app_url(args.app, manifest),
         "manifest": manifest,
         "volumes": volumes,
         "components": components,
@@ -451,7 +496,19 @@ def op_describe(grid, args):
 
 
 def make_app(grid, app, manifest, fill_volume=None):
-    """Write an app's directories, then its manifest last: the manifest makes it exist."""
+    """Write an app's directories, then its manifest last: the manifest makes it exist. A
+    grid that gives each app a port gives this one the lowest free one."""
+    fd = grid.grid_lock()
+    try:
+        port = grid.assign_port(app) if not grid.exists(app) else None
+        if port is not None:
+            manifest = dict(manifest, port=port)
+        write_app(grid, app, manifest, fill_volume)
+    finally:
+        os.close(fd)
+
+
+def write_app(grid, app, manifest, fill_volume):
     if grid.exists(app):
         raise Exists(f"app {app!r} already exists on this grid")
     ensure_dir(grid.apps)
@@ -518,7 +575,7 @@ def start_component(grid, app, manifest, component):
     env.update(
         MIG_GRID=config.get("name", ""),
         MIG_APP=app,
-        MIG_APP_URL=config.get("app_url", ""),
+        MIG_APP_URL=grid.app_url(app, manifest),
     )
     name = component["name"]
     for key, value in component.get("env", {}).items():
@@ -551,6 +608,16 @@ def start_component(grid, app, manifest, component):
     with open(grid.pidfile(app, name), "w") as f:
         f.write(f"{proc.pid} {info[2] if info else 0}\n")
     return proc
+
+
+def bindable(host, port):
+    """Whether nothing holds `port` on `host` now (a port handed out must be free)."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, port))
+    except OSError:
+        return False
+    return True
 
 
 def listening(host, port):
@@ -589,21 +656,28 @@ def op_start(grid, args):
             stop_app(grid, args.app, manifest, grace=2.0, force=True)
             grid.set_state(args.app, "running")
             raise
-        # Started means: still up after the manifest's settle time; or, with --listen-port,
-        # listening there (within --timeout), the sooner and surer sign for an app that
-        # serves. Not listening by then is reported, not fatal: a proxy may front the app.
-        wait = args.timeout if args.listen_port else float(manifest.get("start_settle", DEFAULT_START_SETTLE))
+        # Started means: still up after the manifest's settle time; or, with --listen,
+        # listening where the grid publishes the app (within --timeout), the sooner and
+        # surer sign for an app that serves. Not listening by then is reported, not fatal: a
+        # proxy may front the app.
+        url = urlsplit(grid.app_url(args.app, manifest)) if args.listen else None
+        listen = (
+            (url.hostname, url.port or (443 if url.scheme == "https" else 80))
+            if url and url.hostname
+            else None
+        )
+        wait = args.timeout if listen else float(manifest.get("start_settle", DEFAULT_START_SETTLE))
         deadline = time.monotonic() + (wait if started else 0)
         listens = None
         while True:
             dead = [(n, p) for n, p in started if p.poll() is not None]
             if dead:
                 break
-            if args.listen_port and listening(args.listen_host, args.listen_port):
+            if listen and listening(*listen):
                 listens = True
                 break
             if time.monotonic() >= deadline:
-                listens = False if args.listen_port else None
+                listens = False if listen else None
                 break
             time.sleep(0.02)
         if dead:
@@ -1510,6 +1584,18 @@ SECONDS = number(0.0, 7 * 86400.0)
 OFFSET = number(0, 1 << 62, int)
 
 
+def port_range(text):
+    """An argument type: "LOW-HIGH", ports from 1 to 65535, LOW <= HIGH."""
+    low, sep, high = text.partition("-")
+    try:
+        low, high = int(low), int(high)
+    except ValueError:
+        low = high = 0
+    if not sep or not 1 <= low <= high <= 65535:
+        raise argparse.ArgumentTypeError(f"must be LOW-HIGH, ports from 1 to 65535, not {shorten(text)}")
+    return low, high
+
+
 def parser():
     p = Parser(prog="hostgrid-agent")
     p.add_argument("root")
@@ -1519,6 +1605,7 @@ def parser():
     s = sub.add_parser("init")
     s.add_argument("--name", required=True)
     s.add_argument("--app-url", default="")
+    s.add_argument("--app-ports", type=port_range)
     sub.add_parser("list")
     sub.add_parser("state").add_argument("app")
     s = sub.add_parser("destroy")
@@ -1526,8 +1613,7 @@ def parser():
     s.add_argument("--owner")
     s = sub.add_parser("start")
     s.add_argument("app")
-    s.add_argument("--listen-host", default="127.0.0.1")
-    s.add_argument("--listen-port", type=number(1, 65535, int))
+    s.add_argument("--listen", action="store_true")
     s.add_argument("--timeout", type=SECONDS, default=60.0)
     s = sub.add_parser("describe")
     s.add_argument("app")

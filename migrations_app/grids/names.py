@@ -20,8 +20,20 @@ def validate_name(value, kind="app"):
     return value
 
 
+# A target's helper is named after it, and that name must fit the limit too.
+TARGET_NAME_MAX = 64 - len(HELPER_PREFIX)
+
+
+def validate_target_name(value):
+    """A name a job may give its target app: a safe name, short enough for its helper's."""
+    if isinstance(value, str) and len(value) > TARGET_NAME_MAX:
+        raise InvalidName(
+            f"a target app's name has at most {TARGET_NAME_MAX} characters (this one has {len(value)}): "
+            f"its helper is named {HELPER_PREFIX}<name>, and that must fit in 64"
+        )
+    return validate_name(value)
+
+
 def helper_name(target_app):
     """The helper app for a job is named after its target app, as in the original."""
-    name = HELPER_PREFIX + validate_name(target_app)
-    # The prefix is 10 characters, so a long target name would overflow the limit.
-    return validate_name(name, "helper app")
+    return HELPER_PREFIX + validate_target_name(target_app)

@@ -107,12 +107,13 @@ def stop_orphan(pid_file):
     return is_rsync
 
 
-def run_rsync(argv, on_progress, stall_timeout, pid_file=None):
+def run_rsync(argv, on_progress, stall_timeout, pid_file=None, check=None):
     """Run rsync, calling on_progress(bytes, percent) as it reports; return PassStats.
 
     If the byte count does not move for `stall_timeout` seconds, rsync is killed and the
     pass fails with that reason instead of hanging. Its pid is kept in `pid_file` while it
-    runs, so that a helper restarted after dying can stop it.
+    runs, so that a helper restarted after dying can stop it. `check()` is called at least
+    once a second: what it raises (a cancel) kills rsync and ends the pass.
     """
     start = time.monotonic()
     proc = subprocess.Popen(
@@ -157,6 +158,8 @@ def run_rsync(argv, on_progress, stall_timeout, pid_file=None):
                             setattr(stats, field, int(m.group(2).replace(b",", b"")))
             if time.monotonic() - last_change > stall_timeout:
                 raise CopyError(f"the copy made no progress for {stall_timeout:g}s", CopyError.STALL)
+            if check is not None:
+                check()
         status = proc.wait()
     finally:
         sel.close()

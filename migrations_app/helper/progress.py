@@ -4,6 +4,7 @@ import json
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -22,6 +23,38 @@ def human_bytes(n):
 
 # Events the helper keeps in memory for its status endpoint.
 EVENTS_KEPT = 200
+
+
+class RateMeter:
+    """Rate and ETA of one step, over its last WINDOW seconds.
+
+    An average from the start of a pass would count its first seconds (connecting, listing
+    files), and its ETA would be far too long; and no ETA is told until the step has run
+    MIN_SECONDS and done MIN_FRACTION of its work, when a guess is worth showing.
+    """
+
+    WINDOW = 5.0
+    MIN_SECONDS = 2.0
+    MIN_FRACTION = 0.01
+
+    def __init__(self, total, clock=time.monotonic):
+        self.total = max(int(total), 1)
+        self.clock = clock
+        self.started = clock()
+        self.samples = deque([(self.started, 0)])
+
+    def update(self, done):
+        """(bytes per second, seconds left or None) after `done` bytes."""
+        now = self.clock()
+        self.samples.append((now, done))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= self.WINDOW:
+            self.samples.popleft()
+        then, done_then = self.samples[0]
+        rate = (done - done_then) / (now - then) if now > then else 0.0
+        eta = None
+        if rate > 0 and now - self.started >= self.MIN_SECONDS and done >= self.MIN_FRACTION * self.total:
+            eta = max(self.total - done, 0) / rate
+        return max(rate, 0.0), eta
 
 
 def now_iso():
@@ -46,6 +79,9 @@ class ProgressLog:
         self.strict = True
         self.write_error = None
         self.summary = Summary()
+        # What the journal says now, this run's lines too (for the status endpoint; its
+        # events are `events`, bounded).
+        self.now = Summary()
         try:
             with open(path, "rb") as f:
                 text = f.read().decode("utf-8", "replace")
@@ -53,6 +89,7 @@ class ProgressLog:
             text = ""
         for line in parse_lines(text):
             self.summary.add(line)
+            self.now.add(line, keep_events=False)
         if text and not text.endswith("\n"):
             self._append(b"\n")  # a line torn by a crash: the next one starts afresh
         self.seq = self.summary.seq
@@ -80,6 +117,7 @@ class ProgressLog:
                     raise
                 self.write_error = error
             self.latest = line
+            self.now.add(line, keep_events=False)
             if line["kind"] == protocol.EVENT:
                 self.events.append(line)
                 del self.events[:-EVENTS_KEPT]
@@ -91,7 +129,8 @@ class ProgressLog:
         return self._write({"kind": protocol.EVENT, "level": level, "message": message, **data})
 
     def progress(self, done, total, rate, eta, message="", force=False):
-        """A counter update, written at most every `min_interval` seconds unless forced."""
+        """How far the current step is (see protocol.StepProgress), written at most every
+        `min_interval` seconds unless forced."""
         now = time.monotonic()
         if not force and now - self._last_progress < self.min_interval:
             return None
@@ -128,13 +167,17 @@ class Downtime:
 
 @dataclass
 class Summary:
-    """What a progress log says so far."""
+    """What a progress log says so far: MIG and the helper read journal lines through it
+    alone, so both tell the same story from them."""
 
     phase: str = ""
     events: list = field(default_factory=list)
     latest: dict = field(default_factory=dict)
     facts: dict = field(default_factory=dict)
     seq: int = 0
+    progress: dict | None = None  # the last progress line
+    apps: dict | None = None
+    bytes_moved: int = 0
 
     @property
     def result(self) -> protocol.Result | None:
@@ -151,17 +194,47 @@ class Summary:
         """The cut-over decision the helper learned, if it did (commit | rollback)."""
         return self.facts.get(protocol.DECISION, {}).get("decision")
 
+    @property
+    def failure(self) -> protocol.Failure | None:
+        """Why the helper failed (or was cancelled), once its result says so."""
+        result = self.facts.get(protocol.RESULT, {})
+        return protocol.Failure.from_dict(result.get("failure"))
+
+    @property
+    def cancel(self) -> dict | None:
+        """{"by", "refused"} once the helper answered a cancel."""
+        if line := self.facts.get(protocol.CANCEL_REFUSED):
+            return {"by": line.get("by", ""), "refused": line.get("message", "")}
+        if line := self.facts.get(protocol.CANCELLING):
+            return {"by": line.get("by", ""), "refused": ""}
+        return None
+
+    @property
+    def target_url(self) -> str:
+        return self.facts.get(protocol.TARGET_DEFINED, {}).get("url", "")
+
     def has(self, fact):
         return fact in self.facts
 
-    def add(self, line):
+    def add(self, line, keep_events=True):
         self.seq = max(self.seq, line.get("seq", 0))
         self.phase = line.get("phase") or self.phase
         self.latest = line
+        self.apps = line.get("apps", self.apps)
+        self.bytes_moved = max(self.bytes_moved, line.get("bytes_moved", 0))
+        if line.get("kind") == protocol.PROGRESS:
+            self.progress = line
         if line.get("kind") == protocol.EVENT:
-            self.events.append(line)
+            if keep_events:
+                self.events.append(line)
             if fact := line.get("fact"):
                 self.facts[fact] = line
+            if line.get("phase") != self.progress_phase:
+                self.progress = None  # a new phase: its step has not reported yet
+
+    @property
+    def progress_phase(self):
+        return (self.progress or {}).get("phase")
 
     def fact_time(self, fact):
         """When the latest line with `fact` was written (epoch seconds), or None."""

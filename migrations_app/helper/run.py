@@ -15,19 +15,18 @@ The helper's job, as small steps (docs/DESIGN.md, "The migration", "The cut-over
     starting     migrate: start the target; snapshot: restart the source; close the record,
                  then wait for the app's first answer at its published URL
 
-Any failure before the commit: claim rollback, restart the source first, then remove the
-target this job created, then say why. After a migration's commit nothing restarts the
-source. The last line of the journal is always the result; then the helper keeps answering
-status requests until MIG destroys it.
+Any failure before the commit, or a cancel (an operator's, by a file in the work volume),
+rolls back: claim rollback, restart the source first, then remove the target this job
+created, then say why. After a migration's commit nothing restarts the source, and a cancel
+is refused. The last line of the journal is always the result; then the helper keeps
+answering status requests until MIG destroys it.
 """
 
 import argparse
 import dataclasses
-import errno
 import json
 import os
 import signal
-import sqlite3
 import sys
 import threading
 import time
@@ -46,10 +45,10 @@ from ..grids import (
 )
 from ..grids.errors import OperationFailed
 from ..grids.gridinfo import GridConfig
-from . import protocol, sync
+from . import failures, protocol, sync
 from .copy import CopyError, remote_path, rsync_argv, run_rsync, stop_orphan
-from .progress import ProgressLog, human_bytes
-from .status import serve_status
+from .progress import ProgressLog, RateMeter, human_bytes
+from .status import origin_of, serve_status
 
 LINGER_SECONDS = 3600
 # How long the status endpoint answers after the outcome: the page has moved on to the MIG
@@ -77,32 +76,33 @@ class Failure(Exception):
     """The job cannot go on; the message says why, for the operator."""
 
 
+class Interrupted(Failure):
+    """A restarted helper finds its cut-over rolled back (by itself, or by another)."""
+
+
+class Cancelled(Exception):
+    """An operator cancelled the job before its commit."""
+
+    def __init__(self, by):
+        super().__init__(f"cancelled by {by}")
+        self.by = by
+
+
 class Stopped(BaseException):
     """SIGTERM arrived: someone stopped or destroyed the helper."""
+
+
+class Resumed(Exception):
+    """A helper restarted while it rolled back goes on rolling back, for the same reason."""
+
+    def __init__(self, failure):
+        super().__init__(failure.summary if failure else "the helper died while rolling back")
+        self.failure = failure
 
 
 def retryable(error):
     """A lost connection is worth another try; a refused key or host key is not."""
     return isinstance(error, TransportError) and not isinstance(error, HostKeyError | AuthError)
-
-
-def plain_reason(error, grid):
-    """An error as an operator should read it: disk full and read-only named as such."""
-    if isinstance(error, CopyError) and error.kind in (
-        CopyError.DISK_FULL,
-        CopyError.READ_ONLY,
-        CopyError.DENIED,
-    ):
-        return f"{error.kind} on {grid}: {error}"
-    kinds = {errno.ENOSPC: CopyError.DISK_FULL, errno.EDQUOT: CopyError.DISK_FULL}
-    kinds.update({errno.EROFS: CopyError.READ_ONLY, errno.EACCES: CopyError.DENIED})
-    if isinstance(error, OSError) and error.errno in kinds:
-        return f"{kinds[error.errno]} on {grid}: {error}"
-    if isinstance(error, sqlite3.OperationalError) and "disk is full" in str(error):
-        return f"disk full on {grid} (the helper's work volume): {error}"
-    if isinstance(error, Failure | GridError | CopyError | sync.SyncError):
-        return str(error)
-    return f"{type(error).__name__}: {error}"
 
 
 class Heartbeat:
@@ -176,24 +176,41 @@ class Helper:
         # The helper runs on the target grid's host: it reaches that grid directly.
         target_grid = GridConfig.from_table(target["grid"], target["table"])
         self.target_grid = dataclasses.replace(target_grid, transport="local", host="", host_key="")
+        # How messages name each grid, to tell which one a failure is about.
+        self.grid_marks = {self.source_grid.name: self.source_grid.address}
+        self.grid_marks[target_grid.name] = target_grid.address
         self.bwlimit = self.config.get("bwlimit_kbps")
         self.stall_timeout = float(self.config.get("stall_timeout", 60))
         self.heartbeat_timeout = float(self.config.get("heartbeat_timeout", HEARTBEAT_TIMEOUT))
         self.max_passes = int(self.config.get("max_passes", 4))
         self.source = self.target = self.final = self.heartbeat = None
         self.target_created = self.journal.has(protocol.TARGET_DEFINING)
+        # A refresh writes into an earlier snapshot copy: the app of this owner is kept.
+        self.refresh_owner = self.config.get("refresh_owner") or None
+        # Where each app answers once it runs (the target's is known once it is defined).
+        self.source_url = source.get("url") or self.source_grid.app_url
+        self.target_url = self.journal.target_url
+        # Pages that may ask the status endpoint: MIG's, on the source, then on the target.
+        self.origins = {o for o in map(origin_of, (self.source_url, self.target_url)) if o}
         self.armed = self.verified = self.finished = False
         self.finished_at = None
         self.volumes = []
         self.total_bytes = int(self.config.get("bytes_total") or 0)
+        # Data sent over the network by every pass of this job, an earlier run's included.
+        self.moved = self.journal.bytes_moved
         self.rsync_pid_file = os.path.join(work_dir, "rsync.pid")
-        # What the monitor shows about the three apps; every progress line carries it.
-        self.apps = self.journal.latest.get("apps") or {
+        self.cancel_path = os.path.join(work_dir, protocol.CANCEL_NAME)
+        self.cancel_answered = self.journal.cancel is not None
+        # What the monitor shows about the three apps; every line carries it.
+        self.apps = self.journal.apps or {
             "source": "running",
             "helper": "running",
             "target": "absent",
         }
-        self.log.context = lambda: {"apps": dict(self.apps)}
+        # A first copy into an empty target sends what rsync reports done: it counts while the
+        # pass runs (a pass cut short still sent something). Other passes count once done.
+        self.moving = 0
+        self.log.context = lambda: {"apps": dict(self.apps), "bytes_moved": self.moved + self.moving}
 
     # --- running ------------------------------------------------------------------------
 
@@ -212,6 +229,7 @@ class Helper:
                 f"Restarted by {self.target_grid.name} after this helper died during "
                 f"{self.journal.phase}; resuming from its journal",
                 fact=protocol.RESUMED,
+                phase=self.journal.phase,
             )
         else:
             self.log.event(
@@ -221,25 +239,87 @@ class Helper:
             )
         try:
             self.step_open()
+            if self.journal.phase == protocol.ROLLING_BACK:
+                self.resume_rollback()
             if not self.resume_cutover():
-                self.step_precopy()
-                self.step_prepare_final()
-                self.step_arm()
-                self.step_stop_source()
-                self.step_final_sync()
-                self.step_verify()
-                self.step_commit()
+                for step in (
+                    self.step_precopy,
+                    self.step_prepare_final,
+                    self.step_arm,
+                    self.step_stop_source,
+                    self.step_final_sync,
+                    self.step_verify,
+                    self.step_commit,
+                ):
+                    self.check_cancel()
+                    step()
             self.step_start()
             self.succeed()
         except (Exception, Stopped) as error:  # whatever it is, the job fails with it
-            self.fail(self.reason(error))
+            self.fail(self.failure_of(error))
         self.linger()
         return 0
 
-    def reason(self, error):
+    def failure_of(self, error) -> protocol.Failure:
+        """What the journal, the job and the page say about `error`."""
+        phase = self.log.phase
+        if isinstance(error, Resumed):
+            return error.failure or failures.describe(
+                "the helper died while rolling back", phase, self.grid_marks, self.target_grid.name
+            )
+        if isinstance(error, Cancelled):
+            return failures.cancelled(error.by, phase)
+        if isinstance(error, Interrupted):
+            label = protocol.LABELS.get(phase, phase)
+            return protocol.Failure(
+                f"{label} failed: {error}; the source app runs again.", protocol.Cause.LOST, phase
+            )
         if isinstance(error, Stopped):
-            return f"the helper was stopped during {self.log.phase}"
-        return plain_reason(error, self.target_grid.name)
+            label = protocol.LABELS.get(phase, phase)
+            return protocol.Failure(
+                f"{label} failed: the helper was stopped from outside before it finished.",
+                protocol.Cause.STOPPED,
+                phase,
+            )
+        return failures.describe(error, phase, self.grid_marks, self.target_grid.name)
+
+    # --- cancel -------------------------------------------------------------------------
+
+    def cancel_request(self):
+        """Who asked to cancel, or None (see protocol.CANCEL_FILE)."""
+        try:
+            with open(self.cancel_path) as f:
+                by = json.load(f).get("by")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return str(by or "an operator")[:150]
+
+    def check_cancel(self):
+        """Before the commit, a cancel rolls the job back: raises Cancelled."""
+        if by := self.cancel_request():
+            if not self.cancel_answered:
+                self.cancel_answered = True
+                self.log.event(f"Cancel requested by {by}: rolling back", fact=protocol.CANCELLING, by=by)
+            raise Cancelled(by)
+
+    def refuse_late_cancel(self, why):
+        """After the commit (or the end) a cancel changes nothing: say so, once."""
+        if self.cancel_answered or not (by := self.cancel_request()):
+            return
+        self.cancel_answered = True
+        self.log.event(
+            f"Cancel requested by {by}, refused: {why}", level="warning", fact=protocol.CANCEL_REFUSED, by=by
+        )
+
+    def request_cancel(self, by):
+        """The status endpoint's cancel, while MIG is down: the same file MIG would write."""
+        if self.finished:
+            return {"refused": "the job has finished"}
+        tmp = self.cancel_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"by": by}, f)
+        os.replace(tmp, self.cancel_path)
+        return {"requested": True}
 
     def on_sigterm(self, signum, frame):
         if self.finished:
@@ -255,8 +335,7 @@ class Helper:
         except (OSError, ValueError, KeyError, IndexError):
             port = 0
         host = self.target_grid.app_host or "127.0.0.1"
-        # The monitor's page is on the source's MIG, then on the target's.
-        options = {"origins": [self.source_grid.app_url, self.target_grid.app_url], "gone": self.status_gone}
+        options = {"origins": self.origins, "gone": self.status_gone, "cancel": self.request_cancel}
         try:
             server = serve_status(host, self.token, self.snapshot, port, **options)
         except OSError:
@@ -268,19 +347,36 @@ class Helper:
         os.replace(tmp, path)
 
     def snapshot(self):
-        """What the status endpoint answers."""
-        return {
-            "job": self.job_id,
-            "phase": self.log.phase,
-            "latest": self.log.latest,
-            "events": self.log.events[-30:],
-            "finished": self.finished,
-        }
+        """What the status endpoint answers: the job's Status, as far as the helper knows."""
+        now = self.log.now
+        phase = self.log.phase or protocol.PRECOPY
+        failure = now.failure
+        downtime = now.downtime()
+        return protocol.Status(
+            job=self.job_id,
+            action=self.action,
+            state=phase,
+            state_label=protocol.LABELS.get(phase, phase),
+            active=True,  # only MIG ends a job
+            answered_by="helper",
+            seq=self.log.seq,
+            apps=dict(self.apps),
+            bytes_total=self.total_bytes,
+            bytes_moved=self.moved,
+            progress=protocol.StepProgress.from_line(now.progress).to_dict() if now.progress else None,
+            result=now.result,
+            failure=failure.to_dict() if failure else None,
+            cancel=now.cancel,
+            downtime=downtime.to_dict() if downtime else None,
+            target_url=now.target_url,
+            events=[protocol.public_event(e) for e in self.log.events[-30:]],
+        ).to_dict()
 
     def linger(self):
         """Keep answering status until MIG destroys the helper (or an hour passes)."""
         deadline = time.monotonic() + LINGER_SECONDS
         while time.monotonic() < deadline:
+            self.refuse_late_cancel("the job has finished")
             time.sleep(1)
 
     def retrying(self, operation, what):
@@ -320,6 +416,16 @@ class Helper:
         self.manifest = app.manifest
         self.volumes = app.volumes
         self.source_path = app.path
+        self.source_url = app.url or self.source_url
+
+    def resume_rollback(self):
+        """A helper restarted while it rolled back goes on rolling back (it does not copy
+        again): raises Resumed, with the reason it had."""
+        record = self.retrying(lambda: self.source.read_cutover(self.source_app), "reading the cut-over")
+        if record is not None and record.job == self.job_uid:
+            self.armed = True
+            self.heartbeat = Heartbeat(self)
+        raise Resumed(protocol.Failure.from_dict(self.journal.facts.get(protocol.FAILING, {}).get("failure")))
 
     def resume_cutover(self):
         """A restarted helper that had armed the cut-over carries out its decision, or rolls
@@ -339,32 +445,39 @@ class Helper:
                 f"the helper died during {self.journal.phase} and was restarted before the cut-over "
                 "was decided",
             )
+            if record.decided_by == "helper":
+                raise Interrupted("the helper died before the cut-over was decided, so it was rolled back")
         else:
             self.note_decision(record)
         if record.decision == Decision.COMMIT and not record.abandoned:
             self.verified = True  # a commit is only ever claimed after verify
             return True
-        raise Failure(record.reason or f"the cut-over was rolled back by the {record.decided_by}")
+        raise Interrupted(f"the cut-over was rolled back by the {record.decided_by} ({record.reason})")
 
     def step_precopy(self):
         previous_start = self.journal.facts.get(protocol.TARGET_DEFINING, {}).get("copy_began_ns")
         # Files untouched since (in the source's clock, with a margin) need not be read twice.
-        self.copy_began_ns = previous_start or int(
-            (time.time() + self.source_clock_offset - RACY_MARGIN) * 1e9
+        # A refreshed copy held files before this job began: every one is read.
+        self.copy_began_ns = (
+            None
+            if self.refresh_owner
+            else previous_start or int((time.time() + self.source_clock_offset - RACY_MARGIN) * 1e9)
         )
-        self.define_target()
+        target = self.define_target()
         self.apps["target"] = "copying"
-        self.target_path = self.target.describe(self.target_app, sizes=False).path
-        self.volumes_path = os.path.join(self.target_path, "volumes")
+        self.volumes_path = os.path.join(target.path, "volumes")
         previous = None
         for number in range(1, self.max_passes + 1):
-            stats = self.copy_pass(f"pre-copy pass {number}")
+            fresh = number == 1 and not self.refresh_owner and not self.journal.has(protocol.TARGET_DEFINED)
+            stats = self.copy_pass(f"pre-copy pass {number}", fresh)
             changed = stats.changed_bytes
+            self.moved, self.moving = self.moved + stats.literal_bytes, 0
             self.log.event(
                 f"Pre-copy pass {number}: {human_bytes(changed)} changed, "
                 f"{human_bytes(stats.literal_bytes)} sent in {stats.seconds:.1f}s",
                 pass_number=number,
                 changed_bytes=changed,
+                sent_bytes=stats.literal_bytes,
                 seconds=round(stats.seconds, 3),
             )
             # Another rsync pass reads every file that changed meanwhile on both sides, and
@@ -379,6 +492,10 @@ class Helper:
         self.step_index()
 
     def define_target(self):
+        """Define the target (or, for a refresh, take the snapshot copy it writes into);
+        returns it, described."""
+        if self.refresh_owner:
+            return self.take_snapshot_copy()
         # Journaled before it exists: whatever happens next, clean-up knows it may be there.
         self.log.event(
             f"Defining {self.target_app} on {self.target_grid.name}",
@@ -388,18 +505,41 @@ class Helper:
         self.target_created = True
         try:
             self.target.define(self.target_app, self.manifest, owner=self.owner)
+            said = (
+                f"Defined {self.target_app} on {self.target_grid.name}; copying {len(self.volumes)} "
+                f"volume(s), {human_bytes(self.total_bytes)}, while the source runs"
+            )
         except AppExists:
-            existing = self.target.describe(self.target_app, sizes=False)
-            if existing.manifest.get("owner") != self.owner:
+            if self.target.describe(self.target_app, sizes=False).manifest.get("owner") != self.owner:
                 raise Failure(
                     f"the target app {self.target_app} already exists on {self.target_grid.name}"
                 ) from None
-            self.log.event(f"{self.target_app} was defined by this job's earlier run: copying on")
-            return
-        self.log.event(
-            f"Defined {self.target_app} on {self.target_grid.name}; copying {len(self.volumes)} "
-            f"volume(s), {human_bytes(self.total_bytes)}, while the source runs"
+            said = f"{self.target_app} was defined by this job's earlier run: copying on"
+        return self.target_defined(said)
+
+    def take_snapshot_copy(self):
+        """A refresh: the copy must be the snapshot this app made, and stopped."""
+        existing = self.target.describe(self.target_app, sizes=False)
+        if existing.manifest.get("owner") != self.refresh_owner:
+            raise Failure(
+                f"{self.target_grid.name}/{self.target_app} is not the snapshot copy this job was to "
+                "refresh (its owner differs): left as it is"
+            )
+        if existing.state != AppState.STOPPED:
+            raise Failure(
+                f"the snapshot copy {self.target_app} is {existing.state}: a refresh needs it stopped"
+            )
+        return self.target_defined(
+            f"Refreshing the snapshot copy {self.target_grid.name}/{self.target_app}: only the changes move"
         )
+
+    def target_defined(self, said):
+        target = self.target.describe(self.target_app, sizes=False)
+        self.target_url = target.url
+        if origin := origin_of(target.url):
+            self.origins.add(origin)
+        self.log.event(said, fact=protocol.TARGET_DEFINED, url=target.url)
+        return target
 
     def step_index(self):
         """Take both sides' block hashes now, while the app runs, so the stopped app is read
@@ -411,8 +551,15 @@ class Helper:
         started = time.time()
         self.clean_before_ns = int((started + self.source_clock_offset - RACY_MARGIN) * 1e9)
         self.index = sync.Index(os.path.join(self.work_dir, "index.sqlite3"))
+        meter = RateMeter(self.total_bytes)
+
+        def on_progress(hashed):
+            self.check_cancel()
+            rate, eta = meter.update(hashed)
+            self.log.progress(hashed, self.total_bytes, rate, eta, "hashing for the final pass")
+
         files, read, differing = sync.build_index(
-            self.source, self.source_app, self.volumes_path, self.index, self.copy_began_ns
+            self.source, self.source_app, self.volumes_path, self.index, self.copy_began_ns, on_progress
         )
         seconds = time.time() - started
         self.log.event(
@@ -443,8 +590,9 @@ class Helper:
 
     def step_prepare_final(self):
         def on_progress(received):
+            # How much changed is found as the source is listed: no total, no ETA.
             elapsed = max(time.monotonic() - self.final_started, 1e-3)
-            self.log.progress(received, received, received / elapsed, 0, "final pass")
+            self.log.progress(received, 0, received / elapsed, None, "final pass: changed blocks")
 
         self.final = sync.FinalPass(
             self.source,
@@ -490,6 +638,7 @@ class Helper:
         self.final_started = started = time.monotonic()
         files, received = self.final.run()
         seconds = time.monotonic() - started
+        self.moved += received
         self.log.event(
             f"Final pass: {files} file(s) changed since hashed; {human_bytes(received)} of changed "
             f"blocks sent in {seconds:.1f}s",
@@ -503,6 +652,7 @@ class Helper:
         self.check_heartbeat()
         self.log.event("Verifying the copy entry by entry", phase=protocol.VERIFYING)
         entries, problems = sync.verify(self.volumes_path, self.index)
+        self.check_cancel()
         if problems:
             shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
             raise Failure(f"verify failed, {len(problems)} difference(s): {shown}")
@@ -515,6 +665,7 @@ class Helper:
 
     def step_commit(self):
         self.check_heartbeat()
+        self.check_cancel()  # the last moment a cancel rolls back
         record = self.claim(Decision.COMMIT, "the copy was verified against the stopped source")
         if record.decision != Decision.COMMIT:
             raise Failure(
@@ -543,17 +694,30 @@ class Helper:
         """Start the app that is the app from now on: the target (migrate) or the source."""
         if not self.verified:  # a bug, if ever: explicit, since `python -O` drops asserts
             raise Failure("nothing starts from an unverified copy (the helper's steps ran out of order)")
+        self.refuse_late_cancel("the cut-over is committed: the copy is verified and is the app now")
         if self.action == "migrate":
-            role, grid, config, app = "target", self.target, self.target_grid, self.target_app
+            role, grid, config, app, url = (
+                "target",
+                self.target,
+                self.target_grid,
+                self.target_app,
+                self.target_url,
+            )
         else:
             self.apps["target"] = "stopped"
-            role, grid, config, app = "source", self.source, self.source_grid, self.source_app
+            role, grid, config, app, url = (
+                "source",
+                self.source,
+                self.source_grid,
+                self.source_app,
+                self.source_url,
+            )
         self.apps[role] = "starting"
         self.log.event(
             f"Starting {app} on {config.name}", phase=protocol.STARTING, fact=protocol.APP_STARTING
         )
         try:
-            self.retrying(lambda: self.start_app(grid, config, app), f"starting {app}")
+            self.retrying(lambda: self.start_app(grid, app, url), f"starting {app}")
         except OperationFailed as e:
             if role == "target":
                 # It never answered, so it took no writes: give it up, and the source may run.
@@ -575,25 +739,23 @@ class Helper:
             self.log.event(
                 f"Could not close the cut-over record on {self.source_grid.name}: {e}", level="warning"
             )
-        self.wait_first_answer(config)
+        self.wait_first_answer(url)
 
-    def start_app(self, grid, grid_config, app):
+    def start_app(self, grid, app, url):
         """Start an app, which has MIG in it: it counts as started once it listens where its
-        grid publishes apps, which is sooner and surer than its staying up for a while."""
-        listen = grid_config.app_listen
-        result = grid.start(app, listen=listen, timeout=LISTEN_TIMEOUT)
+        grid publishes it (`url`), which is sooner and surer than its staying up a while."""
+        result = grid.start(app, listen=True, timeout=LISTEN_TIMEOUT)
         if result.get("listening") is False:
             self.log.event(
-                f"{app} runs, but nothing listens on {listen[0]}:{listen[1]} ({grid_config.name}'s "
-                f"app_url) after {LISTEN_TIMEOUT:g}s",
+                f"{app} runs, but nothing listens where its grid publishes it ({url}) after "
+                f"{LISTEN_TIMEOUT:g}s",
                 level="warning",
             )
 
-    def wait_first_answer(self, grid_config):
+    def wait_first_answer(self, url):
         """The downtime ends when the app first answers at its published URL: ask it."""
-        if self.journal.has(protocol.APP_ANSWERED) or not grid_config.app_url:
+        if self.journal.has(protocol.APP_ANSWERED) or not url:
             return
-        url = grid_config.app_url
         deadline = time.monotonic() + ANSWER_TIMEOUT
         while time.monotonic() < deadline:
             try:
@@ -630,29 +792,39 @@ class Helper:
             result=protocol.Result.OK,
         )
 
-    def fail(self, reason):
+    def fail(self, failure: protocol.Failure):
+        """Roll back, then journal the result. The reason is written once, in words; what
+        the tools said goes with it, in `failure`, for the page to show once."""
         # Cleanup must not be interrupted by a second SIGTERM, nor stopped by a full disk.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         self.log.strict = False
-        failed_during = self.log.phase
-        self.log.event(f"Failed during {failed_during}: {reason}", level="error", phase=protocol.FAILED)
+        cancelled = failure.cause == protocol.Cause.CANCELLED
+        self.log.event(
+            failure.summary,
+            level="warning" if cancelled else "error",
+            phase=protocol.ROLLING_BACK,
+            fact=protocol.FAILING,
+            failure=failure.to_dict(),
+        )
         if self.final is not None:
             self.final.close()
-        notes = self.roll_back(reason)
+        notes = self.roll_back(failure.summary)
         if self.heartbeat is not None:
             self.heartbeat.stop()
         for level, message in notes:
             self.log.event(message, level=level)
         self.mark_finished()
-        self.apps["helper"] = "failed"
+        self.apps["helper"] = "cancelled" if cancelled else "failed"
         signal.signal(signal.SIGTERM, self.on_sigterm)
+        result = protocol.Result.CANCELLED if cancelled else protocol.Result.FAILED
         self.log.event(
-            f"Failed: {reason}",
-            level="error",
+            "Rolled back: " + ("cancelled" if cancelled else "the job failed"),
+            level="warning" if cancelled else "error",
             fact=protocol.RESULT,
-            result=protocol.Result.FAILED,
-            error=reason,
-            failed_during=failed_during,
+            result=result,
+            error=failure.summary,
+            failure=failure.to_dict(),
+            failed_during=failure.phase,
         )
 
     def roll_back(self, reason):
@@ -696,7 +868,7 @@ class Helper:
                 state = self.retrying(lambda: self.source.state(self.source_app), "reading the source")
                 if state != AppState.RUNNING:
                     self.retrying(
-                        lambda: self.start_app(self.source, self.source_grid, self.source_app),
+                        lambda: self.start_app(self.source, self.source_app, self.source_url),
                         "restarting the source",
                     )
                     self.apps["source"] = "running"
@@ -723,12 +895,12 @@ class Helper:
 
     # --- copying ------------------------------------------------------------------------
 
-    def copy_pass(self, label):
+    def copy_pass(self, label, fresh=False):
         """One rsync of the whole volumes/ directory, reporting progress; a pass whose
         connection broke is run again, with backoff (rsync moves only what is missing)."""
         for attempt, delay in enumerate((*RETRY_DELAYS, None), 1):
             try:
-                return self.rsync_once(label)
+                return self.rsync_once(label, fresh)
             except CopyError as error:
                 if delay is None or error.kind != CopyError.CONNECTION:
                     raise
@@ -737,9 +909,9 @@ class Helper:
                 )
                 time.sleep(delay)
 
-    def rsync_once(self, label):
-        started = time.monotonic()
+    def rsync_once(self, label, fresh=False):
         total = max(self.total_bytes, 1)
+        meter = RateMeter(total)
         if self.source_grid.transport == "ssh":
             source = remote_path(self.source_grid.host, f"{self.source_path}/volumes/")
             remote_shell = self.source.transport.remote_shell()
@@ -748,9 +920,9 @@ class Helper:
 
         def on_progress(done, percent):
             done = min(done, total)
-            elapsed = max(time.monotonic() - started, 1e-3)
-            rate = done / elapsed
-            eta = (total - done) / rate if rate > 0 else None
+            if fresh:
+                self.moving = done
+            rate, eta = meter.update(done)
             self.log.progress(done, total, rate, eta, label)
 
         argv = rsync_argv(
@@ -761,7 +933,7 @@ class Helper:
             self.stall_timeout,
             protect_args=not self.source_grid.restricted,
         )
-        stats = run_rsync(argv, on_progress, self.stall_timeout, self.rsync_pid_file)
+        stats = run_rsync(argv, on_progress, self.stall_timeout, self.rsync_pid_file, self.check_cancel)
         self.log.progress(total, total, total / max(stats.seconds, 1e-3), 0, label, force=True)
         return stats
 

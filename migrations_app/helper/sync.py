@@ -147,8 +147,10 @@ class Index:
         return db
 
 
-def build_index(source, source_app, target_base, index, copy_began_ns=None):
-    """Hash the source (its agent does, streaming) and take the copy's block hashes.
+def build_index(source, source_app, target_base, index, copy_began_ns=None, on_progress=None):
+    """Hash the source (its agent does, streaming) and take the copy's block hashes,
+    calling on_progress(bytes hashed) as the source's listing goes (what it raises ends
+    the hashing).
 
     A copy file is read only if its source may have changed since the copy began
     (`copy_began_ns`, in the source's clock). One whose change time, which no program can
@@ -194,13 +196,16 @@ def build_index(source, source_app, target_base, index, copy_began_ns=None):
 
     reader = threading.Thread(target=read_copies, name="index-reader")
     reader.start()
-    read = 0
+    read = hashed = 0
     try:
         with lock:
             db.execute("BEGIN")
         for e in agent_lines(proc, "hashing the source"):
             if e["k"] != "f":
                 continue
+            hashed += e["s"]
+            if on_progress is not None:
+                on_progress(hashed)
             trusted = untouched_since_copied(e)
             with lock:
                 db.execute("INSERT INTO src VALUES (?, ?, ?, ?)", (e["p"], e["s"], e["t"], e["d"]))
@@ -213,6 +218,8 @@ def build_index(source, source_app, target_base, index, copy_began_ns=None):
                 to_read.put(e["p"])
                 read += 1
     except BaseException:
+        proc.kill()  # a listing cut short (a cancel, an error) is not needed any more
+        proc.wait()
         to_read.put(None)
         reader.join()
         db.execute("ROLLBACK")

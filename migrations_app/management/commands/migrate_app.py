@@ -5,10 +5,10 @@ import sys
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from migrations_app import config, migration
-from migrations_app.grids import ConfigError
+from migrations_app import migration, snapshots
 from migrations_app.helper import protocol
 from migrations_app.helper.progress import human_bytes
+from migrations_app.management.prompts import confirm
 from migrations_app.models import LockHeld, MigrationJob
 
 
@@ -35,21 +35,27 @@ class ProgressPrinter:
 
     @staticmethod
     def bar(line, width=30):
-        done, total = line["bytes_done"], max(line["bytes_total"], 1)
+        step = protocol.StepProgress.from_line(line)
+        if not step.total:  # the final pass: how much changed is found as it goes
+            return f"{step.message}: {human_bytes(step.done)} sent".ljust(100)
+        done, total = min(step.done, step.total), step.total
         filled = int(width * done / total)
-        eta = f"ETA {line['eta']:.0f}s" if line.get("eta") else ""
+        eta = f"ETA {step.eta:.0f}s" if step.eta is not None else "ETA: estimating"
         return (
             f"[{'#' * filled}{'-' * (width - filled)}] {100 * done / total:5.1f}% "
             f"{human_bytes(done)}/{human_bytes(total)} "
-            f"{human_bytes(line['rate'])}/s {eta} {line.get('message', '')}"
+            f"{human_bytes(step.rate)}/s {eta} {step.message}"
         ).ljust(100)
 
 
 class Command(BaseCommand):
     help = (
         "Migrate this app, or take a snapshot copy of it, to TARGET_GRID as TARGET_APP. Runs the "
-        "pre-flight, takes the lock, provisions the helper on the target grid and prints the job id. "
-        "The app (and MIG with it) stops during the copy; where it comes up, `startup` finishes the job."
+        "pre-flight and prints the plan (what is copied, how long it should take, how long the app "
+        "is down, what is destroyed), asks to go ahead (--yes: don't ask), then takes the lock, "
+        "provisions the helper on the target grid and prints the job id. The app (and MIG with it) "
+        "stops during the copy; where it comes up, `startup` finishes the job. `manage.py cancel JOB` "
+        "cancels it until the copy is verified."
     )
 
     def add_arguments(self, parser):
@@ -65,23 +71,45 @@ class Command(BaseCommand):
         parser.add_argument(
             "--dry-run", action="store_true", help="run the pre-flight and print the plan; change nothing"
         )
+        parser.add_argument(
+            "--yes", action="store_true", help="start without asking (for scripts); the plan is still printed"
+        )
         parser.add_argument("--bwlimit", type=int, metavar="KBPS", help="cap the copy at KBPS KiB/s")
+        parser.add_argument(
+            "--refresh",
+            action="store_true",
+            help="TARGET_GRID/TARGET_APP is a snapshot copy this app made: bring it up to date (only the "
+            "changes move); implies --action snapshot",
+        )
 
     def handle(self, *args, **options):
+        refresh = None
+        if options["refresh"]:
+            if options["action"] == "migrate":
+                raise CommandError("--refresh takes a snapshot: it cannot be a migration")
+            options["action"] = "snapshot"
+            try:
+                refresh = snapshots.find(f"{options['target_grid']}/{options['target_app']}")
+            except snapshots.SnapshotError as e:
+                raise CommandError(str(e)) from None
         action = options["action"] or self.default_action()
         bwlimit = options["bwlimit"]
         if bwlimit is not None and bwlimit <= 0:
             raise CommandError("--bwlimit must be a positive number of KiB/s")
         try:
-            plan = migration.preflight(options["target_grid"], options["target_app"], action)
+            plan = migration.preflight(
+                options["target_grid"], options["target_app"], action, bwlimit, refresh
+            )
         except migration.PreflightError as e:
             raise CommandError(f"pre-flight: {e}") from None
+        self.stdout.write(plan.describe())
         if options["dry_run"]:
-            self.stdout.write(plan.describe())
             self.stdout.write("dry run: no lock taken, nothing changed")
             return
+        if not options["yes"]:
+            self.confirm(plan)
         try:
-            job = migration.acquire(plan, f"{getpass.getuser()} (command line)", bwlimit)
+            job = migration.acquire(plan, f"{getpass.getuser()} (command line)")
             # Here, not in the background: a helper that cannot be provisioned is this
             # command's error.
             migration.provision(job)
@@ -98,6 +126,11 @@ class Command(BaseCommand):
             return
         self.follow(job)
 
+    def confirm(self, plan):
+        """Ask before anything changes; without a terminal to ask on, --yes is required."""
+        what = "migrate (the source app is destroyed afterwards)" if plan.action == "migrate" else "snapshot"
+        confirm(f"Go ahead and {what}?", "not started: add --yes to start without asking (the plan is above)")
+
     def default_action(self):
         allowed = migration.allowed_actions()
         if len(allowed) == 1:
@@ -113,6 +146,8 @@ class Command(BaseCommand):
         Outcome = migration.Outcome
         if outcome == Outcome.FAILED:
             raise CommandError(f"job {job.pk} failed: {runner.error or job.error}")
+        if outcome == Outcome.CANCELLED:
+            raise CommandError(f"job {job.pk} was cancelled: {runner.error or job.error}")
         if outcome == Outcome.HELD:
             raise CommandError(f"job {job.pk} is held: {job.attention}")
         if outcome == Outcome.RETRY:
@@ -128,10 +163,7 @@ class Command(BaseCommand):
             self.stdout.write(f"job {job.pk}: snapshot taken; the source app restarts")
 
     def wait_for_target(self, job):
-        try:
-            url = config.grid_config(job.target_grid).app_url
-        except ConfigError:
-            url = ""
+        url = job.target_url  # as the helper said, once it had defined the target
         if url and migration.wait_until_answering(url, settings.MIG_HELPER_WAIT):
             self.stdout.write(f"job {job.pk}: migrated; MIG answers at {url}")
         else:

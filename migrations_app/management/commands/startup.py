@@ -118,11 +118,15 @@ class Command(BaseCommand):
             self.stdout.write("startup: nothing to do, everything was already in place.")
 
     def prepare(self):
-        """What MIG needs before it can answer: the config volume and the database."""
+        """What MIG needs before it can answer: the config volume, the database, and a login
+        user (someone may log in the moment it answers). Checking that user's password costs
+        a password hash (0.3 s), so an existing user is checked after, in the background."""
         self.changes = []
         with naming_a_full_volume("MIG cannot open its database"):
             self.step_config_dir()
             self.step_database()
+            if not get_user_model().objects.filter(username=settings.MIG_USERNAME, is_active=True).exists():
+                self.step_login_user()
 
     def changed(self, message):
         self.changes.append(message)
