@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from .models import Grid, JobEvent, Lock, MigrationJob
+from .models import Grid, JobEvent, Lock, MigrationJob, Snapshot
 
 
 @admin.register(Grid)
@@ -91,6 +91,24 @@ class LockAdmin(admin.ModelAdmin):
 
     # A lock is only taken by migrate_app and only removed by startup or by the override
     # page, which asks why and records who did it.
+    def has_add_permission(self, request):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(Snapshot)
+class SnapshotAdmin(admin.ModelAdmin):
+    list_display = ("grid", "app", "state", "taken", "bytes", "started", "deleted")
+    list_filter = ("state", "grid")
+    search_fields = ("app",)
+
+    # What is on a grid is changed from MIG's Snapshots page, which asks first and checks
+    # the copy's owner tag: the record here is history.
+    def get_readonly_fields(self, request, obj=None):
+        return [f.name for f in Snapshot._meta.fields]
+
     def has_add_permission(self, request):
         return False
 

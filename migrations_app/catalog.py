@@ -4,11 +4,17 @@ Catalog templates MIG installs on grids.
 `MigHelper` carries the helper's code (the Django-free packages only). `MigApp` is an app
 with MIG inside, used by the demo and the tests: a `mig` component serving this project
 from the app's own code volume, with its config volume, and a `data` component writing to
-a data volume.
+a data volume. `app_template` makes a template of an operator's own app (a directory with
+a manifest and its volumes' first content) with MIG's code put in, for `manage.py deploy`.
+
+An app carries MIG as the component that runs `manage.py serve`: its working directory
+is the volume with MIG's code, and its MIG_CONFIG_DIR the volume MIG keeps its database,
+grid.info, key and mig.env in. Both travel with the app.
 """
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 from .helper import protocol
@@ -135,18 +141,80 @@ def env_file(variables):
     return "".join(lines)
 
 
-def provision_mig_app(driver, app, python, grid_info, key=None, env=None, properties=None, start=True):
-    """Provision a MigApp on `driver`'s grid, with MIG's config volume filled in.
+class TemplateError(ValueError):
+    """A template directory MIG cannot make an app of; the message says what to change."""
 
-    `grid_info` is the text of grid.info, `key` the private key's bytes and `env` the
-    variables for mig.env (MIG_USERNAME, MIG_PASSWORD, ...): they travel with the app.
-    """
-    files, version = mig_app_template(python)
-    driver.ensure_template(MIG_APP_TEMPLATE, files, version)
-    driver.provision(app, MIG_APP_TEMPLATE, {"python": python, **(properties or {})}, start=False)
-    driver.put_file(app, "volumes/config/grid.info", grid_info.encode(), 0o644)
+
+VOLUME_RE = re.compile(r"^\{volume:([A-Za-z][A-Za-z0-9_-]{0,63})\}$")
+
+
+def mig_volumes(manifest):
+    """(code volume, config volume) of the component that serves MIG: its working
+    directory and its MIG_CONFIG_DIR. Raises TemplateError."""
+    for component in manifest.get("components", []):
+        command = component.get("command", [])
+        if "manage.py" in command and "serve" in command:
+            code = VOLUME_RE.match(component.get("cwd", ""))
+            config = VOLUME_RE.match(component.get("env", {}).get("MIG_CONFIG_DIR", ""))
+            if not code or not config:
+                raise TemplateError(
+                    f'component {component.get("name")!r} runs MIG: give it "cwd": "{{volume:CODE}}" (MIG\'s '
+                    'code goes there) and "env": {"MIG_CONFIG_DIR": "{volume:CONFIG}"}'
+                )
+            volumes = manifest.get("volumes", [])
+            for name in (code[1], config[1]):
+                if name not in volumes:
+                    raise TemplateError(f'volume {name!r} is used by the MIG component but not in "volumes"')
+            return code[1], config[1]
+    raise TemplateError(
+        'no component runs MIG: add one whose command is ["{prop:mig_python}", "manage.py", "serve"]'
+    )
+
+
+def app_template(directory):
+    """(manifest, files, version) of an operator's app template directory: manifest.json
+    and volumes/NAME/... as first content, with MIG's code put in the MIG component's code
+    volume. Raises TemplateError."""
+    directory = Path(directory)
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text())
+    except FileNotFoundError:
+        raise TemplateError(f"{directory}/manifest.json is missing") from None
+    except (OSError, ValueError) as e:
+        raise TemplateError(f"{directory}/manifest.json: {e}") from None
+    if not isinstance(manifest, dict):
+        raise TemplateError(f"{directory}/manifest.json must hold a JSON object")
+    code, _ = mig_volumes(manifest)
+    files = {}
+    for path in sorted(directory.rglob("*")):
+        rel = path.relative_to(directory)
+        if path.is_file() and rel.parts[0] == "volumes" and "__pycache__" not in rel.parts:
+            files[str(rel)] = path.read_bytes()
+    files.update({f"volumes/{code}/{rel}": data for rel, data in read_tree(MIG_APP_PATHS).items()})
+    files["manifest.json"] = json.dumps(manifest, indent=2).encode()
+    files, version = versioned(files)
+    return manifest, files, version
+
+
+def install_app(
+    driver, app, template, files, version, grid_info, key=None, env=None, properties=None, start=True
+):
+    """Provision `app` from a template with MIG in it (see mig_volumes), its config volume
+    filled in: `grid_info` is the text of grid.info, `key` the private key's bytes and `env`
+    the variables for mig.env (MIG_USERNAME, MIG_PASSWORD, ...). They travel with the app."""
+    _, config = mig_volumes(json.loads(files["manifest.json"]))
+    driver.ensure_template(template, files, version)
+    driver.provision(app, template, properties or {}, start=False)
+    driver.put_file(app, f"volumes/{config}/grid.info", grid_info.encode(), 0o644)
     if key is not None:
-        driver.put_file(app, "volumes/config/id_ed25519", key, 0o600)
-    driver.put_file(app, "volumes/config/mig.env", env_file(env or {}).encode(), 0o600)
+        driver.put_file(app, f"volumes/{config}/id_ed25519", key, 0o600)
+    driver.put_file(app, f"volumes/{config}/mig.env", env_file(env or {}).encode(), 0o600)
     if start:
-        driver.start(app)
+        driver.start(app, listen=True)
+
+
+def provision_mig_app(driver, app, python, grid_info, key=None, env=None, properties=None, start=True):
+    """Provision a MigApp on `driver`'s grid, with MIG's config volume filled in."""
+    files, version = mig_app_template(python)
+    properties = {"python": python, **(properties or {})}
+    install_app(driver, app, MIG_APP_TEMPLATE, files, version, grid_info, key, env, properties, start)

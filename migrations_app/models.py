@@ -625,16 +625,23 @@ class SnapshotQuerySet(models.QuerySet):
 
     def record(self, job):
         """What a snapshot job that just ended made of its copy (in end()'s transaction)."""
-        snapshot = job.refresh_of
+        taken = {"job": job, "taken": job.source_stopped or job.finished, "bytes": job.bytes_total}
+        if job.refresh_of_id is not None:
+            if job.state == MigrationJob.State.DONE:
+                self.filter(pk=job.refresh_of_id).update(state=Snapshot.State.COMPLETE, **taken)
+            elif job.bytes_moved > 0 or job.failed_phase in protocol.PHASES:
+                # It had begun to write into the copy: now that is part new, part old.
+                self.filter(pk=job.refresh_of_id).update(state=Snapshot.State.INCOMPLETE, job=job)
+            return
+        same_name = self.kept().filter(grid=job.target_grid, app=job.target_app)
+        if same_name.filter(job=job).exists():
+            return  # the job was ended again (startup run twice): it is recorded already
+        # Pre-flight found the name free: a copy recorded under it earlier is gone.
+        same_name.update(
+            state=Snapshot.State.DELETED, deleted=timezone.now(), deleted_by="(gone from its grid)"
+        )
         if job.state == MigrationJob.State.DONE:
-            fields = {"job": job, "taken": job.source_stopped or job.finished, "bytes": job.bytes_total}
-            if snapshot is None:
-                self.create(grid=job.target_grid, app=job.target_app, owner=job.owner_tag, **fields)
-            else:
-                self.filter(pk=snapshot.pk).update(state=Snapshot.State.COMPLETE, **fields)
-        elif snapshot is not None and (job.bytes_moved > 0 or job.failed_phase in protocol.PHASES):
-            # It had begun to write into the copy: now that is part new, part old.
-            self.filter(pk=snapshot.pk).update(state=Snapshot.State.INCOMPLETE, job=job)
+            self.create(grid=job.target_grid, app=job.target_app, owner=job.owner_tag, **taken)
 
 
 class Snapshot(models.Model):

@@ -79,8 +79,9 @@ class SSHHost:
         self.process = launch(self.workdir, self.address, self.port)
 
 
-def start_sshd(workdir, address, client_public_key):
-    """Start sshd on `address` (a loopback address) with its own host key."""
+def start_sshd(workdir, address, client_public_key, sftp=True):
+    """Start sshd on `address` (a loopback address) with its own host key (and SFTP, unless
+    not: some hosts have none)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     host_key = keygen(workdir / "host_ed25519", f"host-{address}")
@@ -107,7 +108,7 @@ def start_sshd(workdir, address, client_public_key):
                 "MaxStartups 200",
                 "MaxSessions 100",
                 "LogLevel ERROR",
-                "Subsystem sftp internal-sftp",
+                *(["Subsystem sftp internal-sftp"] if sftp else []),
                 "",
             ]
         )

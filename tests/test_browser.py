@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from migrations_app.helper.progress import human_bytes
+from migrations_app.models import MigrationJob
 
 from .conftest import ROOT, mig_env
 
@@ -157,8 +158,8 @@ def test_migrate_the_demo_in_the_browser(demo, browser):
 
 # --- every kind of job, watched in the browser ---------------------------------------------
 
-ORDER = ["pending", "provisioning", "precopy", "stopping", "final_sync", "verifying", "starting",
-         "finishing", "rolling_back", "done", "failed", "cancelled", "overridden"]  # fmt: skip
+# The order a job goes through its states: what the page shows must never go back in it.
+ORDER = [*MigrationJob.ACTIVE_STATES, *MigrationJob.ENDED_STATES]
 
 
 class Watch:
@@ -267,8 +268,10 @@ def test_every_kind_of_job_in_the_browser(world, browser):
     submit(page, east, "shop", "migrate", bwlimit=40)
     page.wait_for_url(f"{east}jobs/2/")
     watch = Watch(page, "cancelled")
-    watch.until(lambda s: s == "precopy" and page.eval_on_selector("#progress", "e => e.value > 0"),
-                what="progress in the pre-copy")  # fmt: skip
+    watch.until(
+        lambda s: s == "precopy" and page.eval_on_selector("#progress", "e => e.value > 0"),
+        what="progress in the pre-copy",
+    )
     assert "ETA" in watch.text("#progress-text")
     page.get_by_text("Cancel this job…").click()
     page.get_by_label("Cancel the job: the helper rolls back").check()
@@ -287,8 +290,10 @@ def test_every_kind_of_job_in_the_browser(world, browser):
     submit(page, east, "shop", "migrate", bwlimit=40)
     page.wait_for_url(f"{east}jobs/3/")
     watch = Watch(page, "failed")
-    watch.until(lambda s: s == "precopy" and page.eval_on_selector("#progress", "e => e.value > 0"),
-                what="progress in the pre-copy")  # fmt: skip
+    watch.until(
+        lambda s: s == "precopy" and page.eval_on_selector("#progress", "e => e.value > 0"),
+        what="progress in the pre-copy",
+    )
     world.kill_helper_app("west", "MigHelper_shop")
     watch.until(lambda s: s == "failed", timeout=60, what="the failure")
     watch.never_went_back()

@@ -2,8 +2,8 @@
 
 from migrations_app.grids import gridinfo, open_grid
 
-from .conftest import grid_table, run_manage
-from .sshd import free_port
+from .conftest import GRID_HOSTS, grid_table, run_manage
+from .sshd import free_port, start_sshd
 
 
 def write_grid_info(config_dir, tables):
@@ -37,7 +37,7 @@ def test_checks_every_grid(config_dir, ssh_hosts, client_key, tmp_path):
     assert rows["GRID"][:5] == ["GRID", "ADDRESS", "REACHABLE", "HOST", "KEY"]
     assert rows["east"][2:5] == ["yes", "ok", "ok"] and rows["east"][-1] == "0"
     assert rows["west"][1:5] == ["local", "-", "-", "ok"]
-    assert rows["spoofed"][2:4] == ["yes", "MISMATCH"]
+    assert rows["spoofed"][2:4] == ["no", "MISMATCH"]  # "reachable" means the login worked
     assert rows["gone"][2] == "no"
     assert "spoofed: ssh" in result.stderr and "HOST KEY MISMATCH" in result.stderr
     assert "2 of 4 grid(s) failed the check" in result.stderr
@@ -80,3 +80,34 @@ def test_authorized_keys_only_for_a_grid_reached_by_ssh(config_dir, tmp_path, cl
     assert result.returncode != 0
     assert "grid west is reached without SSH: it has no key to restrict" in result.stderr
     assert result.stdout == ""
+
+
+def test_every_way_a_grid_fails_is_one_line_saying_what_to_do(config_dir, ssh_hosts, client_key, tmp_path):
+    a = ssh_hosts[0]
+    no_sftp = start_sshd(tmp_path / "nosftp", GRID_HOSTS[0], f"{client_key}.pub", sftp=False)
+    try:
+        tables = {
+            "nosftp": no_sftp.grid_table(tmp_path / "n"),
+            "stranger": a.grid_table(tmp_path / "w").replace(f'user = "{a.user}"', 'user = "nobody"'),
+            "closed": a.grid_table(tmp_path / "c").replace(
+                f"port = {a.port}", f"port = {free_port(a.address)}"
+            ),
+        }
+        write_grid_info(config_dir, tables)
+        result = run_manage(config_dir, "grids", env={"MIG_PRIVATE_KEY_FILE": client_key})
+    finally:
+        no_sftp.stop()
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr, result.stderr
+    rows = {line.split()[0]: line for line in result.stdout.splitlines()}
+    problems = dict(line.split(": ", 1) for line in result.stderr.splitlines() if ": " in line)
+    assert "yes" in rows["nosftp"] and "FAILED" in rows["nosftp"]
+    assert "no SFTP" in problems["nosftp"] and "Subsystem sftp internal-sftp" in problems["nosftp"]
+    assert "no (login refused)" in rows["stranger"]
+    assert "put MIG's public key in ~nobody/.ssh/authorized_keys" in problems["stranger"]
+    assert rows["closed"].split()[2] == "no"
+    assert "does its sshd listen on port" in problems["closed"]
+    # Without MIG's key, no grid is said to be reachable, and the fix is named.
+    missing = run_manage(config_dir, "grids", env={"MIG_PRIVATE_KEY_FILE": tmp_path / "nokey"})
+    assert all("not tried" in line for line in missing.stdout.splitlines()[1:]), missing.stdout
+    assert "does not exist: MIG logs in to grids with it; create it (ssh-keygen" in missing.stderr
+    assert "Traceback" not in missing.stderr

@@ -1,5 +1,7 @@
 """The monitor page, its JSON status, and the job history with filters."""
 
+import json as json_module
+
 import pytest
 from django.urls import reverse
 
@@ -109,3 +111,61 @@ def test_history_filters(logged_in):
     assert listed("?grid=east&action=migrate") == {done.pk}
     assert listed("?state=bogus") == set()
     assert "No jobs match these filters" in logged_in.get(reverse("jobs") + "?grid=nowhere").content.decode()
+
+
+@pytest.fixture
+def helper(grids):
+    """A helper app on west with its work volume, as a job's helper would be."""
+    grids["west"].define("MigHelper_shop", {"volumes": ["work"], "components": []})
+    return grids["west"]
+
+
+def cancel(client, job, confirm=True, json=True):
+    headers = {"Accept": "application/json"} if json else {}
+    return client.post(
+        reverse("job_cancel", args=[job.pk]), {"confirm": "on"} if confirm else {}, headers=headers
+    )
+
+
+def test_a_cancel_reaches_the_helper_and_nothing_else(logged_in, helper):
+    job = make_job(state="precopy")
+    events = job.events.count()
+    answer = cancel(logged_in, job)
+    assert answer.status_code == 200 and answer.json()["ok"] is True
+    assert "the helper rolls back at its next step" in answer.json()["message"]
+    text, _ = helper.read_file("MigHelper_shop", "volumes/work/cancel.json")
+    assert json_module.loads(text) == {"by": "operator"}
+    # MIG's database is the final pass's to copy: the request wrote nothing there.
+    job.refresh_from_db()
+    assert job.events.count() == events and job.cancel == {}
+
+
+def test_a_cancel_before_the_helper_exists_waits_in_the_job(logged_in, grids):
+    job = make_job(state="provisioning")
+    assert cancel(logged_in, job).json()["ok"] is True
+    job.refresh_from_db()
+    assert job.cancel == {"by": "operator"}  # the runner passes it on once the helper is there
+    assert "Cancel requested by operator" in job.events.last().message
+
+
+@pytest.mark.parametrize(
+    ("state", "said"),
+    [
+        ("starting", "cannot be cancelled: the cut-over is committed"),
+        ("rolling_back", "is rolling back already"),
+    ],
+)
+def test_a_cancel_too_late_says_why(logged_in, helper, state, said):
+    job = make_job(state=state)
+    answer = cancel(logged_in, job)
+    assert answer.status_code == 409 and said in answer.json()["message"]
+    assert helper.read_file("MigHelper_shop", "volumes/work/cancel.json")[0] == ""
+
+
+def test_a_cancel_must_be_confirmed_and_an_ended_job_has_nothing_to_cancel(logged_in, helper):
+    job = make_job(state="precopy")
+    assert "Tick the box" in cancel(logged_in, job, confirm=False).json()["message"]
+    job.end(MigrationJob.State.DONE)
+    page = cancel(logged_in, job, json=False)
+    assert page["Location"] == reverse("job", args=[job.pk])
+    assert "has ended (done): nothing to cancel" in logged_in.get(page["Location"]).content.decode()

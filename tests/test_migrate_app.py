@@ -392,3 +392,36 @@ def test_everything_an_entry_has_arrives(world):
         assert ours == theirs, rel
     assert os.path.samefile(copy / "one.txt", copy / "dir/two.txt")
     assert os.stat(copy / "sparse.bin").st_blocks * 512 <= 1 << 20
+
+
+def test_two_apps_on_one_grid_move_independently(tmp_path, ssh_hosts, client_key):
+    """A grid that gives each app its own port runs two apps with MIG inside side by side;
+    both migrate at once to another such grid, each with its own lock, helper and URL."""
+    from .world import World
+
+    world = World(tmp_path, ssh_hosts, client_key, per_app_ports=True)
+    try:
+        apps = ("shop", "blog")
+        for app in apps:
+            world.provision(app=app)
+        before = {app: world.url("east", app) for app in apps}
+        assert len(set(before.values())) == 2 and all(world.answering("east", app) for app in apps)
+        runs = [
+            world.popen_manage(
+                "east", app, "migrate_app", "--yes", "west", app, "--action", "migrate", "--wait"
+            )
+            for app in apps
+        ]
+        for run in runs:
+            out, err = run.communicate(timeout=300)
+            assert run.returncode == 0, out + err
+        for app in apps:
+            assert world.wait_answering("west", app=app), app
+            job = world.wait_job("west", app, 1)
+            assert job["state"] == "done", job
+            assert job["target_url"] == world.url("west", app)
+            assert world.state("east", app) is None
+        after = {app: world.url("west", app) for app in apps}
+        assert len(set(after.values())) == 2, after
+    finally:
+        world.close()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -19,19 +20,23 @@ PYTHON = sys.executable  # has MIG's requirements: the apps' MIG runs with it
 
 
 class World:
-    """Grids `east` (127.0.0.2) and `west` (127.0.0.3), each its own sshd and root."""
+    """Grids `east` (127.0.0.2) and `west` (127.0.0.3), each its own sshd and root. With
+    `per_app_ports`, each app on a grid answers on a port of its own."""
 
     LOGIN = {"MIG_USERNAME": "operator", "MIG_PASSWORD": "s3cret pass"}
 
-    def __init__(self, tmp_path, ssh_hosts, client_key, extra_grid_keys=""):
+    def __init__(self, tmp_path, ssh_hosts, client_key, extra_grid_keys="", per_app_ports=False):
+        from .conftest import port_range
+
         self.tmp_path = tmp_path
         self.key = client_key
         tables = []
         for name, host in zip(("east", "west"), ssh_hosts, strict=True):
             root = tmp_path / name
-            tables.append(
-                f"[grids.{name}]\n{host.grid_table(root, free_port(host.address))}{extra_grid_keys}"
-            )
+            table = host.grid_table(root, free_port(host.address)) + extra_grid_keys
+            if per_app_ports:
+                table = re.sub(r":\d+/\"", ':{port}/"', table) + f"app_ports = {port_range(host.address)}\n"
+            tables.append(f"[grids.{name}]\n{table}")
         self.grid_info = "\n".join(tables)
         self.configs = gridinfo.parse(self.grid_info)
         self.drivers = {}
@@ -70,7 +75,7 @@ class World:
             fill(self.app_dir(grid, app) / "volumes" / "data")
         driver.start(app)
         if wait:
-            assert self.wait_answering(grid), f"MIG in {grid}/{app} never answered"
+            assert self.wait_answering(grid, app=app), f"MIG in {grid}/{app} never answered"
 
     def app_dir(self, grid, app):
         return Path(self.configs[grid].root) / "apps" / app
@@ -83,18 +88,25 @@ class World:
         except AppNotFound:
             return None
 
-    def url(self, grid):
-        return self.configs[grid].app_url
-
-    def answering(self, grid):
+    def url(self, grid, app="shop"):
+        """Where `app`'s MIG answers on `grid` (its own port, if the grid gives those)."""
+        if not self.configs[grid].per_app_ports:
+            return self.configs[grid].app_url
         try:
-            with urllib.request.urlopen(self.url(grid) + "ping/", timeout=1) as r:
+            return self.drivers[grid].describe(app, sizes=False).url
+        except AppNotFound:
+            return ""
+
+    def answering(self, grid, app="shop"):
+        url = self.url(grid, app)
+        try:
+            with urllib.request.urlopen(url + "ping/", timeout=1) as r:
                 return r.status == 200
-        except OSError:
+        except (OSError, ValueError):
             return False
 
-    def wait_answering(self, grid, timeout=30):
-        return wait_for(lambda: self.answering(grid), timeout)
+    def wait_answering(self, grid, timeout=30, app="shop"):
+        return wait_for(lambda: self.answering(grid, app), timeout)
 
     # --- MIG inside an app ---
 
@@ -104,7 +116,7 @@ class World:
         env.update(
             MIG_GRID=grid,
             MIG_APP=app,
-            MIG_APP_URL=self.url(grid),
+            MIG_APP_URL=self.url(grid, app),
             MIG_CONFIG_DIR=str(config),
             MIG_GRID_INFO_FILE=str(config / "grid.info"),
             MIG_PRIVATE_KEY_FILE=str(config / "id_ed25519"),

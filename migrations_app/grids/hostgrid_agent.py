@@ -21,6 +21,7 @@ A grid is a directory:
     apps/<app>/state.json       the desired state: running or stopped
     apps/<app>/volumes/<name>/  the app's data
     apps/<app>/run/<c>.pid      "<pid> <start time>" of each running component
+    apps/<app>/run/<c>.env      what the component was told (MIG_GRID, MIG_APP, MIG_APP_URL, ...)
     apps/<app>/logs/<c>.log     each component's output
     apps/<app>/secrets/         files MIG puts there (mode 0600), never in a manifest
     apps/<app>/cutover/         the cut-over record of a migration from this app (see Cutover)
@@ -33,6 +34,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -98,6 +100,15 @@ def read_json(path, default=None):
         if default is not None:
             return default
         raise
+
+
+def write_private(path, data):
+    """Write `data` to `path`, readable by this user only, atomically."""
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
 
 
 def write_json(path, data, mode=0o644):
@@ -580,6 +591,11 @@ def start_component(grid, app, manifest, component):
     name = component["name"]
     for key, value in component.get("env", {}).items():
         env[key] = grid.expand(app, manifest, value, name)
+    # What the component is told, for an operator who runs a command as it would
+    # (`set -a; . run/NAME.env`): the grid's variables and the manifest's, no secrets.
+    own = {k: v for k, v in env.items() if k.startswith("MIG_") or k in component.get("env", {})}
+    env_text = "".join(f"{k}={shlex.quote(v)}\n" for k, v in sorted(own.items()))
+    write_private(os.path.join(app_dir, "run", f"{name}.env"), env_text.encode())
     command = [grid.expand(app, manifest, a, name) for a in component["command"]]
     cwd = grid.expand(app, manifest, component.get("cwd", "{app_dir}"), name)
     if component.get("restarts"):

@@ -22,7 +22,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import AuthError, CommandFailed, CommandTimeout, HostKeyError, TransportError
+from .errors import AuthError, CommandFailed, CommandTimeout, GridError, HostKeyError, TransportError
 
 CHUNK = 64 * 1024
 PIPE_BUFFER = 1 << 20
@@ -411,6 +411,8 @@ class SSHTransport(Transport):
         return None
 
     def put(self, data, path, mode=0o600):
+        import paramiko
+
         if self.restricted:
             return self.put_through_gate(data, path, mode)
         client = self._connect()
@@ -418,7 +420,15 @@ class SSHTransport(Transport):
         directory = os.path.dirname(path)
         tmp = f"{directory}/.{os.path.basename(path)}.{uuid.uuid4().hex}.tmp"
         try:
-            with client.open_sftp() as sftp:
+            sftp_session = client.open_sftp()
+        except paramiko.SSHException as e:
+            raise GridError(
+                f"{self.name}: no SFTP ({e}): MIG writes its files over SFTP; enable it in the host's "
+                "sshd_config ('Subsystem sftp internal-sftp'), or make the grid restricted (see "
+                "`manage.py grids --authorized-keys`)"
+            ) from None
+        try:
+            with sftp_session as sftp:
                 sftp_makedirs(sftp, directory)
                 # Create the file with its final mode before any secret is written into it.
                 with sftp.open(tmp, "wx") as f:

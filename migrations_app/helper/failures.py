@@ -20,10 +20,16 @@ PATTERNS = [
     (re.compile(r"refused key|Permission denied|not writable", re.I), Cause.DENIED),
     (re.compile(r"verify failed", re.I), Cause.VERIFY_MISMATCH),
     (re.compile(r"made no progress", re.I), Cause.STALLED),
-    (re.compile(r"cannot connect|connection (lost|unexpectedly closed|reset|refused|timed out)|"
-                r"no answer within|unreachable|Broken pipe", re.I), Cause.UNREACHABLE),
+    (
+        re.compile(
+            r"cannot connect|connection (lost|unexpectedly closed|reset|refused|timed out)|"
+            r"no answer within|unreachable|Broken pipe",
+            re.I,
+        ),
+        Cause.UNREACHABLE,
+    ),
     (re.compile(r"did not stop|failed to start|failed to restart|could not be started", re.I), Cause.APP),
-]  # fmt: skip
+]
 
 ERRNOS = {
     errno.ENOSPC: Cause.DISK_FULL,

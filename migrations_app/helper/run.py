@@ -66,6 +66,8 @@ ANSWER_TIMEOUT = 60.0
 # Seconds the helper waits for MIG to confirm "hands off" (see wait_hands_off_ack).
 HANDS_OFF_WAIT = 30.0
 HEARTBEAT_INTERVAL = 1.0
+# Why a cancel after the commit changes nothing.
+COMMITTED = "the cut-over is committed: the copy is verified and is the app now"
 # Silence after which the source's watchdog rolls back: well above a restart of the helper.
 HEARTBEAT_TIMEOUT = 15.0
 # Backoff for an operation whose connection to a grid dropped, then for a copy pass.
@@ -694,7 +696,7 @@ class Helper:
         """Start the app that is the app from now on: the target (migrate) or the source."""
         if not self.verified:  # a bug, if ever: explicit, since `python -O` drops asserts
             raise Failure("nothing starts from an unverified copy (the helper's steps ran out of order)")
-        self.refuse_late_cancel("the cut-over is committed: the copy is verified and is the app now")
+        self.refuse_late_cancel(COMMITTED)
         if self.action == "migrate":
             role, grid, config, app, url = (
                 "target",
@@ -782,6 +784,7 @@ class Helper:
         return self.finished_at is not None and time.monotonic() - self.finished_at > STATUS_AFTER_RESULT
 
     def succeed(self):
+        self.refuse_late_cancel(COMMITTED)
         self.mark_finished()
         self.apps["helper"] = "done"
         what = "started" if self.action == "migrate" else "kept stopped; source restarted"

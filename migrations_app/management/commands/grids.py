@@ -10,8 +10,10 @@ from migrations_app.grids import (
     ConfigError,
     GridError,
     HostKeyError,
+    InvalidName,
     TransportError,
     authorized_keys_line,
+    validate_name,
 )
 from migrations_app.grids.transport import load_private_key
 from migrations_app.helper.progress import human_bytes
@@ -34,26 +36,49 @@ class Check:
         return not self.problem
 
 
-def check_grid(grid_config):
-    """Connect to one grid and ask its driver about itself."""
+def check_grid(grid_config) -> Check:
+    """Connect to one grid and ask its driver about itself. Each way it can fail is one
+    line saying what is wrong and how to fix it; "reachable" means MIG logged in."""
     check = Check(grid_config.name, grid_config.address)
+    ssh = grid_config.transport == "ssh"
+    if ssh:
+        try:
+            load_private_key(config.settings.MIG_PRIVATE_KEY_FILE)
+        except AuthError as e:
+            check.reachable = "not tried"
+            check.problem = (
+                f"{e}: MIG logs in to grids with it; create it (ssh-keygen -t ed25519 -N '' -f FILE) "
+                "or point MIG_PRIVATE_KEY_FILE at it"
+            )
+            return check
     try:
         with config.driver_for(grid_config) as driver:
             info = driver.info()
     except HostKeyError as e:
-        check.reachable, check.host_key, check.problem = "yes", "MISMATCH", str(e)
+        check.reachable, check.host_key = "no", "MISMATCH"
+        check.problem = f"{e}; if the host's key changed on purpose, put its new key in grid.info's host_key"
         return check
     except AuthError as e:
-        check.reachable, check.host_key, check.problem = "yes", "ok", str(e)
+        check.reachable, check.host_key = "no (login refused)", "ok"
+        check.problem = (
+            f"{e}: put MIG's public key in ~{grid_config.user}/.ssh/authorized_keys on the host (or the line "
+            f"`manage.py grids --authorized-keys {grid_config.name}` prints), and check user = in grid.info"
+        )
         return check
     except TransportError as e:
-        check.reachable, check.problem = "no", str(e)
+        check.reachable = "no"
+        check.problem = (
+            f"{e}: is the host up, and does its sshd listen on port {grid_config.port}?" if ssh else str(e)
+        )
         return check
     except GridError as e:
-        check.reachable = check.host_key = "yes" if grid_config.transport == "ssh" else "-"
+        check.reachable, check.host_key = ("yes", "ok") if ssh else ("-", "-")
         check.driver, check.problem = "FAILED", str(e)
         return check
-    if grid_config.transport == "ssh":
+    except Exception as e:  # never a traceback: whatever it is, it is this grid's line
+        check.reachable, check.problem = "?", f"unexpected {type(e).__name__}: {e}"
+        return check
+    if ssh:
         check.reachable, check.host_key = "yes", "ok"
     check.free, check.apps = human_bytes(info.free_bytes), str(info.apps)
     check.driver, check.problem = info.problem(grid_config) or ("ok", "")
@@ -69,6 +94,10 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("names", nargs="*", metavar="GRID", help="check only these grids")
         parser.add_argument("--apps", metavar="GRID", help="list the apps on GRID with their states")
+        parser.add_argument("--start", metavar="GRID/APP", help="start an app (its components) on GRID")
+        parser.add_argument(
+            "--stop", metavar="GRID/APP", help="stop an app on GRID (SIGTERM; what a held job may ask for)"
+        )
         parser.add_argument(
             "--init",
             metavar="GRID",
@@ -95,6 +124,9 @@ class Command(BaseCommand):
             return self.authorized_keys(self.pick(configs, options["authorized_keys"]))
         if options["apps"]:
             return self.list_apps(self.pick(configs, options["apps"]))
+        for verb in ("start", "stop"):
+            if options[verb]:
+                return self.start_or_stop(configs, verb, options[verb])
         selected = [self.pick(configs, n) for n in options["names"]] or list(configs.values())
         if not selected:
             raise CommandError(f"no grids in {config.settings.MIG_GRID_INFO_FILE}")
@@ -143,6 +175,23 @@ class Command(BaseCommand):
             self.stdout.write(f"no apps on grid {grid_config.name}")
         for app in apps:
             self.stdout.write(f"{app.name:<40} {app.state}")
+
+    def start_or_stop(self, configs, verb, name):
+        grid, _, app = name.partition("/")
+        grid_config = self.pick(configs, grid)
+        try:
+            validate_name(app)
+        except InvalidName as e:
+            raise CommandError(f"--{verb} GRID/APP: {e}") from None
+        if verb == "start":
+            result = self.on_grid(grid_config, lambda driver: driver.start(app, listen=True))
+            said = "started" if result.get("started") else "was running already"
+            if result.get("listening") is False:
+                said += ", but nothing answers where the grid publishes it yet"
+        else:
+            self.on_grid(grid_config, lambda driver: driver.stop(app))
+            said = "stopped"
+        self.stdout.write(f"{name}: {said}")
 
     def authorized_keys(self, grid_config):
         if grid_config.transport != "ssh":
