@@ -596,7 +596,12 @@ class Runner:
                 return Outcome.FAILED
             job.refresh_from_db()
             if by := job.cancel.get("by"):
-                send_cancel(job, by)  # asked for while the helper was being provisioned
+                try:
+                    send_cancel(job, by)  # asked for while the helper was being provisioned
+                except GridError as e:
+                    job.event(
+                        f"The cancel could not be passed on to the helper: {e}; cancel again", level="warning"
+                    )
         return self.follow()
 
     def follow(self) -> Outcome:

@@ -172,6 +172,8 @@ class MigrationJob(models.Model):
     ]
     ACTIVE_STATES = [State.PENDING, State.PROVISIONING, *HELPER_PHASES]
     ENDED_STATES = [State.DONE, State.FAILED, State.CANCELLED, State.OVERRIDDEN]
+    # The monitor's log tail while a job runs (an ended job's status has every event).
+    EVENTS_SHOWN = 15
 
     action = models.CharField(max_length=16, choices=Action.choices)
     state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING)
@@ -356,8 +358,7 @@ class MigrationJob(models.Model):
                 updates["copy_rate"] = line.get("changed_bytes", 0) / line["seconds"]
         if said.cancel:
             updates["cancel"] = said.cancel
-        failing = facts.get(protocol.RESULT) or facts.get(protocol.FAILING)
-        if failing and (failure := protocol.Failure.from_dict(failing.get("failure"))):
+        if failure := said.failure:
             updates.update(self.failure_fields(failure))
         updates["updated"] = timezone.now()
         MigrationJob.objects.filter(pk=self.pk, state__in=self.ACTIVE_STATES).update(**updates)
@@ -524,9 +525,6 @@ class MigrationJob(models.Model):
             links=self.links(),
             helper_url=self.status_url if self.is_active else "",
         ).to_dict()
-
-    # The monitor's log tail while a job runs.
-    EVENTS_SHOWN = 15
 
 
 class JobEvent(models.Model):

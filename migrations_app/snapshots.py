@@ -44,7 +44,9 @@ class Seen:
 
     @property
     def can_delete(self):
-        return self.state in (AppState.STOPPED, AppState.FAILED, "missing") and not self.refreshing
+        if self.state == "missing":
+            return True  # only its record is left, to be marked deleted
+        return self.usable and self.state in (AppState.STOPPED, AppState.FAILED)
 
     @property
     def usable(self):
@@ -96,7 +98,7 @@ def delete(snapshot: Snapshot, by: str) -> str:
     if seen.state == "missing":
         snapshot.mark_deleted(by)
         return f"{snapshot.name} was already gone from its grid; it is marked deleted."
-    if not seen.can_delete or seen.problem:
+    if not seen.can_delete:
         raise SnapshotError(refusal(seen, "deleted"))
     try:
         with config.driver_for(config.grid_config(snapshot.grid)) as driver:

@@ -204,7 +204,7 @@ class Watch:
         return self.page.locator(selector).inner_text()
 
 
-def submit(page, url, target_app, action, bwlimit=None):
+def submit(page, url, target_app, action, bwlimit=None, shot=None):
     """The form, then the plan, confirmed: returns the plan page's text."""
     page.goto(url)
     page.get_by_label("Target grid", exact=True).select_option("west")
@@ -214,6 +214,8 @@ def submit(page, url, target_app, action, bwlimit=None):
         page.get_by_label("Bandwidth limit (KiB/s)").fill(str(bwlimit))
     page.get_by_role("button", name="Review the plan").click()
     plan = page.locator("#plan").inner_text()
+    if shot:
+        page.screenshot(path=str(ARTIFACTS / f"{shot}-plan.png"), full_page=True)
     if action == "migrate":
         page.get_by_role("button", name="Migrate now").click()
         assert "Tick the box to confirm" in page.locator("main").inner_text()  # not without it
@@ -308,7 +310,7 @@ def test_every_kind_of_job_in_the_browser(world, browser):
     page.set_viewport_size({"width": 1100, "height": 900})
 
     # 4. The migration: the page follows the app to the target's MIG and ends there.
-    plan = submit(page, east, "shop", "migrate", bwlimit=200)
+    plan = submit(page, east, "shop", "migrate", bwlimit=200, shot="migrated")
     assert "the source app east/shop with its volumes" in plan
     watch = Watch(page, "migrated")
     # The page follows the app to the target's MIG, on another host: there, the same login

@@ -196,9 +196,9 @@ class Summary:
 
     @property
     def failure(self) -> protocol.Failure | None:
-        """Why the helper failed (or was cancelled), once its result says so."""
-        result = self.facts.get(protocol.RESULT, {})
-        return protocol.Failure.from_dict(result.get("failure"))
+        """Why the helper failed (or was cancelled), once it began to roll back."""
+        said = self.facts.get(protocol.RESULT) or self.facts.get(protocol.FAILING) or {}
+        return protocol.Failure.from_dict(said.get("failure"))
 
     @property
     def cancel(self) -> dict | None:

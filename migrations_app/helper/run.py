@@ -364,7 +364,7 @@ class Helper:
             seq=self.log.seq,
             apps=dict(self.apps),
             bytes_total=self.total_bytes,
-            bytes_moved=self.moved,
+            bytes_moved=self.moved + self.moving,
             progress=protocol.StepProgress.from_line(now.progress).to_dict() if now.progress else None,
             result=now.result,
             failure=failure.to_dict() if failure else None,
