@@ -627,12 +627,13 @@ def start_component(grid, app, manifest, component):
 
 
 def bindable(host, port):
-    """Whether nothing holds `port` on `host` now (a port handed out must be free)."""
+    """Whether nothing holds `port` on `host` now (a port handed out must be free). Where
+    that cannot be told here (the app URL names a proxy, not this host), it is taken as free."""
     try:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
             s.bind((host, port))
-    except OSError:
-        return False
+    except OSError as e:
+        return e.errno != errno.EADDRINUSE
     return True
 
 
