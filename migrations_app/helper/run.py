@@ -203,6 +203,7 @@ class Helper:
         self.rsync_pid_file = os.path.join(work_dir, "rsync.pid")
         self.cancel_path = os.path.join(work_dir, protocol.CANCEL_NAME)
         self.cancel_answered = self.journal.cancel is not None
+        self.cancel_checked = 0.0
         # What the monitor shows about the three apps; every line carries it.
         self.apps = self.journal.apps or {
             "source": "running",
@@ -296,8 +297,14 @@ class Helper:
             return None
         return str(by or "an operator")[:150]
 
-    def check_cancel(self):
-        """Before the commit, a cancel rolls the job back: raises Cancelled."""
+    def check_cancel(self, every=0.0):
+        """Before the commit, a cancel rolls the job back: raises Cancelled. With `every`,
+        the file is looked at no more often than that many seconds (the hashing asks at
+        every file)."""
+        now = time.monotonic()
+        if now - self.cancel_checked < every:
+            return
+        self.cancel_checked = now
         if by := self.cancel_request():
             if not self.cancel_answered:
                 self.cancel_answered = True
@@ -556,7 +563,7 @@ class Helper:
         meter = RateMeter(self.total_bytes)
 
         def on_progress(hashed):
-            self.check_cancel()
+            self.check_cancel(every=0.5)
             rate, eta = meter.update(hashed)
             self.log.progress(hashed, self.total_bytes, rate, eta, "hashing for the final pass")
 
