@@ -93,6 +93,19 @@ class JobQuerySet(models.QuerySet):
     def finished(self):
         return self.exclude(state__in=MigrationJob.ACTIVE_STATES)
 
+    def arrived(self, grid, app) -> int:
+        """This MIG runs in the target of an active migration: the app has started here,
+        whatever the record, copied when the helper said hands off, says. A job that says
+        less is moved on to starting (before MIG answers, so no page shows the copy's
+        pre-copy); the journal, filed next, tells the rest. Returns how many were."""
+        starting = MigrationJob.ACTIVE_STATES.index(MigrationJob.State.STARTING)
+        return self.filter(
+            action=MigrationJob.Action.MIGRATE,
+            target_grid=grid,
+            target_app=app,
+            state__in=MigrationJob.ACTIVE_STATES[:starting],
+        ).update(state=MigrationJob.State.STARTING, updated=timezone.now())
+
     def measured_copy_rate(self) -> float | None:
         """Bytes per second of the last job's first pre-copy pass, for estimates."""
         return self.filter(copy_rate__gt=0).order_by("-created").values_list("copy_rate", flat=True).first()

@@ -117,6 +117,7 @@ def job(request, job_id):
         # States in the order a job goes through them: the page never shows an older one.
         "order": [*MigrationJob.ACTIVE_STATES, *MigrationJob.ENDED_STATES],
         "ended": MigrationJob.ENDED_STATES,
+        "labels": dict(MigrationJob.State.choices),
         "initial": job.to_dict(),
         "user": who(request),
     }

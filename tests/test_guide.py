@@ -12,6 +12,8 @@ import urllib.request
 
 import pytest
 
+from migrations_app.grids import gridinfo, open_grid
+
 from .conftest import GRID_HOSTS, ROOT, mig_env, port_range
 from .sshd import GRID_PYTHON, start_sshd
 from .world import wait_for
@@ -42,11 +44,23 @@ def answers(url):
 
 
 @pytest.fixture
-def hosts():
+def hosts(tmp_path):
+    """The guide's two grid hosts (sshd); at the end, every app on them is destroyed."""
     started = []
     yield started
+    for name in EXAMPLE:
+        if (tmp_path / name / "grid.json").exists():
+            with local_grid(tmp_path / name) as grid:
+                for app in grid.list_apps():
+                    grid.destroy(app.name)
     for host in started:
         host.stop()
+
+
+def local_grid(root):
+    """A grid's directory, reached without SSH (to clean up after the guide)."""
+    table = f'driver = "hostgrid"\ntransport = "local"\nroot = "{root}"\npython = "{GRID_PYTHON}"\n'
+    return open_grid(gridinfo.parse(f"[grids.{root.name}]\n{table}")[root.name], "")
 
 
 def test_the_guide_puts_mig_in_an_app_that_then_moves(tmp_path, hosts):

@@ -204,3 +204,14 @@ def test_an_ended_job_keeps_no_status_token():
     job = MigrationJob.objects.create(**JOB, status_token="secret-token")
     job.end(MigrationJob.State.DONE)
     assert job.status_token == "" and MigrationJob.objects.get(pk=job.pk).status_token == ""
+
+
+def test_a_migration_that_arrived_here_has_started_here():
+    job = MigrationJob.objects.create(**JOB, state="precopy")  # as copied at hands off
+    other = MigrationJob.objects.create(**{**JOB, "target_app": "blog"}, state="precopy")
+    assert MigrationJob.objects.arrived("west", "shop") == 1
+    job.refresh_from_db()
+    other.refresh_from_db()
+    assert job.state == "starting" and other.state == "precopy"
+    job.apply_helper_lines([line(9, phase="finishing")])
+    assert job.state == "finishing" and MigrationJob.objects.arrived("west", "shop") == 0

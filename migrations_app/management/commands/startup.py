@@ -18,7 +18,7 @@ from migrations_app import config, migration
 from migrations_app.grids import ConfigError
 from migrations_app.helper.progress import human_bytes
 from migrations_app.migration import Outcome
-from migrations_app.models import Grid, Lock
+from migrations_app.models import Grid, Lock, MigrationJob
 
 CONFIG_SUBDIRS = ("logs",)
 log = logging.getLogger("mig.startup")
@@ -125,6 +125,8 @@ class Command(BaseCommand):
         with naming_a_full_volume("MIG cannot open its database"):
             self.step_config_dir()
             self.step_database()
+            if settings.MIG_GRID and MigrationJob.objects.arrived(settings.MIG_GRID, settings.MIG_APP):
+                self.stdout.write("this is the target of the migration under way: its app has started here")
             if not get_user_model().objects.filter(username=settings.MIG_USERNAME, is_active=True).exists():
                 self.step_login_user()
 
