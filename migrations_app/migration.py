@@ -49,7 +49,7 @@ from .grids import (
     TransportError,
     helper_name,
 )
-from .grids.hostgrid_agent import pid_alive, proc_stat
+from .grids.agent.procs import pid_alive, proc_stat
 from .grids.transport import load_private_key
 from .helper import protocol
 from .helper.progress import Summary, human_bytes, parse_lines

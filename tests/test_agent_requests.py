@@ -1,5 +1,5 @@
-"""The hostgrid agent's `serve` against requests nobody sends on purpose: it answers each
-with an error, keeps serving, and never touches anything outside its grid's root."""
+"""The agent's `serve` against requests nobody sends on purpose: it answers each with an
+error, keeps serving, and never touches anything outside its grid's root."""
 
 import json
 import os
@@ -9,12 +9,12 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from migrations_app.grids import hostgrid_agent
+from migrations_app.grids.agent import ops
+from migrations_app.grids.hostgrid import AGENT_ARCHIVE
 
 from .sshd import GRID_PYTHON
 
-AGENT = hostgrid_agent.__file__
-OPERATIONS = sorted(hostgrid_agent.OPERATIONS) + ["serve", "nonsense"]
+OPERATIONS = sorted(ops.OPERATIONS) + ["serve", "nonsense"]
 # Arguments an attacker or a bug would try, beside random text.
 TRICKY = [
     "app",
@@ -78,8 +78,10 @@ def test_any_request_gets_an_answer_and_nothing_outside_changes(tmp_path):
     outside.mkdir()
     (outside / "f").write_text("not the grid's\n")
     (tmp_path / "grid.json").write_text("{}")
+    archive = tmp_path / "agent.pyz"  # as MIG installs it
+    archive.write_bytes(AGENT_ARCHIVE)
     agent = subprocess.Popen(
-        [GRID_PYTHON, AGENT, str(root), "serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        [GRID_PYTHON, str(archive), str(root), "serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
     )
 
     def ask(line):
@@ -98,12 +100,12 @@ def test_any_request_gets_an_answer_and_nothing_outside_changes(tmp_path):
         def one(line):
             reply = ask(line)
             assert isinstance(reply, dict) and reply.get("ok") in (True, False), reply
-            assert len(reply.get("message", "")) <= hostgrid_agent.MESSAGE_LIMIT
+            assert len(reply.get("message", "")) <= ops.MESSAGE_LIMIT
             assert ask(json.dumps(["info"]))["ok"] is True  # and it still serves
 
         one()
         assert (snapshot_of(tmp_path / "outside"), (tmp_path / "grid.json").read_text()) == before
-        assert {p.name for p in tmp_path.iterdir()} == {"grid", "outside", "grid.json"}
+        assert {p.name for p in tmp_path.iterdir()} == {"grid", "outside", "grid.json", "agent.pyz"}
     finally:
         agent.stdin.close()
         agent.wait(timeout=30)
@@ -112,7 +114,7 @@ def test_any_request_gets_an_answer_and_nothing_outside_changes(tmp_path):
 
 def test_numbers_out_of_range_are_refused_before_anything_runs(tmp_path):
     root = str(tmp_path / "grid")
-    hostgrid_agent.answer([root, "init", "--name", "g"])
+    ops.answer([root, "init", "--name", "g"])
     for argv, expected in [
         (["start", "app", "--timeout", "nan"], "--timeout: must be a number from 0.0 to 604800.0, not 'nan'"),
         (["read", "app", "f", "--limit", str(1 << 40)], "--limit: must be a number from 0 to 16777216"),
@@ -123,19 +125,19 @@ def test_numbers_out_of_range_are_refused_before_anything_runs(tmp_path):
         ),
         (["state", "x" * 100_000], "invalid app name 'xxxxxxxx"),
     ]:
-        reply = hostgrid_agent.answer([root, *argv])
+        reply = ops.answer([root, *argv])
         assert reply["ok"] is False and expected in reply["message"], (argv, reply)
         assert len(reply["message"]) < 200
 
 
 def test_install_template_deletes_only_its_own_archive(tmp_path):
     root = tmp_path / "grid"
-    hostgrid_agent.answer([str(root), "init", "--name", "g"])
+    ops.answer([str(root), "init", "--name", "g"])
     victim = tmp_path / "precious.tar.gz"
     victim.write_bytes(b"not MIG's")
     for archive in [victim, root / ".mig" / "tmp-nothex.tar.gz", root / ".mig" / ".." / "precious.tar.gz"]:
         argv = [str(root), "install-template", "t", "--archive", str(archive), "--version", "1"]
-        reply = hostgrid_agent.answer(argv)
+        reply = ops.answer(argv)
         assert reply["ok"] is False and "invalid archive" in reply["message"]
     assert victim.read_bytes() == b"not MIG's"
     assert set(os.listdir(tmp_path)) == {"grid", "precious.tar.gz"}

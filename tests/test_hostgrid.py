@@ -13,6 +13,7 @@ import pytest
 
 from migrations_app import catalog
 from migrations_app.grids import AppExists, AppNotFound, AppState, GridError, InvalidName, OperationFailed
+from migrations_app.grids.agent import tree
 from migrations_app.grids.errors import CommandTimeout
 
 from .conftest import GRID_HOSTS
@@ -296,10 +297,9 @@ def test_requests_the_agent_cannot_take_are_answered(grid):
 def test_scan_streams_over_every_transport(grid, web_port):
     provision_web(grid, "shop", web_port)
     proc = grid.open_scan("shop", hashes=True)
-    entries = [json.loads(line) for line in proc.stdout]
-    assert proc.wait() == 0
-    page = next(e for e in entries if e["p"] == "www/index.html")
-    assert (page["k"], page["s"], len(page["b"])) == ("f", 23, 32)
+    entries = list(tree.entries(proc, "listing"))
+    page = next(e for e in entries if e.path == "www/index.html")
+    assert (page.kind, page.size, len(page.blocks)) == ("f", 23, 16)
 
 
 def test_a_provisioned_app_is_removed_only_by_its_owner(grid, web_port):

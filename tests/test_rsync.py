@@ -2,7 +2,8 @@
 
 import subprocess
 
-from migrations_app.helper.copy import remote_path, rsync_argv
+from migrations_app.grids.transport import rsync_location
+from migrations_app.helper.copy import rsync_argv
 
 
 def test_an_ipv6_source_reaches_rsync_whole(tmp_path):
@@ -15,8 +16,8 @@ def test_an_ipv6_source_reaches_rsync_whole(tmp_path):
     (source / "data").mkdir(parents=True)
     (source / "data/f").write_text("copied\n")
     (tmp_path / "dst").mkdir()
-    assert remote_path("fd00::5", f"{source}/") == f"[fd00::5]:{source}/"
-    argv = rsync_argv(remote_path("fd00::5", f"{source}/"), f"{tmp_path / 'dst'}/", str(shell))
+    assert rsync_location("fd00::5", f"{source}/") == f"[fd00::5]:{source}/"
+    argv = rsync_argv(rsync_location("fd00::5", f"{source}/"), f"{tmp_path / 'dst'}/", str(shell))
     result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "host").read_text().strip() == "fd00::5"

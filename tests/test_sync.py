@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from migrations_app.grids import gridinfo, open_grid
-from migrations_app.grids import hostgrid_agent as agent
-from migrations_app.grids.hostgrid_agent import BLOCK
+from migrations_app.grids.agent import tree
+from migrations_app.grids.agent.tree import BLOCK, Entry, Kind
 from migrations_app.helper import sync
 
 from .sshd import GRID_PYTHON
@@ -43,8 +43,8 @@ def pair(tmp_path):
 
 def described(base, rel):
     """An entry of a tree as both sides of a copy describe it."""
-    with agent.parent_dir(str(base), rel) as (fd, name):
-        return agent.describe_entry(rel, os.stat(name, dir_fd=fd, follow_symlinks=False), fd, name)
+    with tree.parent_dir(str(base), rel) as (fd, name):
+        return Entry.of(rel, os.stat(name, dir_fd=fd, follow_symlinks=False), fd, name)
 
 
 def index_now(pair):
@@ -200,12 +200,12 @@ def test_a_file_written_while_hashed_says_so(tmp_path):
     try:
         time.sleep(0.02)
         before = os.lstat(path).st_ctime_ns  # what a listing just before would have said
-        with agent.parent_dir(str(tmp_path), "busy.bin") as (fd, name):
-            entry = agent.hashed_entry({"p": "busy.bin", "k": "f"}, fd, name)
+        with tree.parent_dir(str(tmp_path), "busy.bin") as (fd, name):
+            entry = tree.hashed(Entry("busy.bin", Kind.FILE, 0o644, 0, 0, 0), fd, name)
     finally:
         writing = False
         writer.join()
-    assert entry["c"] > before
+    assert entry.ctime_ns > before
 
 
 # --- fidelity: everything an entry has arrives, and verify checks each of it --------------

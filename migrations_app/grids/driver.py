@@ -45,6 +45,9 @@ class App:
     name: str
     state: AppState
     path: str = ""
+    # The directory holding the app's volumes, one directory each, as processes on the
+    # grid host see it, and apps provisioned to reach this one (see Driver.provision).
+    volumes_dir: str = ""
     url: str = ""  # where the grid publishes the app (its own port, if the grid gives those)
     manifest: dict = field(default_factory=dict)
     volumes: list = field(default_factory=list)
@@ -85,6 +88,17 @@ class GridInfo:
         if not self.rsync:
             return "no rsync", f"rsync is not installed on {grid.name}'s host"
         return None
+
+
+@dataclass(frozen=True)
+class RsyncSource:
+    """Where rsync reads an app's volumes from: its SRC (ending in /), its -e remote shell
+    (None: the volumes are on the host rsync runs on), and whether --protect-args may be
+    used (a restricted grid's gate must see the paths)."""
+
+    path: str
+    remote_shell: str | None = None
+    protect_args: bool = True
 
 
 class Decision(enum.StrEnum):
@@ -239,6 +253,13 @@ class Driver(abc.ABC):
         """Yield the lines of an app's file as they are written, until the app stops."""
 
     # --- the final pass ---
+
+    @abc.abstractmethod
+    def rsync_source(self, app: str) -> RsyncSource:
+        """Where rsync, run where this driver runs (the helper, on the target grid's host),
+        reads the app's volumes: their directory, whole, so that one rsync copies them all
+        into the target's `volumes_dir`. Needs a transport rsync can use (local or OpenSSH):
+        GridError otherwise."""
 
     @abc.abstractmethod
     def open_scan(self, app: str, hashes: bool = False, wait: bool = False):

@@ -8,7 +8,7 @@ MIG's gate: the forced command of MIG's key on a grid whose grid.info says `rest
 so the grid's host needs no file of MIG's before the key works, and the key can do only
 MIG's work on that grid, nothing else (no shell, no forwarding, no SFTP):
 
-- run MIG's agent of this grid: `PYTHON ROOT/.mig/agent-<version>.py ROOT ...`;
+- run MIG's agent of this grid: `PYTHON ROOT/.mig/agent-<version>.pyz ROOT ...`;
 - send an app's volumes, read-only: `rsync --server --sender <options> . ROOT/apps/APP/volumes/`
   (the options checked against what MIG's helper asks for; no --protect-args, which would
   hide the paths from this gate);
@@ -49,7 +49,7 @@ def main(python, root):
         return refuse(command, f"cannot be parsed ({e})")
     if not argv:
         return refuse(command, "this key runs only MIG's commands, no shell")
-    agent = re.escape(root) + r"/\.mig/agent-[0-9a-f]{16}\.py"
+    agent = re.escape(root) + r"/\.mig/agent-[0-9a-f]{16}\.pyz"
     if len(argv) >= 3 and argv[0] == python and re.fullmatch(agent, argv[1]) and argv[2] == root:
         os.execv(python, argv)
     if argv[:3] == ["rsync", "--server", "--sender"]:

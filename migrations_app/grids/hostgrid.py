@@ -1,13 +1,13 @@
 """
 The hostgrid driver: a grid is a directory on a POSIX host with Python.
 
-Operations are answered by the agent (hostgrid_agent.py) on the grid host. One serving
+Operations are answered by the agent (the `agent` package) on the grid host. One serving
 agent, started on first use, answers every operation of a driver over one connection: an
 operation then costs a round trip, not an SSH session, a login shell and an interpreter
 (about 0.1 s each on the hosts we measured). Streaming operations (follow, scan, delta)
-run an agent of their own. The agent is installed on first use at
-<root>/.mig/agent-<version>.py, so a host needs no set-up beyond Python, and an upgraded
-MIG never talks to an old agent.
+run an agent of their own. The agent is installed on first use, as one file (a zip archive
+of its package, which Python runs), at <root>/.mig/agent-<version>.pyz, so a host needs no
+set-up beyond Python, and an upgraded MIG never talks to an old agent.
 """
 
 import base64
@@ -20,17 +20,37 @@ import subprocess
 import tarfile
 import threading
 import uuid
+import zipfile
 import zlib
 from pathlib import Path
 
-from . import hostgrid_agent
-from .driver import App, AppState, Component, Cutover, Driver, GridInfo, Volume
+from .agent import base as agent_base
+from .driver import App, AppState, Component, Cutover, Driver, GridInfo, RsyncSource, Volume
 from .errors import AppExists, AppNotFound, CommandTimeout, GridError, InvalidName, OperationFailed
 from .gridinfo import GridConfig
 from .names import validate_name
 
-AGENT_SOURCE = Path(__file__).with_name("hostgrid_agent.py").read_bytes()
-AGENT_VERSION = hashlib.sha256(AGENT_SOURCE).hexdigest()[:16]
+
+def agent_archive() -> bytes:
+    """The agent as one file: a zip archive of its package, which Python runs as a program.
+    Built the same way every time, so that its version names its content."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:
+
+        def add(name, data):
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            archive.writestr(info, data)
+
+        add("__main__.py", b"import sys\n\nfrom agent.ops import main\n\nsys.exit(main())\n")
+        for path in sorted(Path(__file__).with_name("agent").glob("*.py")):
+            add(f"agent/{path.name}", path.read_bytes())
+    return buf.getvalue()
+
+
+AGENT_ARCHIVE = agent_archive()
+AGENT_VERSION = hashlib.sha256(AGENT_ARCHIVE).hexdigest()[:16]
 GATE_SOURCE = Path(__file__).with_name("gate.py").read_bytes()
 # Runs the gate's source from the authorized_keys line itself: the host needs no file of MIG's.
 GATE_LOADER = "import base64,sys,zlib;exec(zlib.decompress(base64.b64decode(sys.argv[1])))"
@@ -46,8 +66,8 @@ ERRORS = {
 def check_relpath(path):
     """The agent's check, before any command is built: raises InvalidName."""
     try:
-        return hostgrid_agent.check_relpath(path)
-    except hostgrid_agent.Invalid as e:
+        return agent_base.check_relpath(path)
+    except agent_base.Invalid as e:
         raise InvalidName(str(e)) from None
 
 
@@ -119,13 +139,13 @@ class HostGridDriver(Driver):
 
     @property
     def agent_path(self):
-        return f"{self.grid.root}/.mig/agent-{AGENT_VERSION}.py"
+        return f"{self.grid.root}/.mig/agent-{AGENT_VERSION}.pyz"
 
     def _argv(self, op, args):
         return [self.grid.python, self.agent_path, self.grid.root, op, *args]
 
     def _install_agent(self):
-        self.transport.put(AGENT_SOURCE, self.agent_path, mode=0o644)
+        self.transport.put(AGENT_ARCHIVE, self.agent_path, mode=0o644)
 
     def _call(self, op, *args, timeout=None):
         line = self._ask([op, *args], timeout or self.grid.command_timeout)
@@ -206,6 +226,7 @@ class HostGridDriver(Driver):
             name=data["name"],
             state=AppState(data["state"]),
             path=data["path"],
+            volumes_dir=data["volumes_dir"],
             url=data.get("url", ""),
             manifest=data["manifest"],
             volumes=[Volume(**v) for v in data["volumes"]],
@@ -313,6 +334,15 @@ class HostGridDriver(Driver):
         argv = self._argv("follow", [*args, "--max-time", str(max_time)])
         self.state(app)  # installs the agent if needed, and fails early if the app is gone
         yield from self.transport.stream(argv, timeout=max_time + 30)
+
+    def rsync_source(self, app):
+        path = f"{self.grid.root}/apps/{validate_name(app)}/volumes/"
+        return RsyncSource(
+            self.transport.rsync_location(path),
+            self.transport.remote_shell(),
+            # A restricted grid's gate must see the paths on the command line.
+            protect_args=not self.grid.restricted,
+        )
 
     def open_scan(self, app, hashes=False, wait=False):
         """Start listing the app's volumes (see the agent's `scan`); returns the process.

@@ -2,8 +2,8 @@
 
 import re
 
+from .agent.base import shorten
 from .errors import InvalidName
-from .hostgrid_agent import shorten
 
 NAME_PATTERN = r"[A-Za-z][A-Za-z0-9_-]{0,63}"
 NAME_RE = re.compile(rf"^{NAME_PATTERN}\Z")

@@ -76,6 +76,11 @@ def feed_in_background(write, close, data):
     threading.Thread(target=feed, daemon=True).start()
 
 
+def rsync_location(host, path):
+    """rsync's HOST:PATH; an IPv6 address goes in brackets, or its colons would split it."""
+    return f"[{host}]:{path}" if ":" in host else f"{host}:{path}"
+
+
 class Transport:
     """Runs argument-list commands on one grid host."""
 
@@ -139,6 +144,13 @@ class Transport:
         """The error a popen()ed command's exit means about the connection, if it is one."""
         return None
 
+    def remote_shell(self, prefix=()):
+        """rsync's -e option for reaching this host (see LocalTransport, OpenSSHTransport)."""
+        raise GridError(f"{self.name}: rsync cannot run over this transport")
+
+    def rsync_location(self, path):
+        raise GridError(f"{self.name}: rsync cannot run over this transport")
+
     def _exec(self, argv, input, timeout):
         """Yield ("out", bytes), ("err", bytes) as they arrive, then ("exit", status)."""
         raise NotImplementedError
@@ -194,6 +206,15 @@ class LocalTransport(Transport):
                 if pipe:
                     pipe.close()
         yield "exit", returncode
+
+    def remote_shell(self, prefix=()):
+        """rsync's -e for a sender on this host: None, it runs here; with `prefix`, the
+        command (a container's `exec`, say) that rsync's "HOST" is appended to."""
+        return shlex.join(prefix) if prefix else None
+
+    def rsync_location(self, path):
+        """rsync's SRC for `path` on this host."""
+        return path
 
     def popen(self, argv):
         # A large read buffer: these pipes carry file data, in 64 KiB blocks.
@@ -572,9 +593,14 @@ class OpenSSHTransport(LocalTransport):
         if cpu_has_aes():
             self.ssh_argv += ["-o", f"Ciphers={CIPHERS_WITH_AES}"]
 
-    def remote_shell(self):
-        """The ssh command line for rsync's -e option."""
-        return shlex.join(self.ssh_argv)
+    def remote_shell(self, prefix=()):
+        """rsync's -e for a sender on this host: ssh, to which rsync appends the host; with
+        `prefix`, ssh to this host running that command, to which rsync appends its "HOST"
+        (a container, say)."""
+        return shlex.join([*self.ssh_argv, self.host, "--", *prefix] if prefix else self.ssh_argv)
+
+    def rsync_location(self, path):
+        return rsync_location(self.host, path)
 
     def popen(self, argv):
         return super().popen([*self.ssh_argv, self.host, "--", shlex.join(_argv(argv))])

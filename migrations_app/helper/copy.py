@@ -55,11 +55,6 @@ class PassStats:
     seconds: float = 0.0
 
 
-def remote_path(host, path):
-    """rsync's HOST:PATH; an IPv6 address goes in brackets, or its colons would split it."""
-    return f"[{host}]:{path}" if ":" in host else f"{host}:{path}"
-
-
 def rsync_argv(source, dest, remote_shell=None, bwlimit_kbps=None, stall_timeout=60, protect_args=True):
     """rsync arguments copying directory `source` into `dest` (both ending in /).
 

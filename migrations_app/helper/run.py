@@ -46,7 +46,7 @@ from ..grids import (
 from ..grids.errors import OperationFailed
 from ..grids.gridinfo import GridConfig
 from . import failures, protocol, sync
-from .copy import CopyError, remote_path, rsync_argv, run_rsync, stop_orphan
+from .copy import CopyError, rsync_argv, run_rsync, stop_orphan
 from .progress import ProgressLog, RateMeter, human_bytes
 from .status import origin_of, serve_status
 
@@ -424,7 +424,6 @@ class Helper:
             raise Failure(f"the source app is {app.state}, not running")
         self.manifest = app.manifest
         self.volumes = app.volumes
-        self.source_path = app.path
         self.source_url = app.url or self.source_url
 
     def resume_rollback(self):
@@ -474,7 +473,7 @@ class Helper:
         )
         target = self.define_target()
         self.apps["target"] = "copying"
-        self.volumes_path = os.path.join(target.path, "volumes")
+        self.volumes_path = target.volumes_dir
         previous = None
         for number in range(1, self.max_passes + 1):
             fresh = number == 1 and not self.refresh_owner and not self.journal.has(protocol.TARGET_DEFINED)
@@ -922,11 +921,7 @@ class Helper:
     def rsync_once(self, label, fresh=False):
         total = max(self.total_bytes, 1)
         meter = RateMeter(total)
-        if self.source_grid.transport == "ssh":
-            source = remote_path(self.source_grid.host, f"{self.source_path}/volumes/")
-            remote_shell = self.source.transport.remote_shell()
-        else:
-            source, remote_shell = f"{self.source_path}/volumes/", None
+        source = self.retrying(lambda: self.source.rsync_source(self.source_app), "reaching the source")
 
         def on_progress(done, percent):
             done = min(done, total)
@@ -936,12 +931,12 @@ class Helper:
             self.log.progress(done, total, rate, eta, label)
 
         argv = rsync_argv(
-            source,
+            source.path,
             f"{self.volumes_path}/",
-            remote_shell,
+            source.remote_shell,
             self.bwlimit,
             self.stall_timeout,
-            protect_args=not self.source_grid.restricted,
+            protect_args=source.protect_args,
         )
         stats = run_rsync(argv, on_progress, self.stall_timeout, self.rsync_pid_file, self.check_cancel)
         self.log.progress(total, total, total / max(stats.seconds, 1e-3), 0, label, force=True)

@@ -28,7 +28,6 @@ connection of its own; the listing commits in batches, so no writer waits long.
 
 import ctypes
 import hashlib
-import json
 import os
 import queue
 import shutil
@@ -37,20 +36,30 @@ import stat
 import threading
 import time
 
-from ..grids.hostgrid_agent import (
+from ..grids.agent.tree import (
     BLOCK,
     HASH_BYTES,
+    SPECIAL,
     ZEROS,
+    Block,
+    Entry,
+    FileEnd,
+    FileStart,
+    Gone,
+    Kind,
+    SyncError,
+    Zeros,
     all_zeros,
     block_hashes,
-    describe_entry,
+    delta_request,
+    entries,
     file_digest,
     leaf_path,
+    merged,
     not_there,
     open_regular,
     parent_dir,
-    sort_key,
-    tree_entries,
+    read_deltas,
     xattrs,
 )
 from .progress import human_bytes
@@ -58,21 +67,20 @@ from .progress import human_bytes
 AS_ROOT = os.geteuid() == 0
 # What an entry has beyond its content, which the final pass settles (owners only as root:
 # otherwise everything the helper writes is its own).
-METADATA = ("m", "t", "x", "u", "g") if AS_ROOT else ("m", "t", "x")
-# What verify compares, entry by entry.
-COMPARED = ("k", "m", "s", "t", "l", "r", "x", "u", "g") if AS_ROOT else ("k", "m", "s", "t", "l", "r", "x")
+METADATA = ("mode", "mtime_ns", "xattrs", "uid", "gid") if AS_ROOT else ("mode", "mtime_ns", "xattrs")
+# What verify compares, entry by entry, and how it names each.
 NAMES = {
-    "k": "type",
-    "m": "mode",
-    "s": "size",
-    "t": "mtime",
-    "l": "link",
-    "u": "owner",
-    "g": "group",
-    "r": "device",
-    "x": "xattrs",
+    "kind": "type",
+    "mode": "mode",
+    "size": "size",
+    "mtime_ns": "mtime",
+    "link": "link",
+    "rdev": "device",
+    "xattrs": "xattrs",
+    "uid": "owner",
+    "gid": "group",
 }
-SPECIAL = {"p": stat.S_IFIFO, "s": stat.S_IFSOCK, "c": stat.S_IFCHR, "b": stat.S_IFBLK}
+COMPARED = tuple(NAMES) if AS_ROOT else tuple(f for f in NAMES if f not in ("uid", "gid"))
 ZERO_HASH = hashlib.sha256(ZEROS).digest()[:HASH_BYTES]
 # Listing rows per transaction: a fetcher writing its results never waits long.
 BATCH = 2000
@@ -80,36 +88,8 @@ BATCH = 2000
 PROBLEMS_SHOWN = 100
 
 
-class SyncError(Exception):
-    pass
-
-
-def agent_lines(proc, what):
-    """JSON entries from a streaming agent operation; raises if it failed."""
-    for raw in proc.stdout:
-        entry = json.loads(raw)
-        if "ok" in entry:  # the agent's error answer
-            raise SyncError(f"{what}: {entry.get('message')}")
-        yield entry
-    err = proc.stderr.read().decode("utf-8", "replace").strip()
-    if proc.wait() != 0:
-        raise SyncError(f"{what} failed (status {proc.returncode}): {err[-400:]}")
-
-
-def merged(source_entries, target_base):
-    """(source entry or None, target entry or None) pairs, walking both trees in step."""
-    target = ((rel, describe_entry(rel, st, fd, name)) for rel, st, fd, name in tree_entries(target_base))
-    src, dst = next(source_entries, None), next(target, None)
-    while src is not None or dst is not None:
-        if dst is None or (src is not None and sort_key(src["p"]) < sort_key(dst[0])):
-            yield src, None
-            src = next(source_entries, None)
-        elif src is None or sort_key(dst[0]) < sort_key(src["p"]):
-            yield None, dst[1]
-            dst = next(target, None)
-        else:
-            yield src, dst[1]
-            src, dst = next(source_entries, None), next(target, None)
+def differs(src: Entry, dst: Entry, fields) -> bool:
+    return any(getattr(src, f) != getattr(dst, f) for f in fields)
 
 
 class Index:
@@ -183,16 +163,16 @@ def build_index(source, source_app, target_base, index, copy_began_ns=None, on_p
                 if not not_there(error):  # never a silent death: the hashing fails with it
                     failure.append(error)
 
-    def untouched_since_copied(entry):
-        if copy_began_ns is None or entry["c"] >= copy_began_ns:
+    def untouched_since_copied(entry: Entry):
+        if copy_began_ns is None or entry.ctime_ns >= copy_began_ns:
             return False
         try:
-            st = copy.lstat(entry["p"])
+            st = copy.lstat(entry.path)
         except OSError as e:
             if not_there(e):
                 return False
             raise
-        return stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (entry["s"], entry["t"])
+        return stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (entry.size, entry.mtime_ns)
 
     reader = threading.Thread(target=read_copies, name="index-reader")
     reader.start()
@@ -200,22 +180,22 @@ def build_index(source, source_app, target_base, index, copy_began_ns=None, on_p
     try:
         with lock:
             db.execute("BEGIN")
-        for e in agent_lines(proc, "hashing the source"):
-            if e["k"] != "f":
+        for e in entries(proc, "hashing the source"):
+            if e.kind != Kind.FILE:
                 continue
-            hashed += e["s"]
+            hashed += e.size
             if on_progress is not None:
                 on_progress(hashed)
             trusted = untouched_since_copied(e)
             with lock:
-                db.execute("INSERT INTO src VALUES (?, ?, ?, ?)", (e["p"], e["s"], e["t"], e["d"]))
+                db.execute("INSERT INTO src VALUES (?, ?, ?, ?)", (e.path, e.size, e.mtime_ns, e.digest))
                 if trusted:
                     db.execute(
                         "INSERT INTO dst VALUES (?, ?, ?, ?, ?)",
-                        (e["p"], e["s"], e["t"], e["d"], bytes.fromhex(e["b"])),
+                        (e.path, e.size, e.mtime_ns, e.digest, e.blocks),
                     )
             if not trusted:
-                to_read.put(e["p"])
+                to_read.put(e.path)
                 read += 1
     except BaseException:
         proc.kill()  # a listing cut short (a cancel, an error) is not needed any more
@@ -332,14 +312,14 @@ class FinalPass:
         db.execute("BEGIN IMMEDIATE")
         try:
             for count, (src, dst) in enumerate(
-                merged(agent_lines(self.scan, "listing the source"), self.base), 1
+                merged(entries(self.scan, "listing the source"), self.base), 1
             ):
                 if src is None:
-                    db.execute("INSERT INTO doomed VALUES (?)", (dst["p"],))
+                    db.execute("INSERT INTO doomed VALUES (?)", (dst.path,))
                 else:
                     db.execute(
                         "INSERT INTO final VALUES (?, ?, ?, ?)",
-                        (src["p"], src["k"], src.get("i"), json.dumps(src)),
+                        (src.path, src.kind, src.inode, src.to_wire()),
                     )
                     self.reconcile(src, dst)
                 if count % BATCH == 0:
@@ -352,65 +332,75 @@ class FinalPass:
         for (rel,) in db.execute("SELECT path FROM doomed ORDER BY rowid DESC"):  # deepest first
             self.copy.remove(rel)
 
-    def reconcile(self, src, dst):
-        rel, kind = src["p"], src["k"]
-        if dst is not None and (dst["k"] != kind or dst.get("r") != src.get("r")):
-            self.copy.remove(rel)
+    def reconcile(self, src: Entry, dst: Entry | None):
+        if dst is not None and (dst.kind != src.kind or dst.rdev != src.rdev):
+            self.copy.remove(src.path)
             dst = None
-        if kind == "d":
+        if src.kind == Kind.DIRECTORY:
             if dst is None:
                 self.copy.make(src)  # its mode, owner and time once its contents are in
-        elif kind == "f":
+        elif src.kind == Kind.FILE:
             self.reconcile_file(src, dst)
         else:
-            if kind == "l" and dst is not None and dst["l"] != src["l"]:
-                self.copy.remove(rel)
+            if src.kind == Kind.SYMLINK and dst is not None and dst.link != src.link:
+                self.copy.remove(src.path)
                 dst = None
             if dst is None:
                 self.copy.make(src)
-            if dst is None or any(src.get(f) != dst.get(f) for f in METADATA):
+            if dst is None or differs(src, dst, METADATA):
                 self.copy.settle(src)
 
-    def reconcile_file(self, src, dst):
+    def reconcile_file(self, src: Entry, dst: Entry | None):
         db = self.index.db
         if (
-            src.get("i")
+            src.inode
             and db.execute(
-                "SELECT 1 FROM final WHERE ino = ? AND path != ? LIMIT 1", (src["i"], src["p"])
+                "SELECT 1 FROM final WHERE ino = ? AND path != ? LIMIT 1", (src.inode, src.path)
             ).fetchone()
         ):
             return  # another name of this source file came first: link_names makes it that one
         row = db.execute(
             "SELECT src.size, src.mtime, src.digest, dst.size, dst.mtime, dst.digest, dst.blocks "
             "FROM src LEFT JOIN dst USING (path) WHERE path = ?",
-            (src["p"],),
+            (src.path,),
         ).fetchone()
         hashed_both = row is not None and row[5] is not None
         if hashed_both and (row[2] != row[5] or row[1] >= self.clean_before_ns):
             return  # changing while hashed: the hot fetch has it
         # One file in the copy, but not on the source: a file of its own, content kept.
-        unlinked = dst is not None and dst.get("n") and not src.get("i")
+        unlinked = dst is not None and dst.nlink and not src.inode
         if unlinked:
-            self.copy.unlink_from_others(src["p"])
+            self.copy.unlink_from_others(src.path)
         if self.same_content(src, dst, row):
-            if unlinked or any(src.get(f) != dst.get(f) for f in METADATA):
+            if unlinked or differs(src, dst, METADATA):
                 self.copy.settle(src)
-                db.execute("INSERT OR REPLACE INTO sent VALUES (?, 1)", (src["p"],))
+                db.execute("INSERT OR REPLACE INTO sent VALUES (?, 1)", (src.path,))
             return
         known = b""
-        if dst is not None and dst["k"] == "f" and hashed_both and (row[3], row[4]) == (dst["s"], dst["t"]):
+        if (
+            dst is not None
+            and dst.kind == Kind.FILE
+            and hashed_both
+            and (row[3], row[4]) == (dst.size, dst.mtime_ns)
+        ):
             known = row[6]
-        self.requests.put((src["p"], known))
+        self.requests.put((src.path, known))
 
-    def same_content(self, src, dst, row):
+    def same_content(self, src: Entry, dst: Entry | None, row):
         """Both sides hashed equal, and neither changed since: the copy's content is right.
 
         Its time may still be off: rsync sets the time it listed, and the app may have
         written between that listing and the read.
         """
-        if dst is None or dst["k"] != "f" or src["t"] >= self.clean_before_ns or row is None:
+        if dst is None or dst.kind != Kind.FILE or src.mtime_ns >= self.clean_before_ns or row is None:
             return False
-        return (row[0], row[1], row[2], row[3], row[4]) == (src["s"], src["t"], row[5], dst["s"], dst["t"])
+        return (row[0], row[1], row[2], row[3], row[4]) == (
+            src.size,
+            src.mtime_ns,
+            row[5],
+            dst.size,
+            dst.mtime_ns,
+        )
 
     def fetch(self, proc, requests, gone_ok):
         """Ask the source's agent (`proc`, see open()) for the blocks that differ, and write
@@ -428,7 +418,7 @@ class FinalPass:
             try:
                 for rel, known in requests:
                     blocks[rel] = known
-                    proc.stdin.write(json.dumps({"p": rel, "b": known.hex()}).encode() + b"\n")
+                    proc.stdin.write(delta_request(rel, known))
                     proc.stdin.flush()
                 proc.stdin.close()
             except BrokenPipeError:
@@ -439,42 +429,32 @@ class FinalPass:
 
         writer = threading.Thread(target=ask, name="fetch-requests", daemon=True)
         writer.start()
-        out = proc.stdout
         current = None
         started = time.monotonic()
         try:
-            while header := out.readline():
-                kind, _, rest = header.rstrip(b"\n").partition(b" ")
-                if kind == b"F":
-                    rel = json.loads(rest)
-                    current = self.receive(rel, blocks.pop(rel), gone_ok)
-                elif kind in (b"B", b"Z"):
-                    number, length = (int(x) for x in rest.split())
-                    if kind == b"Z":
-                        current.zero(number, length)
-                        continue
-                    data = out.read(length)
-                    if len(data) != length:
-                        raise SyncError(f"the source's answer broke off in {current.rel}")
-                    current.write(number, data)
-                    with self.counting:
-                        self.bytes_received += length
-                    self.on_progress(self.bytes_received)
-                    self.throttle(started)
-                elif kind == b"E":
-                    ok = current.finish(json.loads(rest), gone_ok)
-                    if ok is not None:
-                        db.execute("INSERT OR REPLACE INTO sent VALUES (?, ?)", (current.rel, int(ok)))
+            for answer in read_deltas(proc.stdout):
+                match answer:
+                    case FileStart(path):
+                        current = self.receive(path, blocks.pop(path), gone_ok)
+                    case Zeros(index, length):
+                        current.zero(index, length)
+                    case Block(index, data):
+                        current.write(index, data)
                         with self.counting:
-                            self.fetched += 1
-                    current = None
-                elif kind == b"X" and gone_ok:
-                    blocks.pop(json.loads(rest), None)
-                elif kind == b"X":
-                    raise SyncError(f"{json.loads(rest)} vanished from the stopped source")
-                else:
-                    detail = (header + out.read(2000)).decode("utf-8", "replace")
-                    raise SyncError(f"unexpected answer from the source: {detail[:300]}")
+                            self.bytes_received += len(data)
+                        self.on_progress(self.bytes_received)
+                        self.throttle(started)
+                    case FileEnd(entry):
+                        ok = current.finish(entry, gone_ok)
+                        if ok is not None:
+                            db.execute("INSERT OR REPLACE INTO sent VALUES (?, ?)", (current.rel, int(ok)))
+                            with self.counting:
+                                self.fetched += 1
+                        current = None
+                    case Gone(path) if gone_ok:
+                        blocks.pop(path, None)
+                    case Gone(path):
+                        raise SyncError(f"{path} vanished from the stopped source")
         finally:
             if current is not None:
                 current.abandon()
@@ -521,7 +501,7 @@ class FinalPass:
         deepest first, so that nothing changes a directory after it was settled."""
         db = self.index.db
         for (entry,) in db.execute("SELECT entry FROM final WHERE kind = 'd' ORDER BY rowid DESC"):
-            self.copy.settle(json.loads(entry))
+            self.copy.settle(Entry.from_wire(entry))
 
 
 class Receiving:
@@ -568,11 +548,11 @@ class Receiving:
         digest = ZERO_HASH if length == BLOCK else hashlib.sha256(bytes(length)).digest()[:HASH_BYTES]
         self.note(number, digest)
 
-    def finish(self, end, gone_ok=False):
+    def finish(self, end: Entry, gone_ok=False):
         """Size and metadata as the source has them; True if the digests match. With
         `gone_ok`, None if the file's directory was removed meanwhile (see receive())."""
         try:
-            self.file.truncate(end["s"])
+            self.file.truncate(end.size)
             self.file.close()
             if self.partial != self.name:
                 try:
@@ -584,8 +564,8 @@ class Receiving:
             set_metadata(self.dir_fd, self.name, end)
         finally:
             self.parent.close()
-        blocks = -(-end["s"] // BLOCK)
-        return file_digest(self.hashes[:blocks]) == end["d"]
+        blocks = -(-end.size // BLOCK)
+        return file_digest(self.hashes[:blocks]) == end.digest
 
     def abandon(self):
         self.file.close()
@@ -652,15 +632,15 @@ def set_xattrs(path, wanted):
             os.setxattr(path, name, bytes.fromhex(value), follow_symlinks=False)
 
 
-def set_metadata(dir_fd, name, entry):
+def set_metadata(dir_fd, name, entry: Entry):
     """Owner, xattrs, mode and time of an entry as the source has them, in that order: a
     change of owner clears set-id bits, and a mode set after the ACLs keeps their mask."""
     if AS_ROOT:
-        os.chown(name, entry["u"], entry["g"], dir_fd=dir_fd, follow_symlinks=False)
-    set_xattrs(leaf_path(dir_fd, name), entry.get("x", {}))
-    if entry["k"] != "l":  # a symlink's own mode is fixed
-        chmod_no_follow(dir_fd, name, entry["m"])
-    os.utime(name, ns=(entry["t"], entry["t"]), dir_fd=dir_fd, follow_symlinks=False)
+        os.chown(name, entry.uid, entry.gid, dir_fd=dir_fd, follow_symlinks=False)
+    set_xattrs(leaf_path(dir_fd, name), entry.xattrs)
+    if entry.kind != Kind.SYMLINK:  # a symlink's own mode is fixed
+        chmod_no_follow(dir_fd, name, entry.mode)
+    os.utime(name, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
 
 
 def chmod_no_follow(dir_fd, name, mode):
@@ -704,18 +684,18 @@ class Copy:
             if not not_there(e):
                 raise
 
-    def make(self, entry):
+    def make(self, entry: Entry):
         """A directory (private until settled), symlink or special file as `entry` describes."""
-        with self.parent(entry["p"]) as (fd, name):
-            if entry["k"] == "d":
+        with self.parent(entry.path) as (fd, name):
+            if entry.kind == Kind.DIRECTORY:
                 os.mkdir(name, 0o700, dir_fd=fd)
-            elif entry["k"] == "l":
-                os.symlink(entry["l"], name, dir_fd=fd)
+            elif entry.kind == Kind.SYMLINK:
+                os.symlink(entry.link, name, dir_fd=fd)
             else:
-                os.mknod(name, 0o600 | SPECIAL[entry["k"]], entry.get("r", 0), dir_fd=fd)
+                os.mknod(name, 0o600 | SPECIAL[entry.kind], entry.rdev or 0, dir_fd=fd)
 
-    def settle(self, entry):
-        with self.parent(entry["p"]) as (fd, name):
+    def settle(self, entry: Entry):
+        with self.parent(entry.path) as (fd, name):
             set_metadata(fd, name, entry)
 
     def unlink_from_others(self, rel):
@@ -747,7 +727,9 @@ def verify(target_base, index):
     db = index.db
     db.execute("DELETE FROM links")
     listing = index.connect()
-    source = (json.loads(entry) for (entry,) in listing.execute("SELECT entry FROM final ORDER BY rowid"))
+    source = (
+        Entry.from_wire(entry) for (entry,) in listing.execute("SELECT entry FROM final ORDER BY rowid")
+    )
     problems, count = [], 0
     db.execute("BEGIN")
     try:
@@ -755,8 +737,8 @@ def verify(target_base, index):
             count += 1
             if problem := entry_problem(db, src, dst):
                 problems.append(problem)
-            if src is not None and dst is not None and (src.get("i") or dst.get("i")):
-                db.execute("INSERT INTO links VALUES (?, ?, ?)", (src["p"], src.get("i"), dst.get("i")))
+            if src is not None and dst is not None and (src.inode or dst.inode):
+                db.execute("INSERT INTO links VALUES (?, ?, ?)", (src.path, src.inode, dst.inode))
     finally:
         db.execute("COMMIT")
         listing.close()
@@ -766,51 +748,51 @@ def verify(target_base, index):
     return count, problems
 
 
-def entry_problem(db, src, dst):
-    rel = (src or dst)["p"]
+def entry_problem(db, src: Entry | None, dst: Entry | None):
+    rel = (src or dst).path
     if dst is None:
         return f"{rel}: missing from the copy"
     if src is None:
         return f"{rel}: only in the copy"
-    differ = [f for f in COMPARED if src.get(f) != dst.get(f)]
+    differ = [f for f in COMPARED if getattr(src, f) != getattr(dst, f)]
     if differ:
         return f"{rel}: " + ", ".join(difference(f, src, dst) for f in differ) + " (source ≠ copy)"
-    if src["k"] != "f":
+    if src.kind != Kind.FILE:
         return None
     if not content_verified(db, src):
         return f"{rel}: content differs"
     # A sparse file stays sparse: the copy may take a little more room, not the holes.
-    if src["a"] < src["s"] and dst["a"] > src["a"] + max(BLOCK, src["s"] // 64):
+    if src.allocated < src.size and dst.allocated > src.allocated + max(BLOCK, src.size // 64):
         return (
-            f"{rel}: sparse on the source ({human_bytes(src['a'])} of {human_bytes(src['s'])} "
-            f"allocated), not in the copy ({human_bytes(dst['a'])} allocated)"
+            f"{rel}: sparse on the source ({human_bytes(src.allocated)} of {human_bytes(src.size)} "
+            f"allocated), not in the copy ({human_bytes(dst.allocated)} allocated)"
         )
     return None
 
 
-def difference(field, src, dst):
-    if field == "x":
-        theirs, ours = src.get("x", {}), dst.get("x", {})
+def difference(field, src: Entry, dst: Entry):
+    if field == "xattrs":
+        theirs, ours = src.xattrs, dst.xattrs
         names = sorted(n for n in theirs.keys() | ours.keys() if theirs.get(n) != ours.get(n))
         return f"xattrs differ ({', '.join(names)})"
-    return f"{NAMES[field]} {src.get(field)} ≠ {dst.get(field)}"
+    return f"{NAMES[field]} {getattr(src, field)} ≠ {getattr(dst, field)}"
 
 
-def content_verified(db, src):
+def content_verified(db, src: Entry):
     """Whether a file's content is known to match: its digests matched when the final pass
     sent it, or at the index with both sides unchanged since. Another name of one source
     file has the content of its first name (verify checks that they are one file)."""
-    path = src["p"]
-    if src.get("i"):
+    path = src.path
+    if src.inode:
         path = db.execute(
-            "SELECT path FROM final WHERE ino = ? ORDER BY rowid LIMIT 1", (src["i"],)
+            "SELECT path FROM final WHERE ino = ? ORDER BY rowid LIMIT 1", (src.inode,)
         ).fetchone()[0]
     if (row := db.execute("SELECT ok FROM sent WHERE path = ?", (path,)).fetchone()) is not None:
         return bool(row[0])
     row = db.execute(
         "SELECT src.digest = dst.digest FROM src JOIN dst USING (path) "
         "WHERE path = ? AND src.size = ? AND src.mtime = ? AND dst.size = ? AND dst.mtime = ?",
-        (path, src["s"], src["t"], src["s"], src["t"]),
+        (path, src.size, src.mtime_ns, src.size, src.mtime_ns),
     ).fetchone()
     return bool(row and row[0])
 

@@ -1,0 +1,5 @@
+import sys
+
+from .ops import main
+
+sys.exit(main())

@@ -1,0 +1,874 @@
+"""
+The agent's operations, its command line and its serving loop (see the package's docstring).
+"""
+
+import argparse
+import errno
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import uuid
+from urllib.parse import urlsplit
+
+from . import tree
+from .base import (
+    NAME_RE,
+    AgentError,
+    Exists,
+    Invalid,
+    NotFound,
+    agent_argv,
+    check_name,
+    check_relpath,
+    ensure_dir,
+    read_json,
+    say,
+    shorten,
+    write_json,
+    write_private,
+)
+from .cutover import Cutover
+from .grid import DEFAULT_START_SETTLE, DEFAULT_STOP_GRACE, Grid, listening, validate_manifest
+from .procs import have_proc, pid_alive, proc_stat, session_members, session_of, signal_all
+
+PASSED_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ")
+WATCH_INTERVAL = 0.2
+WATCHDOG_START_ATTEMPTS = 5
+
+
+def op_info(grid, args):
+    usage = shutil.disk_usage(grid.root) if os.path.isdir(grid.root) else None
+    apps = sorted(a for a in os.listdir(grid.apps) if NAME_RE.match(a)) if os.path.isdir(grid.apps) else []
+    writable = os.path.isdir(grid.apps) and os.access(grid.apps, os.W_OK | os.X_OK)
+    return {
+        "name": grid.config().get("name"),
+        "app_url": grid.config().get("app_url"),
+        "initialised": os.path.isfile(os.path.join(grid.root, "grid.json")),
+        "writable": writable,
+        "free_bytes": usage.free if usage else None,
+        "total_bytes": usage.total if usage else None,
+        "apps": len([a for a in apps if grid.exists(a)]),
+        "python": sys.version.split()[0],
+        "rsync": shutil.which("rsync") is not None,
+        "time": time.time(),
+    }
+
+
+def op_init(grid, args):
+    check_name(args.name, "grid")
+    current = grid.config()
+    if current.get("name") not in (None, args.name):
+        raise AgentError(
+            f"{grid.root} is already grid {current['name']!r}; refusing to call it {args.name!r}"
+        )
+    if ("{port}" in args.app_url) != (args.app_ports is not None):
+        raise Invalid("an app_url with {port} needs app_ports, and app_ports an app_url with {port}")
+    for path in (grid.root, grid.apps, grid.catalog):
+        ensure_dir(path)
+    wanted = {"format": 1, "name": args.name, "app_url": args.app_url}
+    if args.app_ports is not None:
+        wanted["app_ports"] = list(args.app_ports)
+    changed = current != wanted
+    if changed:
+        write_json(os.path.join(grid.root, "grid.json"), wanted)
+    return {"changed": changed}
+
+
+def op_list(grid, args):
+    if not os.path.isdir(grid.apps):
+        return []
+    apps = []
+    for name in sorted(os.listdir(grid.apps)):
+        if NAME_RE.match(name) and grid.exists(name):
+            apps.append({"name": name, "state": safe_state(grid, name)})
+    return apps
+
+
+def safe_state(grid, app):
+    try:
+        return grid.state(app)
+    except (OSError, ValueError, KeyError):
+        return "unknown"
+
+
+def op_state(grid, args):
+    if not grid.exists(args.app):
+        raise NotFound(f"app {args.app!r} does not exist on this grid")
+    return grid.state(args.app)
+
+
+def tree_size(path):
+    total = files = 0
+    for dirpath, _dirnames, filenames in os.walk(path):
+        for name in filenames:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except FileNotFoundError:
+                continue
+            total += st.st_size
+            files += 1
+    return total, files
+
+
+def op_describe(grid, args):
+    manifest = grid.manifest(args.app)
+    app_dir = grid.app_dir(args.app)
+    volumes = []
+    for name in manifest["volumes"]:
+        path = os.path.join(app_dir, "volumes", name)
+        size, files = tree_size(path) if args.sizes else (None, None)
+        volumes.append({"name": name, "path": path, "bytes": size, "files": files})
+    components = [
+        {"name": c["name"], "pid": grid.component_pid(args.app, c["name"]), "command": c["command"]}
+        for c in manifest["components"]
+    ]
+    return {
+        "name": args.app,
+        "state": grid.state(args.app),
+        "path": app_dir,
+        "volumes_dir": os.path.join(app_dir, "volumes"),
+        "url": grid.app_url(args.app, manifest),
+        "manifest": manifest,
+        "volumes": volumes,
+        "components": components,
+    }
+
+
+def make_app(grid, app, manifest, fill_volume=None):
+    """Write an app's directories, then its manifest last: the manifest makes it exist. A
+    grid that gives each app a port gives this one the lowest free one."""
+    fd = grid.grid_lock()
+    try:
+        port = grid.assign_port(app) if not grid.exists(app) else None
+        if port is not None:
+            manifest = dict(manifest, port=port)
+        write_app(grid, app, manifest, fill_volume)
+    finally:
+        os.close(fd)
+
+
+def write_app(grid, app, manifest, fill_volume):
+    if grid.exists(app):
+        raise Exists(f"app {app!r} already exists on this grid")
+    ensure_dir(grid.apps)
+    app_dir = ensure_dir(grid.app_dir(app))
+    for sub in ("run", "logs", "volumes"):
+        ensure_dir(os.path.join(app_dir, sub))
+    ensure_dir(os.path.join(app_dir, "secrets"), 0o700)
+    os.chmod(os.path.join(app_dir, "secrets"), 0o700)
+    for volume in manifest["volumes"]:
+        path = ensure_dir(os.path.join(app_dir, "volumes", volume))
+        if fill_volume:
+            fill_volume(volume, path)
+    write_json(os.path.join(app_dir, "state.json"), {"desired": "stopped"})
+    write_json(os.path.join(app_dir, "app.json"), dict(manifest, name=app))
+
+
+def op_create(grid, args):
+    check_name(args.app)
+    template_dir = os.path.join(grid.catalog, check_name(args.template, "template"))
+    try:
+        template = validate_manifest(read_json(os.path.join(template_dir, "manifest.json")))
+    except FileNotFoundError:
+        raise AgentError(f"template {args.template!r} is not in this grid's catalog") from None
+    props = dict(template["properties"])
+    for item in args.property or []:
+        key, sep, value = item.partition("=")
+        if not sep or key not in props:
+            known = ", ".join(sorted(props)) or "none"
+            raise AgentError(f"template {args.template!r} has no property {key!r} (known: {known})")
+        props[key] = value
+    missing = sorted(k for k, v in props.items() if v is None)
+    if missing:
+        raise AgentError(f"template {args.template!r} needs properties: {', '.join(missing)}")
+    # Who created it: clean-up removes an app only if its owner is the job cleaning up.
+    manifest = validate_manifest(dict(template, template=args.template, properties=props, owner=args.owner))
+
+    def fill(volume, path):
+        source = os.path.join(template_dir, "volumes", volume)
+        if os.path.isdir(source):
+            shutil.copytree(source, path, symlinks=True, dirs_exist_ok=True)
+
+    make_app(grid, args.app, manifest, fill)
+    return {"created": args.app}
+
+
+def op_define(grid, args):
+    check_name(args.app)
+    try:
+        manifest = json.loads(args.manifest)
+    except json.JSONDecodeError as e:
+        raise AgentError(f"manifest is not valid JSON: {e}") from None
+    if isinstance(manifest, dict):
+        # Who defined it: clean-up removes an app only if its owner is the job cleaning up.
+        manifest["owner"] = args.owner
+    make_app(grid, args.app, validate_manifest(manifest))
+    return {"defined": args.app}
+
+
+def start_component(grid, app, manifest, component):
+    app_dir = grid.app_dir(app)
+    config = grid.config()
+    env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
+    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    env.update(
+        MIG_GRID=config.get("name", ""),
+        MIG_APP=app,
+        MIG_APP_URL=grid.app_url(app, manifest),
+    )
+    name = component["name"]
+    for key, value in component.get("env", {}).items():
+        env[key] = grid.expand(app, manifest, value, name)
+    # What the component is told, for an operator who runs a command as it would
+    # (`set -a; . run/NAME.env`): the grid's variables and the manifest's, no secrets.
+    own = {k: v for k, v in env.items() if k.startswith("MIG_") or k in component.get("env", {})}
+    env_text = "".join(f"{k}={shlex.quote(v)}\n" for k, v in sorted(own.items()))
+    write_private(os.path.join(app_dir, "run", f"{name}.env"), env_text.encode())
+    command = [grid.expand(app, manifest, a, name) for a in component["command"]]
+    cwd = grid.expand(app, manifest, component.get("cwd", "{app_dir}"), name)
+    if component.get("restarts"):
+        # A supervisor runs it, and runs it again if it dies (see op_supervise).
+        command = agent_argv(grid.root, "supervise", app, name)
+    log_path = os.path.join(app_dir, "logs", f"{name}.log")
+    with open(log_path, "ab") as log:
+        log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting {name}\n".encode())
+        log.flush()
+        try:
+            # Its own session: the component outlives this agent and the SSH connection,
+            # and stop can find everything it spawned.
+            proc = subprocess.Popen(
+                command,
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as e:
+            raise AgentError(f"component {name!r} cannot start {command[0]!r}: {e.strerror}") from None
+    info = proc_stat(proc.pid) if have_proc() else None
+    with open(grid.pidfile(app, name), "w") as f:
+        f.write(f"{proc.pid} {info[2] if info else 0}\n")
+    return proc
+
+
+def log_tail(grid, app, component, lines=5):
+    path = os.path.join(grid.app_dir(app), "logs", f"{component}.log")
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - 4096))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return " | ".join(text.strip().splitlines()[-lines:])
+
+
+def op_start(grid, args):
+    manifest = grid.manifest(args.app)
+    fd = grid.lock(args.app)
+    try:
+        if refusal := Cutover(grid, args.app).start_refusal():
+            raise AgentError(refusal)
+        grid.set_state(args.app, "running", op="starting")
+        started = []
+        try:
+            for component in manifest["components"]:
+                if grid.component_pid(args.app, component["name"]) is None:
+                    proc = start_component(grid, args.app, manifest, component)
+                    started.append((component["name"], proc))
+        except AgentError:
+            stop_app(grid, args.app, manifest, grace=2.0, force=True)
+            grid.set_state(args.app, "running")
+            raise
+        # Started means: still up after the manifest's settle time; or, with --listen,
+        # listening where the grid publishes the app (within --timeout), the sooner and
+        # surer sign for an app that serves. Not listening by then is reported, not fatal: a
+        # proxy may front the app.
+        url = urlsplit(grid.app_url(args.app, manifest)) if args.listen else None
+        listen = (
+            (url.hostname, url.port or (443 if url.scheme == "https" else 80))
+            if url and url.hostname
+            else None
+        )
+        wait = args.timeout if listen else float(manifest.get("start_settle", DEFAULT_START_SETTLE))
+        deadline = time.monotonic() + (wait if started else 0)
+        listens = None
+        while True:
+            dead = [(n, p) for n, p in started if p.poll() is not None]
+            if dead:
+                break
+            if listen and listening(*listen):
+                listens = True
+                break
+            if time.monotonic() >= deadline:
+                listens = False if listen else None
+                break
+            time.sleep(0.02)
+        if dead:
+            name, proc = dead[0]
+            stop_app(grid, args.app, manifest, grace=2.0, force=True)
+            grid.set_state(args.app, "running")
+            raise AgentError(
+                f"component {name!r} exited at start with status {proc.returncode}: "
+                f"{log_tail(grid, args.app, name) or 'no output'}"
+            )
+        grid.set_state(args.app, "running")
+        return {"started": [n for n, _ in started], "listening": listens}
+    finally:
+        os.close(fd)
+
+
+def stop_app(grid, app, manifest, grace, force):
+    """SIGTERM every component's session, wait, then SIGKILL only if forced."""
+    leaders = {}
+    for c in manifest["components"]:
+        pid = grid.component_pid(app, c["name"])
+        if pid is not None:
+            leaders[c["name"]] = pid
+    members = {name: session_members(session_of(pid)) or [pid] for name, pid in leaders.items()}
+    for pids in members.values():
+        signal_all(pids, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    # Polled often: the app is down from the signal on, and a migration waits for the end.
+    while time.monotonic() < deadline and any(pid_alive(p) for ps in members.values() for p in ps):
+        time.sleep(0.01)
+    survivors = {n: [p for p in ps if pid_alive(p)] for n, ps in members.items()}
+    survivors = {n: ps for n, ps in survivors.items() if ps}
+    if survivors and force:
+        for pids in survivors.values():
+            signal_all(pids, signal.SIGKILL)
+        end = time.monotonic() + 5
+        while time.monotonic() < end and any(pid_alive(p) for ps in survivors.values() for p in ps):
+            time.sleep(0.05)
+        survivors = {n: [p for p in ps if pid_alive(p)] for n, ps in survivors.items()}
+        survivors = {n: ps for n, ps in survivors.items() if ps}
+    for name in leaders:
+        if name not in survivors:
+            try:
+                os.unlink(grid.pidfile(app, name))
+            except FileNotFoundError:
+                pass
+    return survivors
+
+
+def op_stop(grid, args):
+    manifest = grid.manifest(args.app)
+    fd = grid.lock(args.app)
+    try:
+        grid.set_state(args.app, "stopped", op="stopping")
+        grace = args.grace
+        if grace is None:
+            grace = float(manifest.get("stop_grace", DEFAULT_STOP_GRACE))
+        survivors = stop_app(grid, args.app, manifest, grace, args.force)
+        if survivors:
+            # Still partly running: say so instead of pretending it stopped.
+            grid.set_state(args.app, "running")
+            names = ", ".join(f"{n} (pid {ps[0]})" for n, ps in survivors.items())
+            raise AgentError(f"app {args.app!r} did not stop within {grace:g}s of SIGTERM: {names}")
+        grid.set_state(args.app, "stopped")
+        return {"stopped": args.app}
+    finally:
+        os.close(fd)
+
+
+def op_destroy(grid, args):
+    """Remove an app with its data. With --owner, only if the app is that owner's (see
+    op_define): otherwise it is kept, and the answer says so."""
+    app_dir = grid.app_dir(args.app)
+    if not os.path.isdir(app_dir):
+        return {"existed": False, "leftovers": [], "kept": False}
+    existed = grid.exists(args.app)
+    if existed:
+        fd = grid.lock(args.app)
+        try:
+            if args.owner is not None and grid.manifest(args.app).get("owner", "") != args.owner:
+                return {"existed": True, "leftovers": [], "kept": True}
+            survivors = stop_app(grid, args.app, grid.manifest(args.app), grace=5.0, force=True)
+            if survivors:
+                raise AgentError(f"app {args.app!r}: processes survived SIGKILL: {survivors}")
+            # The app stops existing the moment its manifest goes, even if some data lingers.
+            os.unlink(os.path.join(app_dir, "app.json"))
+        finally:
+            os.close(fd)
+    leftovers = []
+
+    def note(function, path, excinfo):
+        leftovers.append(f"{path}: {excinfo[1].strerror if hasattr(excinfo[1], 'strerror') else excinfo[1]}")
+
+    shutil.rmtree(app_dir, onerror=note)
+    return {"existed": existed, "leftovers": leftovers, "kept": False}
+
+
+def safe_members(tar):
+    for member in tar.getmembers():
+        name = os.path.normpath(member.name)
+        if os.path.isabs(name) or name.split("/")[0] == ".." or member.isdev():
+            raise AgentError(f"template archive has an unsafe member {member.name!r}")
+        if member.issym() or member.islnk():
+            raise AgentError(f"template archive has a link {member.name!r}")
+        yield member
+
+
+TEMPORARY_ARCHIVE_RE = re.compile(r"^tmp-[0-9a-f]{32}\.tar\.gz\Z")
+VERSION_RE = re.compile(r"^[A-Za-z0-9._+-]{1,64}\Z")
+
+
+def temporary_archive(grid, path):
+    """An archive MIG put in the grid's own directory for this operation, which deletes it:
+    nothing else may be named, so the agent never deletes anything of anyone else's."""
+    if os.path.dirname(path) != os.path.join(grid.root, ".mig") or not TEMPORARY_ARCHIVE_RE.match(
+        os.path.basename(path)
+    ):
+        raise Invalid(f"invalid archive {shorten(path)}: only MIG's own <root>/.mig/tmp-*.tar.gz")
+    return path
+
+
+def op_install_template(grid, args):
+    name = check_name(args.template, "template")
+    archive = temporary_archive(grid, args.archive)
+    if not VERSION_RE.match(args.version):
+        raise Invalid(f"invalid version {shorten(args.version)}")
+    ensure_dir(grid.catalog)
+    final = os.path.join(grid.catalog, name)
+    staging = os.path.join(grid.catalog, f".{name}.{uuid.uuid4().hex}")
+    try:
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(staging, members=safe_members(tar))
+        except (tarfile.ReadError, EOFError) as e:
+            free = shutil.disk_usage(grid.root).free
+            cause = f"the grid's disk is full ({free} bytes free)" if free < 1 << 20 else "it was damaged"
+            raise AgentError(f"template {name!r}: the archive cannot be read, {cause}: {e}") from None
+        validate_manifest(read_json(os.path.join(staging, "manifest.json")))
+        with open(os.path.join(staging, "VERSION"), "w") as f:
+            f.write(args.version + "\n")
+        old = None
+        if os.path.isdir(final):
+            old = f"{staging}.old"
+            os.rename(final, old)
+        os.rename(staging, final)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        os.unlink(archive)
+    return {"installed": name, "version": args.version}
+
+
+def op_template_version(grid, args):
+    path = os.path.join(grid.catalog, check_name(args.template, "template"), "VERSION")
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return None
+
+
+def open_app_file(grid, app, relpath):
+    """A regular file of an app's, reached with no symlink followed (see parent_dir);
+    FileNotFoundError if there is none."""
+    try:
+        with tree.parent_dir(grid.app_dir(app), check_relpath(relpath)) as (dir_fd, name):
+            return tree.open_regular(name, dir_fd)
+    except OSError as e:
+        if tree.not_there(e):
+            raise FileNotFoundError(errno.ENOENT, "no such file", relpath) from None
+        raise
+
+
+def op_read(grid, args):
+    try:
+        with open_app_file(grid, args.app, args.path) as f:
+            f.seek(args.offset)
+            data = f.read(args.limit)
+    except FileNotFoundError:
+        return {"data": "", "offset": args.offset, "exists": False}
+    return {"data": data.decode("utf-8", "replace"), "offset": args.offset + len(data), "exists": True}
+
+
+def op_follow(grid, args):
+    """Print a file's lines as they are appended, until its app stops running."""
+    offset = args.offset
+    pending = b""
+    deadline = time.monotonic() + args.max_time
+    while time.monotonic() < deadline:
+        try:
+            with open_app_file(grid, args.app, args.path) as f:
+                f.seek(offset)
+                data = f.read()
+        except FileNotFoundError:
+            data = b""
+        if data:
+            offset += len(data)
+            pending += data
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                sys.stdout.buffer.write(line + b"\n")
+            sys.stdout.flush()
+            continue
+        if not grid.exists(args.app) or safe_state(grid, args.app) not in ("running", "starting"):
+            break
+        time.sleep(0.2)
+    return None
+
+
+# --- supervised components ---------------------------------------------------------------
+
+RESTART_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0)
+
+
+def op_supervise(grid, args):
+    """Run one component, and start it again each time it dies, at most its `restarts` times.
+
+    The supervisor is the component's session leader (its pid is the one in the pid file), so
+    a stop signals both: then the supervisor restarts nothing, waits for the component and
+    leaves with its status. A component that exits with status 0 is done, not dead.
+    """
+    manifest = grid.manifest(args.app)
+    component = next((c for c in manifest["components"] if c["name"] == args.component), None)
+    if component is None:
+        raise NotFound(f"app {args.app!r} has no component {args.component!r}")
+    name = component["name"]
+    command = [grid.expand(args.app, manifest, a, name) for a in component["command"]]
+    cwd = grid.expand(args.app, manifest, component.get("cwd", "{app_dir}"), name)
+    limit = int(component.get("restarts", 0))
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
+    restarts = 0
+    while True:
+        # Its output goes where the supervisor's goes: the component's log.
+        child = subprocess.Popen(command, cwd=cwd, stdin=subprocess.DEVNULL, close_fds=True)
+        status = child.wait()
+        if stopping or status == 0:
+            sys.exit(0 if stopping else status)
+        if restarts >= limit:
+            say(f"{name} exited with status {status}; restarted {restarts} time(s) already: giving up")
+            sys.exit(status if 0 < status < 256 else 1)
+        delay = RESTART_DELAYS[min(restarts, len(RESTART_DELAYS) - 1)]
+        restarts += 1
+        say(f"{name} exited with status {status}; restart {restarts} of {limit} in {delay:g}s")
+        deadline = time.monotonic() + delay
+        while time.monotonic() < deadline and not stopping:
+            time.sleep(0.05)
+        if stopping:
+            sys.exit(0)
+
+
+def op_watchdog(grid, args):
+    """Roll back a cut-over whose helper went silent before its decision was carried out.
+
+    Claims rollback once the heartbeat is older than the record's timeout. If rollback holds
+    (or the job is a snapshot, whose source restarts either way), starts the source app; if a
+    migration's commit holds, the target side goes on, and it leaves the source alone.
+    """
+    cut = Cutover(grid, args.app)
+    say(f"watching the cut-over of {args.app} (pid {os.getpid()})")
+    while True:
+        state = cut.state()
+        if state is None or state["job"] != args.job:
+            say("the record is gone or belongs to another job: leaving")
+            return
+        if state["closed"]:
+            say("the helper carried out the decision: leaving")
+            return
+        age = state["heartbeat_age"]
+        if age is None or age > state["timeout"]:
+            break
+        time.sleep(WATCH_INTERVAL)
+    silent = "no heartbeat" if age is None else f"no heartbeat for {age:.0f}s"
+    state = cut.claim(args.job, "rollback", "watchdog", f"the helper gave no sign of life ({silent})")
+    say(f"{silent}: the decision is {state['decision']} (by {state['decided_by']})")
+    if state["decision"] == "commit" and state["action"] == "migrate" and not state["abandoned"]:
+        say("committed: the target is the app now; not starting the source")
+        return
+    start = parser().parse_args([grid.root, "start", args.app])
+    for attempt in range(1, WATCHDOG_START_ATTEMPTS + 1):
+        try:
+            op_start(grid, start)
+            say(f"started {args.app}")
+            return
+        except (AgentError, OSError) as e:
+            say(f"could not start {args.app} (attempt {attempt}): {e}")
+        finally:
+            grid.end_ops()
+        time.sleep(RESTART_DELAYS[min(attempt - 1, len(RESTART_DELAYS) - 1)])
+    sys.exit(1)
+
+
+def op_cutover(grid, args):
+    """The cut-over record operations; each answers the record's state (see Cutover)."""
+    cut = Cutover(grid, args.app)
+    if args.op == "cutover-read":
+        return cut.state()
+    grid.manifest(args.app)  # the app must exist
+    if args.op == "cutover-arm":
+        if args.action not in ("migrate", "snapshot"):
+            raise Invalid(f"invalid action {args.action!r}")
+        fd = grid.lock(args.app)
+        try:
+            return cut.arm(args.job, args.job_id, args.action, args.target, args.timeout)
+        finally:
+            os.close(fd)
+    if args.op == "cutover-beat":
+        cut.beat(args.job)
+        return {"beat": True}
+    if args.op == "cutover-claim":
+        fd = grid.lock(args.app)  # a claim and a start's check never interleave
+        try:
+            return cut.claim(args.job, args.decision, args.by, args.reason)
+        finally:
+            os.close(fd)
+    if args.op == "cutover-abandon":
+        return cut.abandon(args.job, args.by, args.reason)
+    if args.op == "cutover-close":
+        return cut.close(args.job)
+    return {"cleared": cut.clear(args.job)}
+
+
+# --- copying and verifying trees ----------------------------------------------------------
+#
+# The helper copies with rsync while the app runs; these functions serve the final pass,
+# after the app stopped, and the verification. A file is hashed in blocks of BLOCK bytes
+# (sha256, cut to 16 bytes); its digest is the sha256 of its block hashes, so either side
+
+
+# --- the final pass's listing and deltas (see tree.py) ------------------------------------
+
+
+def volumes_dir(grid, app):
+    grid.manifest(app)
+    return os.path.join(grid.app_dir(app), "volumes")
+
+
+def op_scan(grid, args):
+    """Every entry of an app's volumes, one line each; --hashes adds block hashes.
+
+    --wait: first wait for a line on stdin (and list nothing if it closes instead), so the
+    listing can be set up before the app stops and begin the moment it has.
+    """
+    base = volumes_dir(grid, args.app)
+    if args.wait and not sys.stdin.readline():
+        return
+    tree.scan(base, sys.stdout.write, hashes=args.hashes)
+    sys.stdout.flush()
+
+
+def op_delta(grid, args):
+    """The blocks of files that differ from what the other side has (see tree.py)."""
+    base = volumes_dir(grid, args.app)
+    out = sys.stdout.buffer
+    tree.widen_pipe(out)
+    tree.send_deltas(base, sys.stdin.buffer, out, check_relpath)
+
+
+STREAMING = ("follow", "scan", "delta", "supervise", "watchdog")
+CUTOVER_OPS = ("cutover-arm", "cutover-beat", "cutover-claim", "cutover-abandon", "cutover-close")
+CUTOVER_OPS += ("cutover-read", "cutover-clear")
+
+OPERATIONS = {
+    "info": op_info,
+    "init": op_init,
+    "list": op_list,
+    "state": op_state,
+    "describe": op_describe,
+    "create": op_create,
+    "define": op_define,
+    "start": op_start,
+    "stop": op_stop,
+    "destroy": op_destroy,
+    "install-template": op_install_template,
+    "template-version": op_template_version,
+    "read": op_read,
+    "follow": op_follow,
+    "scan": op_scan,
+    "delta": op_delta,
+    "supervise": op_supervise,
+    "watchdog": op_watchdog,
+    **dict.fromkeys(CUTOVER_OPS, op_cutover),
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """Bad arguments are an answer like any other error, not an exit: `serve` goes on.
+    No --help either, which would print into the answers: this module's docstring is it."""
+
+    def __init__(self, **kwargs):
+        super().__init__(add_help=False, **kwargs)
+
+    def error(self, message):
+        raise AgentError(f"{self.prog}: {message}")
+
+
+def number(low, high, kind=float):
+    """An argument type: a finite number from `low` to `high`."""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:  # NaN compares false: refused too
+            raise argparse.ArgumentTypeError(f"must be a number from {low} to {high}, not {shorten(text)}")
+        return value
+
+    return parse
+
+
+SECONDS = number(0.0, 7 * 86400.0)
+OFFSET = number(0, 1 << 62, int)
+
+
+def port_range(text):
+    """An argument type: "LOW-HIGH", ports from 1 to 65535, LOW <= HIGH."""
+    low, sep, high = text.partition("-")
+    try:
+        low, high = int(low), int(high)
+    except ValueError:
+        low = high = 0
+    if not sep or not 1 <= low <= high <= 65535:
+        raise argparse.ArgumentTypeError(f"must be LOW-HIGH, ports from 1 to 65535, not {shorten(text)}")
+    return low, high
+
+
+def parser():
+    p = Parser(prog="hostgrid-agent")
+    p.add_argument("root")
+    sub = p.add_subparsers(dest="op", required=True, parser_class=Parser)
+    sub.add_parser("serve")
+    sub.add_parser("info")
+    s = sub.add_parser("init")
+    s.add_argument("--name", required=True)
+    s.add_argument("--app-url", default="")
+    s.add_argument("--app-ports", type=port_range)
+    sub.add_parser("list")
+    sub.add_parser("state").add_argument("app")
+    s = sub.add_parser("destroy")
+    s.add_argument("app")
+    s.add_argument("--owner")
+    s = sub.add_parser("start")
+    s.add_argument("app")
+    s.add_argument("--listen", action="store_true")
+    s.add_argument("--timeout", type=SECONDS, default=60.0)
+    s = sub.add_parser("describe")
+    s.add_argument("app")
+    s.add_argument("--sizes", action="store_true")
+    s = sub.add_parser("stop")
+    s.add_argument("app")
+    s.add_argument("--grace", type=SECONDS)
+    s.add_argument("--force", action="store_true")
+    s = sub.add_parser("create")
+    s.add_argument("app")
+    s.add_argument("--template", required=True)
+    s.add_argument("--property", action="append")
+    s.add_argument("--owner", default="")
+    s = sub.add_parser("define")
+    s.add_argument("app")
+    s.add_argument("--manifest", required=True)
+    s.add_argument("--owner", default="")
+    s = sub.add_parser("install-template")
+    s.add_argument("template")
+    s.add_argument("--archive", required=True)
+    s.add_argument("--version", required=True)
+    sub.add_parser("template-version").add_argument("template")
+    s = sub.add_parser("read")
+    s.add_argument("app")
+    s.add_argument("path")
+    s.add_argument("--offset", type=OFFSET, default=0)
+    s.add_argument("--limit", type=number(0, 16 << 20, int), default=1 << 20)
+    s = sub.add_parser("follow")
+    s.add_argument("app")
+    s.add_argument("path")
+    s.add_argument("--offset", type=OFFSET, default=0)
+    s.add_argument("--max-time", type=SECONDS, default=86400.0)
+    s = sub.add_parser("scan")
+    s.add_argument("app")
+    s.add_argument("--hashes", action="store_true")
+    s.add_argument("--wait", action="store_true")
+    sub.add_parser("delta").add_argument("app")
+    s = sub.add_parser("supervise")
+    s.add_argument("app")
+    s.add_argument("component")
+    s = sub.add_parser("watchdog")
+    s.add_argument("app")
+    s.add_argument("--job", required=True)
+    for op in CUTOVER_OPS:
+        s = sub.add_parser(op)
+        s.add_argument("app")
+        if op != "cutover-read":
+            s.add_argument("--job", required=True)
+    s = sub.choices["cutover-arm"]
+    s.add_argument("--job-id", type=number(1, 1 << 62, int), required=True)
+    s.add_argument("--action", required=True)
+    s.add_argument("--target", required=True)
+    s.add_argument("--timeout", type=SECONDS, required=True)
+    for op in ("cutover-claim", "cutover-abandon"):
+        sub.choices[op].add_argument("--by", required=True)
+        sub.choices[op].add_argument("--reason", default="")
+    sub.choices["cutover-claim"].add_argument("--decision", required=True)
+    return p
+
+
+MESSAGE_LIMIT = 1000
+
+
+def shortened(message):
+    return message if len(message) <= MESSAGE_LIMIT else message[: MESSAGE_LIMIT - 1] + "…"
+
+
+def answer(argv, served=False):
+    """Do one operation; its JSON answer, or None once a streaming one has written its own."""
+    grid = args = None
+    try:
+        args = parser().parse_args(argv)
+        if args.op == "serve" or (served and args.op in STREAMING):
+            raise AgentError(f"{args.op} cannot be asked of a serving agent")
+        grid = Grid(args.root)
+        result = OPERATIONS[args.op](grid, args)
+    except AgentError as e:
+        return {"ok": False, "error": e.kind, "message": shortened(str(e))}
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        message = f"{errno.errorcode.get(e.errno, 'error')} {e.strerror}{where}"
+        return {"ok": False, "error": "OperationFailed", "message": shortened(message)}
+    except Exception as e:  # a request nobody foresaw: an answer, and the agent serves on
+        message = f"{args.op if args else 'request'} failed: {type(e).__name__}: {e}"
+        return {"ok": False, "error": "OperationFailed", "message": shortened(message)}
+    finally:
+        if grid is not None:
+            grid.end_ops()
+    return None if args.op in STREAMING else {"ok": True, "result": result}
+
+
+def serve(root):
+    """Answer operations read from stdin until it closes (see the module's docstring)."""
+    for line in sys.stdin.buffer:  # bytes: a line that is not UTF-8 is a bad request, not an end
+        try:
+            request = json.loads(line)
+            if not isinstance(request, list) or not all(isinstance(a, str) for a in request):
+                raise ValueError("a request is a JSON list of strings")
+            reply = answer([root, *request], served=True)
+        except (ValueError, RecursionError) as e:
+            reply = {"ok": False, "error": "OperationFailed", "message": shortened(f"bad request: {e}")}
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+    return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[1:2] == ["serve"]:
+        return serve(argv[0])
+    reply = answer(argv)
+    if reply is not None:
+        print(json.dumps(reply))
+        return 0 if reply["ok"] else 1
+    return 0

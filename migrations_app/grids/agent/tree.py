@@ -1,0 +1,495 @@
+"""
+The tree-sync protocol, both sides of it: how an app's volumes are listed, hashed and sent
+block by block, and how the other side reads what it is sent.
+
+The helper copies with rsync while the app runs; this protocol serves the final pass, after
+the app stopped, and the verification (see helper/sync.py, which drives it):
+
+    scan     the source's agent lists every entry of the app's volumes, one `Entry` per
+             line (with `hashes`, a file's block hashes and digest too);
+    deltas   the source's agent reads requests, one per line (a path and the block hashes
+             the copy has of it), and answers with the blocks that differ.
+
+A file is hashed in blocks of BLOCK bytes (sha256, cut to HASH_BYTES); its digest is the
+sha256 of its block hashes, so either side can compute it from blocks it already hashed,
+without reading the file twice.
+
+The app shaped the trees, and any name in them may be a symlink to anywhere, or become one
+at any moment while the app runs. So nothing under them is reached by a path the kernel
+resolves: each directory on the way is opened with O_NOFOLLOW, and the last name is used
+relative to its directory's descriptor, without following it.
+
+Standard library only: this module runs in the grid's agent, on grid hosts that have only
+Python.
+"""
+
+import enum
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import stat
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+BLOCK = 64 * 1024
+HASH_BYTES = 16
+ZEROS = bytes(BLOCK)
+
+
+class SyncError(Exception):
+    """The other side of the protocol failed, or answered what the protocol does not allow."""
+
+
+# --- paths under an app's volumes: no symlink followed -----------------------------------
+
+DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# What opening a path whose directories are not all real directories fails with.
+NOT_THERE = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
+
+
+def not_there(error):
+    """Whether an OSError means the path is gone, or leads through something not a directory."""
+    return isinstance(error, OSError) and error.errno in NOT_THERE
+
+
+class parent_dir:
+    """`with parent_dir(base, rel) as (fd, name)`: the directory holding `rel` under `base`,
+    opened one real directory at a time; OSError (see NOT_THERE) where one is not."""
+
+    def __init__(self, base, rel):
+        *self.dirs, self.name = rel.split("/")
+        self.base = base
+        self.fd = None
+
+    def open(self):
+        self.fd = os.open(self.base, DIRECTORY)
+        try:
+            for name in self.dirs:
+                inner = os.open(name, DIRECTORY, dir_fd=self.fd)
+                os.close(self.fd)
+                self.fd = inner
+        except BaseException:
+            self.close()
+            raise
+        return self.fd, self.name
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self.open()
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_regular(name, dir_fd, flags=os.O_RDONLY, mode=0o600):
+    """A regular file `name` in the directory `dir_fd`, opened without following a symlink
+    (and without blocking on a fifo), as a file object. FileNotFoundError if it is not a
+    regular file."""
+    # Look before opening: opening a device may do something by itself (a tape rewinds).
+    try:
+        found = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        if not flags & os.O_CREAT:
+            raise
+    else:
+        if not stat.S_ISREG(found.st_mode):
+            raise FileNotFoundError(errno.ENOENT, "not a regular file", name)
+    flags |= os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    fd = os.open(name, flags, mode, dir_fd=dir_fd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # replaced between the look and the open
+        os.close(fd)
+        raise FileNotFoundError(errno.ENOENT, "not a regular file", name)
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "r+b" if flags & os.O_RDWR else "wb" if flags & os.O_WRONLY else "rb")
+
+
+def leaf_path(dir_fd, name):
+    """A path to `name` in `dir_fd` for the calls that take no descriptor (the xattr ones):
+    through /proc, so no directory on the way is looked up again. Use it only with
+    follow_symlinks=False."""
+    return f"/proc/self/fd/{dir_fd}/{name}"
+
+
+def tree_entries(base):
+    """(relative path, lstat, descriptor of its directory, name) of everything under `base`,
+    depth first, names sorted at each level: the order of sort_key(), which both sides share.
+    The descriptor is good until the next entry is taken. Only real directories are entered.
+    Memory stays flat: one listing per directory level at a time."""
+    try:
+        root = os.open(base, DIRECTORY)
+    except FileNotFoundError:
+        return
+    stack = [("", root, iter(sorted(os.listdir(root))))]
+    try:
+        while stack:
+            rel_dir, fd, names = stack[-1]
+            name = next(names, None)
+            if name is None:
+                os.close(fd)
+                stack.pop()
+                continue
+            rel = f"{rel_dir}/{name}" if rel_dir else name
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:  # removed while the app runs
+                continue
+            yield rel, st, fd, name
+            if stat.S_ISDIR(st.st_mode):
+                try:
+                    inner = os.open(name, DIRECTORY, dir_fd=fd)
+                except OSError as e:
+                    if not not_there(e):
+                        raise
+                    continue  # removed, or replaced by a symlink, while the app runs
+                stack.append((rel, inner, iter(sorted(os.listdir(inner)))))
+    finally:
+        for _, fd, _ in stack:
+            os.close(fd)
+
+
+def sort_key(rel):
+    """The order tree_entries() yields paths in: depth-first, names sorted at each level."""
+    return rel.split("/")
+
+
+# --- entries ----------------------------------------------------------------------------
+
+
+class Kind(enum.StrEnum):
+    FILE = "f"
+    DIRECTORY = "d"
+    SYMLINK = "l"
+    FIFO = "p"
+    SOCKET = "s"
+    CHAR_DEVICE = "c"
+    BLOCK_DEVICE = "b"
+
+
+KINDS = {
+    stat.S_IFREG: Kind.FILE,
+    stat.S_IFDIR: Kind.DIRECTORY,
+    stat.S_IFLNK: Kind.SYMLINK,
+    stat.S_IFIFO: Kind.FIFO,
+    stat.S_IFSOCK: Kind.SOCKET,
+    stat.S_IFCHR: Kind.CHAR_DEVICE,
+    stat.S_IFBLK: Kind.BLOCK_DEVICE,
+}
+# The file type of each kind that is neither a file, a directory nor a symlink.
+SPECIAL = {v: k for k, v in KINDS.items() if v in ("p", "s", "c", "b")}
+# Extended attributes a copy keeps and verify compares: every namespace but security.*,
+# whose labels belong to the host's policy. POSIX ACLs are system.posix_acl_* attributes.
+XATTR_SKIPPED = ("security.",)
+
+
+@dataclass(slots=True)
+class Entry:
+    """A file system entry as both sides of a copy describe it."""
+
+    path: str  # relative to the volumes directory
+    kind: Kind
+    mode: int  # permission bits
+    uid: int
+    gid: int
+    mtime_ns: int
+    size: int | None = None  # files
+    allocated: int | None = None  # files: bytes the file system holds for it (sparse: fewer)
+    link: str | None = None  # symlinks: the target, never followed
+    rdev: int | None = None  # devices
+    xattrs: dict[str, str] = field(default_factory=dict)  # name: value as hex
+    inode: str | None = None  # files with more than one name: "device:inode"
+    nlink: int | None = None  # likewise: how many names
+    digest: str | None = None  # hashed files, and the end of a file sent
+    blocks: bytes | None = None  # hashed files: the block hashes, HASH_BYTES each
+    ctime_ns: int | None = None  # hashed files: the change time once read
+
+    # On the wire, one letter per field: a listing of millions of entries stays small.
+    WIRE = {
+        "path": "p",
+        "kind": "k",
+        "mode": "m",
+        "uid": "u",
+        "gid": "g",
+        "mtime_ns": "t",
+        "size": "s",
+        "allocated": "a",
+        "link": "l",
+        "rdev": "r",
+        "xattrs": "x",
+        "inode": "i",
+        "nlink": "n",
+        "digest": "d",
+        "blocks": "b",
+        "ctime_ns": "c",
+    }
+
+    def to_wire(self) -> str:
+        data = {}
+        for name, key in self.WIRE.items():
+            value = getattr(self, name)
+            if value is None or (name == "xattrs" and not value):
+                continue
+            data[key] = value.hex() if name == "blocks" else value
+        return json.dumps(data, separators=(",", ":"))
+
+    @classmethod
+    def from_wire(cls, text: str | bytes) -> "Entry":
+        data = json.loads(text)
+        if not isinstance(data, dict) or "p" not in data:
+            raise SyncError(f"not an entry: {str(text)[:200]}")
+        fields = {name: data[key] for name, key in cls.WIRE.items() if key in data}
+        fields["kind"] = Kind(fields["kind"])
+        if "blocks" in fields:
+            fields["blocks"] = bytes.fromhex(fields["blocks"])
+        return cls(**fields)
+
+    @classmethod
+    def of(cls, rel, st, dir_fd, name) -> "Entry":
+        """The entry `name` in the directory `dir_fd` is (at `rel`), from its lstat `st`.
+        FileNotFoundError if it changed kind while it was described."""
+        kind = KINDS[stat.S_IFMT(st.st_mode)]
+        entry = cls(rel, kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns)
+        if kind == Kind.FILE:
+            entry.size, entry.allocated = st.st_size, st.st_blocks * 512
+            if st.st_nlink > 1:
+                entry.inode, entry.nlink = f"{st.st_dev}:{st.st_ino}", st.st_nlink
+        elif kind == Kind.SYMLINK:
+            try:
+                entry.link = os.readlink(name, dir_fd=dir_fd)
+            except OSError as e:
+                if e.errno == errno.EINVAL:  # no longer a symlink: it changed since it was listed
+                    raise FileNotFoundError(errno.ENOENT, "changed while listed", name) from None
+                raise
+        elif kind in (Kind.CHAR_DEVICE, Kind.BLOCK_DEVICE):
+            entry.rdev = st.st_rdev
+        entry.xattrs = xattrs(leaf_path(dir_fd, name))
+        return entry
+
+
+def xattrs(path):
+    """{name: value as hex} of a file's extended attributes (links not followed; see
+    leaf_path)."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EPERM):  # none on this file system, or on links
+            return {}
+        raise
+    found = {}
+    for name in sorted(names):
+        if not name.startswith(XATTR_SKIPPED):
+            try:
+                found[name] = os.getxattr(path, name, follow_symlinks=False).hex()
+            except OSError as e:
+                if e.errno != errno.ENODATA:  # removed meanwhile
+                    raise
+    return found
+
+
+# --- hashing ----------------------------------------------------------------------------
+
+
+def all_zeros(data):
+    """Whether a block is zeros only (compared whole: slicing ZEROS would copy it)."""
+    return data == ZEROS if len(data) == BLOCK else data.count(0) == len(data)
+
+
+def block_hashes(f, on_block=None):
+    """(block hashes, file digest) of an open file; on_block(index, data, hash) sees each
+    block."""
+    hashes = []
+    while data := f.read(BLOCK):
+        h = hashlib.sha256(data).digest()[:HASH_BYTES]
+        if on_block:
+            on_block(len(hashes), data, h)
+        hashes.append(h)
+    return hashes, file_digest(hashes)
+
+
+def file_digest(hashes):
+    return hashlib.sha256(b"".join(hashes)).hexdigest()
+
+
+def hashed(entry: Entry, dir_fd, name) -> Entry | None:
+    """`entry` with its file's block hashes, digest, and change time once read (a later
+    time than the listing's means it changed while it was read). None if it is gone or no
+    longer a file (changed while the app runs: the final pass will see)."""
+    try:
+        with open_regular(name, dir_fd) as f:
+            hashes, entry.digest = block_hashes(f)
+            entry.ctime_ns = os.fstat(f.fileno()).st_ctime_ns
+    except OSError as e:
+        if not_there(e):
+            return None
+        raise
+    entry.blocks = b"".join(hashes)
+    return entry
+
+
+# --- the listing ------------------------------------------------------------------------
+
+
+def widen_pipe(stream):
+    """A 1 MiB pipe instead of 64 KiB: the reader wakes up less often per byte sent."""
+    try:
+        fcntl.fcntl(stream.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+    except OSError:  # not a pipe, or the system's limit is lower: the default works too
+        pass
+
+
+def scan(base, write, hashes=False):
+    """The sending side of a listing: every entry under `base`, a line each, through
+    `write`; with `hashes`, files with their block hashes."""
+    for rel, st, dir_fd, name in tree_entries(base):
+        try:
+            entry = Entry.of(rel, st, dir_fd, name)
+        except OSError as e:
+            if not_there(e):
+                continue  # removed while the app runs: the final pass lists the stopped source
+            raise
+        if hashes and entry.kind == Kind.FILE:
+            entry = hashed(entry, dir_fd, name)
+        if entry is not None:
+            write(entry.to_wire() + "\n")
+
+
+def entries(proc, what) -> Iterator[Entry]:
+    """The receiving side of a listing: the entries a scanning agent (`proc`, a process)
+    sends; raises SyncError if it failed."""
+    for raw in proc.stdout:
+        if raw.startswith(b'{"ok"'):  # the agent's error answer
+            raise SyncError(f"{what}: {json.loads(raw).get('message')}")
+        yield Entry.from_wire(raw)
+    err = proc.stderr.read().decode("utf-8", "replace").strip()
+    if proc.wait() != 0:
+        raise SyncError(f"{what} failed (status {proc.returncode}): {err[-400:]}")
+
+
+def local_entries(base) -> Iterator[Entry]:
+    """Every entry under `base`, described here."""
+    for rel, st, dir_fd, name in tree_entries(base):
+        try:
+            yield Entry.of(rel, st, dir_fd, name)
+        except OSError as e:
+            if not not_there(e):
+                raise
+
+
+def merged(source: Iterator[Entry], target_base) -> Iterator[tuple[Entry | None, Entry | None]]:
+    """(source entry or None, target entry or None) pairs, walking the source's listing and
+    the tree at `target_base` in step."""
+    target = local_entries(target_base)
+    src, dst = next(source, None), next(target, None)
+    while src is not None or dst is not None:
+        if dst is None or (src is not None and sort_key(src.path) < sort_key(dst.path)):
+            yield src, None
+            src = next(source, None)
+        elif src is None or sort_key(dst.path) < sort_key(src.path):
+            yield None, dst
+            dst = next(target, None)
+        else:
+            yield src, dst
+            src, dst = next(source, None), next(target, None)
+
+
+# --- deltas -----------------------------------------------------------------------------
+#
+# A request is a JSON line {"p": path, "b": hex of the copy's block hashes}. The answer, for
+# each request:
+#     F <path as JSON>\n
+#     B <index> <length>\n<data>     for each block whose hash differs
+#     Z <index> <length>\n           for such a block that is all zeros (a hole, maybe)
+#     E <the file's Entry, with its digest>\n
+# or `X <path as JSON>\n` if it is gone or no longer a regular file.
+
+
+def delta_request(path: str, known: bytes) -> bytes:
+    """The asking side: a request for the blocks of `path` that differ from `known`."""
+    return json.dumps({"p": path, "b": known.hex()}).encode() + b"\n"
+
+
+def send_deltas(base, requests: Iterable[bytes], out, check_path):
+    """The sending side: answer each request (a line) with the blocks of the file under
+    `base` that differ from what the copy has, on the binary stream `out`."""
+    for line in requests:
+        request = json.loads(line)
+        rel = check_path(request["p"])
+        theirs = bytes.fromhex(request.get("b", ""))
+
+        def send(index, data, h, theirs=theirs):
+            if theirs[index * HASH_BYTES : (index + 1) * HASH_BYTES] != h:
+                if all_zeros(data):
+                    out.write(b"Z %d %d\n" % (index, len(data)))
+                else:
+                    out.write(b"B %d %d\n" % (index, len(data)) + data)  # one write, not two
+
+        try:
+            with parent_dir(base, rel) as (dir_fd, name), open_regular(name, dir_fd) as f:
+                end = Entry.of(rel, os.fstat(f.fileno()), dir_fd, name)
+                data_fd = os.dup(f.fileno())
+        except OSError as e:
+            if not not_there(e):
+                raise
+            out.write(b"X " + json.dumps(rel).encode() + b"\n")  # gone, or no longer a file
+            continue
+        out.write(b"F " + json.dumps(rel).encode() + b"\n")
+        with os.fdopen(data_fd, "rb") as f:
+            _, end.digest = block_hashes(f, send)
+        out.write(b"E " + end.to_wire().encode() + b"\n")
+    out.flush()
+
+
+@dataclass(frozen=True, slots=True)
+class FileStart:
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    index: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Zeros:
+    index: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class FileEnd:
+    entry: Entry  # as the source has it, with its digest
+
+
+@dataclass(frozen=True, slots=True)
+class Gone:
+    path: str
+
+
+def read_deltas(stream) -> Iterator[FileStart | Block | Zeros | FileEnd | Gone]:
+    """The receiving side: what a delta sender answers, as it arrives."""
+    while header := stream.readline():
+        kind, _, rest = header.rstrip(b"\n").partition(b" ")
+        if kind == b"F":
+            yield FileStart(json.loads(rest))
+        elif kind in (b"B", b"Z"):
+            number, length = (int(x) for x in rest.split())
+            if kind == b"Z":
+                yield Zeros(number, length)
+                continue
+            data = stream.read(length)
+            if len(data) != length:
+                raise SyncError("the source's answer broke off in the middle of a block")
+            yield Block(number, data)
+        elif kind == b"E":
+            yield FileEnd(Entry.from_wire(rest))
+        elif kind == b"X":
+            yield Gone(json.loads(rest))
+        else:
+            detail = (header + stream.read(2000)).decode("utf-8", "replace")
+            raise SyncError(f"unexpected answer from the source: {detail[:300]}")
