@@ -99,6 +99,101 @@ def grid_table(kind, root, ssh_hosts=None, host_index=0, app_port=8080):
     )
 
 
+@pytest.fixture(scope="session")
+def docker_engines():
+    """Two real Docker engines (see dockerd.py), with MIG's image in each."""
+    from .dockerd import load_image, start_engine
+
+    engines = []
+    try:
+        for number in range(2):
+            engines.append(start_engine(number))
+        load_image(engines)
+        yield engines
+    finally:
+        for engine in engines:
+            engine.stop()
+
+
+def docker_table(engine, host_index=0, ssh_hosts=None, app_port=8080):
+    """A [grids.NAME] table for a docker grid on `engine`, reached locally or over ssh."""
+    from .dockerd import IMAGE
+
+    address = GRID_HOSTS[host_index]
+    lines = ['driver = "docker"', f'image = "{IMAGE}"', f'docker_socket = "{engine.socket}"']
+    if ssh_hosts is None:
+        lines.append('transport = "local"')
+    else:
+        host = ssh_hosts[host_index]
+        lines += [
+            'transport = "ssh"',
+            f'host = "{host.address}"',
+            f"port = {host.port}",
+            f'user = "{host.user}"',
+            f'host_key = "{host.host_key}"',
+        ]
+    lines.append(f'app_url = "http://{address}:{app_port}/"')
+    return "\n".join(lines) + "\n"
+
+
+def remove_docker_grid(engine, name):
+    """Whatever a docker grid left on its engine: its apps, its own container and volume."""
+    for kind in ("container", "volume"):
+        found = engine.docker(kind, "ls", "-q", *(["-a"] if kind == "container" else []),
+                              "--filter", f"label=mig.grid={name}").stdout.split()  # fmt: skip
+        if found:
+            engine.docker(kind, "rm", "-f", *found, check=False)
+
+
+def any_grid_table(request, kind, tmp_path, host_index=0, app_port=8080):
+    """The table of a grid of `kind` ("DRIVER-TRANSPORT"), and what removes it at the end."""
+    driver, transport = kind.split("-")
+    hosts = request.getfixturevalue("ssh_hosts") if transport == "ssh" else None
+    if driver == "hostgrid":
+        table = grid_table(transport, tmp_path / f"grid{host_index}", hosts, host_index, app_port)
+        return table, lambda name: None
+    engine = request.getfixturevalue("docker_engines")[host_index]
+    return docker_table(engine, host_index, hosts, app_port), lambda name: remove_docker_grid(engine, name)
+
+
+GRID_KINDS = ["hostgrid-local", "hostgrid-ssh", "docker-local", "docker-ssh"]
+
+
+@pytest.fixture(params=GRID_KINDS)
+def any_grid(request, tmp_path, client_key):
+    """A fresh, initialised grid with a `web` template, of each driver, over each transport:
+    what the driver contract's tests run on."""
+    table, remove = any_grid_table(request, request.param, tmp_path)
+    driver = open_grid(gridinfo.parse("[grids.east]\n" + table)["east"], client_key)
+    try:
+        driver.init()
+        driver.install_template("web", WEB_TEMPLATE, "1")
+        yield driver
+        for app in driver.list_apps():
+            driver.destroy(app.name)
+    finally:
+        driver.close()
+        remove("east")
+
+
+@pytest.fixture(params=GRID_KINDS)
+def any_ported(request, tmp_path, client_key):
+    """A fresh grid whose apps each answer on a port of their own, of each driver, over each
+    transport."""
+    table, remove = any_grid_table(request, request.param, tmp_path)
+    # A few ports: enough for any test's apps, and soon used up by the one that runs out.
+    table = table.replace(":8080/", ":{port}/") + f"app_ports = {port_range(GRID_HOSTS[0], size=6)}\n"
+    driver = open_grid(gridinfo.parse("[grids.east]\n" + table)["east"], client_key)
+    try:
+        driver.init()
+        yield driver
+        for app in driver.list_apps():
+            driver.destroy(app.name)
+    finally:
+        driver.close()
+        remove("east")
+
+
 @pytest.fixture(params=["local", "ssh"])
 def grid(request, tmp_path, client_key):
     """A fresh, initialised hostgrid grid with a `web` template, over each transport."""

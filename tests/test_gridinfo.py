@@ -2,7 +2,7 @@
 
 import pytest
 
-from migrations_app.grids import ConfigError, gridinfo
+from migrations_app.grids import ConfigError, GridConfig, gridinfo
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
 GOOD = f"""\
@@ -76,7 +76,9 @@ def error(text):
         (("port = 2222", 'port = "22"'), "grid 'east', key 'port': must be a number"),
         (("port = 2222", "port = 22.5"), "grid 'east', key 'port': must be a whole number"),
         (('driver = "hostgrid"', 'driver = "vmware"'), "grid 'east', key 'driver': unknown driver 'vmware'"),
-        (('driver = "hostgrid"', 'driver = "docker"'), "driver 'docker' is not available yet"),
+        (('driver = "hostgrid"', 'driver = "libvirt"'), "driver 'libvirt' is not available yet"),
+        (('driver = "hostgrid"', 'driver = "docker"'), "key 'root': does not apply to a docker grid"),
+        (('root = "/srv/grid"', 'root = "/srv/grid"\nimage = "mig:1"'), "key 'image': only applies to"),
         (('transport = "ssh"', 'transport = "telnet"'), "key 'transport': unknown transport 'telnet'"),
         ((f'host_key = "{KEY}"\n', ""), "key 'host_key': is required for an ssh grid (MIG never trusts"),
         ((KEY, "AAAA"), "key 'host_key': must look like 'ssh-ed25519 AAAA...'"),
@@ -127,3 +129,48 @@ def test_missing_and_unreadable_files(tmp_path):
     (tmp_path / "bin.info").write_bytes(b"\xff\xfe")
     with pytest.raises(ConfigError, match="cannot read grid.info"):
         gridinfo.load(tmp_path / "bin.info")
+
+
+DOCKER = """
+[grids.east]
+driver = "docker"
+transport = "ssh"
+host = "127.0.0.2"
+host_key = "KEY"
+image = "mig:1.0"
+docker_socket = "/run/docker.sock"
+app_url = "http://127.0.0.2:{port}/"
+app_ports = [8100, 8199]
+
+[grids.lab]
+driver = "docker"
+transport = "local"
+image = "registry.example/mig@sha256:0123"
+""".replace("KEY", KEY)
+
+
+def test_a_docker_grid_names_its_image_and_engine():
+    grids = gridinfo.parse(DOCKER)
+    east, lab = grids["east"], grids["lab"]
+    assert (east.driver, east.image, east.docker_socket) == ("docker", "mig:1.0", "/run/docker.sock")
+    assert east.root == "/grid"  # where the grid's own containers have its volume
+    assert lab.docker_socket == "/var/run/docker.sock"  # docker's own, unless told
+    # What travels to the helper is read back as strictly.
+    assert GridConfig.from_table("east", east.to_table()) == east
+    assert "root" not in east.to_table()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (('image = "mig:1.0"\n', ""), "key 'image': is required for a docker grid"),
+        (('image = "mig:1.0"', 'image = "mig 1; rm"'), "key 'image': is not an image reference"),
+        (('"/run/docker.sock"', '"run/docker.sock"'), "key 'docker_socket': must be an absolute path"),
+        (('image = "mig:1.0"', 'image = "mig:1.0"\nroot = "/srv"'), "key 'root': does not apply to a docker"),
+        (('image = "mig:1.0"', 'image = "mig:1.0"\nrestricted = true'), "key 'restricted': is for hostgrid"),
+    ],
+)
+def test_docker_grid_errors(change, message):
+    text = DOCKER.replace(*change, 1)
+    assert text != DOCKER
+    assert message in error(text)

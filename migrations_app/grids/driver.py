@@ -200,10 +200,21 @@ class Driver(abc.ABC):
         URL the grid publishes it at."""
 
     @abc.abstractmethod
-    def provision(self, app: str, template: str, properties=None, secrets=None, start=True, owner: str = ""):
+    def provision(
+        self,
+        app: str,
+        template: str,
+        properties=None,
+        secrets=None,
+        start=True,
+        owner: str = "",
+        reaches: str = "",
+    ):
         """Create an app from a catalog template, recording `owner` (see define), give it
         its secrets (files only the app can read, never in a command line), and start it.
-        Raises AppExists."""
+        With `reaches`, another app of this grid whose volumes the new app's components
+        reach, at that app's `volumes_dir` (the helper reaches its target so). Raises
+        AppExists."""
 
     @abc.abstractmethod
     def define(self, app: str, manifest: dict, owner: str = ""):
@@ -309,9 +320,10 @@ class Driver(abc.ABC):
 
 def open_grid(grid: GridConfig, key_file, ssh_client="paramiko") -> Driver:
     """A driver for `grid`, with its transport (connected on first use)."""
+    from .docker import DockerDriver
     from .hostgrid import HostGridDriver
 
-    drivers = {"hostgrid": HostGridDriver}
+    drivers = {"hostgrid": HostGridDriver, "docker": DockerDriver}
     if grid.driver not in drivers:
         raise GridError(f"grid {grid.name!r}: driver {grid.driver!r} is not available")
     return drivers[grid.driver](grid, open_transport(grid, key_file, ssh_client))

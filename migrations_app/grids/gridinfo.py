@@ -24,8 +24,8 @@ from urllib.parse import urlsplit
 from .errors import ConfigError
 from .names import NAME_RE, shorten
 
-DRIVERS = ("hostgrid",)
-PLANNED_DRIVERS = ("docker", "libvirt")
+DRIVERS = ("hostgrid", "docker")
+PLANNED_DRIVERS = ("libvirt",)
 TRANSPORTS = ("local", "ssh")
 HOST_KEY_TYPES = (
     "ssh-ed25519",
@@ -36,6 +36,10 @@ HOST_KEY_TYPES = (
 )
 HOST_RE = re.compile(r"^[A-Za-z0-9.:-]{1,253}\Z")
 SSH_KEYS = ("host", "port", "user", "host_key", "restricted")
+DOCKER_KEYS = ("image", "docker_socket")
+# Where a docker grid's containers have the grid's own volume: its root, as the agent sees it.
+DOCKER_ROOT = "/grid"
+IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}\Z")
 USER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\Z", re.IGNORECASE)
 
 
@@ -56,6 +60,10 @@ class GridConfig:
     python: str = "python3"
     # MIG's key on this grid runs only MIG's gate (see gate.py, `grids --authorized-keys`).
     restricted: bool = False
+    # Docker grids: the image MIG's agent, sidecars and helper run in (and components, by
+    # default), and the engine's socket on the grid host.
+    image: str = ""
+    docker_socket: str = ""
     connect_timeout: float = 10.0
     command_timeout: float = 300.0
 
@@ -82,6 +90,11 @@ class GridConfig:
         del table["name"]
         if self.transport == "local":
             for key in SSH_KEYS:
+                del table[key]
+        if self.driver == "docker":
+            del table["root"]
+        else:
+            for key in DOCKER_KEYS:
                 del table[key]
         return table
 
@@ -213,7 +226,23 @@ KEYS = {
     "restricted",
     "connect_timeout",
     "command_timeout",
+    *DOCKER_KEYS,
 }
+
+
+def _docker(loc, grid, table):
+    """A docker grid's own keys: its image, the engine's socket; its root is fixed."""
+    if "root" in table:
+        raise loc.error(grid, "root", "does not apply to a docker grid (its apps live in the engine)")
+    if "image" not in table:
+        raise loc.error(grid, "image", "is required for a docker grid: the image MIG runs in there")
+    image = _require_str(loc, grid, "image", table["image"])
+    if not IMAGE_RE.match(image):
+        raise loc.error(grid, "image", f"is not an image reference: {shorten(image)}")
+    socket = _require_str(loc, grid, "docker_socket", table.get("docker_socket", "/var/run/docker.sock"))
+    if not posixpath.isabs(socket) or posixpath.normpath(socket) != socket or " " in socket:
+        raise loc.error(grid, "docker_socket", f"must be an absolute path: {shorten(socket)}")
+    return {"root": DOCKER_ROOT, "image": image, "docker_socket": socket}
 
 
 def _grid_config(name, table, loc):
@@ -224,21 +253,30 @@ def _grid_config(name, table, loc):
     unknown = sorted(set(table) - KEYS)
     if unknown:
         raise loc.error(name, unknown[0], f"unknown key (known: {', '.join(sorted(KEYS))})")
-    for required in ("driver", "transport", "root"):
+    for required in ("driver", "transport"):
         if required not in table:
             raise loc.error(name, required, "is required")
 
     driver = _require_str(loc, name, "driver", table["driver"])
     if driver in PLANNED_DRIVERS:
-        raise loc.error(name, "driver", f"driver {shorten(driver)} is not available yet (use hostgrid)")
+        known = " or ".join(DRIVERS)
+        raise loc.error(name, "driver", f"driver {shorten(driver)} is not available yet (use {known})")
     if driver not in DRIVERS:
-        raise loc.error(name, "driver", f"unknown driver {shorten(driver)} (known: hostgrid)")
+        raise loc.error(name, "driver", f"unknown driver {shorten(driver)} (known: {', '.join(DRIVERS)})")
     transport = _require_str(loc, name, "transport", table["transport"])
     if transport not in TRANSPORTS:
         raise loc.error(name, "transport", f"unknown transport {shorten(transport)} (known: local, ssh)")
 
     values = {"name": name, "driver": driver, "transport": transport}
-    values["root"] = _root(loc, name, table["root"])
+    if driver == "docker":
+        values.update(_docker(loc, name, table))
+    else:
+        if "root" not in table:
+            raise loc.error(name, "root", "is required")
+        for key in DOCKER_KEYS:
+            if key in table:
+                raise loc.error(name, key, 'only applies to driver = "docker"')
+        values["root"] = _root(loc, name, table["root"])
     if transport == "ssh":
         for required in ("host", "host_key"):
             if required not in table:
@@ -259,6 +297,12 @@ def _grid_config(name, table, loc):
         restricted = table.get("restricted", False)
         if not isinstance(restricted, bool):
             raise loc.error(name, "restricted", "must be true or false")
+        if restricted and driver == "docker":
+            raise loc.error(
+                name,
+                "restricted",
+                "is for hostgrid grids: a key that may run docker on a host can do anything there",
+            )
         values["restricted"] = restricted
     else:
         for ssh_only in SSH_KEYS:

@@ -135,20 +135,30 @@ def quietly(close):
 class HostGridDriver(Driver):
     def __init__(self, grid, transport):
         super().__init__(grid, transport)
-        self._session = None
+        # Serving agents, by where they run (here, one: the grid host's).
+        self._sessions = {}
 
     @property
     def agent_path(self):
         return f"{self.grid.root}/.mig/agent-{AGENT_VERSION}.pyz"
 
-    def _argv(self, op, args):
+    def _argv(self, op, args, where=None):
+        """The command that runs an agent operation (`where` names where it runs, on grids
+        whose operations run in more than one place)."""
         return [self.grid.python, self.agent_path, self.grid.root, op, *args]
 
     def _install_agent(self):
-        self.transport.put(AGENT_ARCHIVE, self.agent_path, mode=0o644)
+        self._put_grid_file(AGENT_ARCHIVE, self.agent_path, 0o644)
 
-    def _call(self, op, *args, timeout=None):
-        line = self._ask([op, *args], timeout or self.grid.command_timeout)
+    def _put_grid_file(self, data, path, mode):
+        """Write one of MIG's own files (the agent, a template's archive) into the grid."""
+        self.transport.put(data, path, mode=mode)
+
+    def _call(self, op, *args, timeout=None, where=None):
+        return self._answer(op, self._ask([op, *args], timeout or self.grid.command_timeout, where))
+
+    def _answer(self, op, line):
+        """The result of an agent's answer line; its error, raised."""
         try:
             reply = json.loads(line)
         except ValueError:
@@ -157,44 +167,69 @@ class HostGridDriver(Driver):
             raise ERRORS.get(reply["error"], OperationFailed)(f"grid {self.grid.name!r}: {reply['message']}")
         return reply["result"]
 
-    def _ask(self, request, timeout):
-        """Send one request to the serving agent, starting (and installing) it if needed."""
-        installed = False
+    def _run_once(self, op, args, input=b"", where=None):
+        """An operation that reads its own input (`input`), by an agent of its own."""
+        tried = set()
         while True:
-            if self._session is not None and self._session.proc.poll() is not None:
-                self._end_session()  # it ended while idle (a dropped connection): start another
-            if self._session is None:
-                self._session = AgentSession(self.transport.popen(self._argv("serve", [])))
-            session = self._session
+            result = self.transport.run(self._argv(op, args, where), input=input, check=False)
+            if answer := result.out.strip().splitlines()[-1:]:
+                return self._answer(op, answer[0])
+            if error := self.transport.failure(result.returncode, result.stderr):
+                raise error
+            if not self._recover(result.returncode, result.err, where, tried):
+                detail = result.err.strip().splitlines()[-3:] or ["no output"]
+                raise GridError(
+                    f"grid {self.grid.name!r}: {op} failed (status {result.returncode}): " + "; ".join(detail)
+                )
+
+    def _ask(self, request, timeout, where=None):
+        """Send one request to the serving agent, starting (and installing) it if needed."""
+        tried = set()
+        while True:
+            session = self._sessions.get(where)
+            if session is not None and session.proc.poll() is not None:
+                self._end_session(where)  # it ended while idle (a dropped connection): start another
+                session = None
+            if session is None:
+                proc = self.transport.popen(self._argv("serve", [], where))
+                session = self._sessions[where] = AgentSession(proc)
             try:
                 line = session.ask(request, timeout)
             except BaseException:
                 # Interrupted half-way (Ctrl-C, a signal): its answer would be taken for
                 # the next request's. This agent is done.
-                self._end_session()
+                self._end_session(where)
                 raise
             if line:
                 return line
-            status, err = self._end_session()
+            status, err = self._end_session(where)
             if session.timed_out:
                 raise CommandTimeout(f"grid {self.grid.name!r}: {request[0]} did not finish in {timeout:g}s")
             if error := self.transport.failure(status, err.encode()):
                 raise error
-            if status == 2 and "can't open file" in err and not installed:
-                self._install_agent()
-                installed = True
+            if self._recover(status, err, where, tried):
                 continue
             detail = err.strip().splitlines()[-3:] or ["no output"]
             raise GridError(
                 f"grid {self.grid.name!r}: {request[0]} failed (status {status}): " + "; ".join(detail)
             )
 
-    def _end_session(self):
-        session, self._session = self._session, None
+    def _recover(self, status, err, where, tried):
+        """Whether what made an agent end at once can be put right (and was): then the
+        request is asked again. Here: an agent not installed yet is installed, once."""
+        if status == 2 and "can't open file" in err and "install" not in tried:
+            tried.add("install")
+            self._install_agent()
+            return True
+        return False
+
+    def _end_session(self, where=None):
+        session = self._sessions.pop(where, None)
         return session.end() if session else (None, "")
 
     def close(self):
-        self._end_session()
+        for where in list(self._sessions):
+            self._end_session(where)
         super().close()
 
     # --- the grid ---
@@ -233,7 +268,7 @@ class HostGridDriver(Driver):
             components=[Component(**c) for c in data["components"]],
         )
 
-    def provision(self, app, template, properties=None, secrets=None, start=True, owner=""):
+    def provision(self, app, template, properties=None, secrets=None, start=True, owner="", reaches=""):
         """Create an app from a catalog template, give it its secrets, then start it.
 
         Secrets are files written with mode 0600 under the app's secrets/ directory:
@@ -242,6 +277,8 @@ class HostGridDriver(Driver):
         validate_name(app)
         validate_name(template, "template")
         args = [app, "--template", template, "--owner", owner]
+        if reaches:
+            args += ["--reaches", validate_name(reaches)]
         for key, value in (properties or {}).items():
             validate_name(key, "property")
             args += ["--property", f"{key}={value}"]
@@ -259,8 +296,9 @@ class HostGridDriver(Driver):
         self.put_file(app, f"secrets/{validate_name(name, 'secret')}", data, 0o600)
 
     def put_file(self, app, path, data, mode=0o600):
-        """Write a file inside an app's directory (a volume's content, a secret)."""
-        self.transport.put(data, f"{self.grid.root}/apps/{validate_name(app)}/{check_relpath(path)}", mode)
+        """Write a file inside an app's directory (a volume's content, a secret): by the
+        agent, which follows no symlink the app made on the way."""
+        self._run_once("put", [validate_name(app), check_relpath(path), "--mode", str(int(mode))], input=data)
 
     def start(self, app, listen=False, timeout=30.0):
         """Start the app's components: started once they have stayed up for the manifest's
@@ -311,7 +349,7 @@ class HostGridDriver(Driver):
                 f"{template} template needs about {need}"
             )
         archive = f"{self.grid.root}/.mig/tmp-{uuid.uuid4().hex}.tar.gz"
-        self.transport.put(buf.getvalue(), archive, mode=0o600)
+        self._put_grid_file(buf.getvalue(), archive, 0o600)
         return self._call("install-template", template, "--archive", archive, "--version", version)
 
     def ensure_template(self, template, files, version):

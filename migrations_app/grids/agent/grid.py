@@ -5,6 +5,7 @@ states and placeholders.
 
 import errno
 import fcntl
+import functools
 import os
 import re
 import socket
@@ -22,13 +23,15 @@ from .base import (
     shorten,
     write_json,
 )
-from .procs import have_proc, pid_alive, proc_stat, session_members
+from .processes import Processes
+from .procs import have_proc, pid_alive, proc_stat
 
 PLACEHOLDER_RE = re.compile(r"\{([a-z_]+)(?::([A-Za-z0-9_-]+))?\}")
 MANIFEST_FORMAT = 1
 DEFAULT_STOP_GRACE = 10.0
 DEFAULT_START_SETTLE = 0.5
 STATES = ("stopped", "starting", "running", "stopping", "failed", "unknown")
+IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}\Z")
 
 
 class Grid:
@@ -102,31 +105,17 @@ class Grid:
 
     # state
 
-    def pidfile(self, app, component):
-        return os.path.join(self.app_dir(app), "run", f"{component}.pid")
+    @functools.cached_property
+    def runtime(self):
+        """What runs the grid's components: processes on this host, or containers."""
+        if self.config().get("runtime") == "docker":
+            from .containers import Containers
+
+            return Containers(self)
+        return Processes(self)
 
     def component_pid(self, app, component):
-        """The pid of a running component, or None (a stale pid file is not running).
-
-        A component runs while anything in its session does: when its leader died (a
-        supervisor killed, say), what it started may still be at work, and a stop must
-        still reach it. A pid reused by another process is not the component.
-        """
-        try:
-            with open(self.pidfile(app, component)) as f:
-                pid, start_time = f.read().split()
-        except (FileNotFoundError, ValueError):
-            return None
-        pid = int(pid)
-        if not have_proc():
-            return pid if pid_alive(pid) else None
-        if pid_alive(pid, start_time):
-            return pid
-        info = proc_stat(pid)
-        if info is not None and not (info[0] in ("Z", "X") and info[2] == start_time):
-            return None  # reused: that session is someone else's
-        members = session_members(pid)
-        return members[0] if members else None
+        return self.runtime.component_pid(app, component)
 
     def state(self, app):
         manifest = self.manifest(app)
@@ -220,6 +209,13 @@ def validate_manifest(manifest):
         restarts = c.get("restarts", 0)
         if isinstance(restarts, bool) or not isinstance(restarts, int) or not 0 <= restarts <= 100:
             raise AgentError(f"component {c['name']!r}: restarts must be a whole number from 0 to 100")
+        # Docker grids: the component's image (the grid's by default), and whether it may
+        # drive the engine (MIG's helper does). Other grids ignore them.
+        image = c.get("image", "")
+        if not isinstance(image, str) or not IMAGE_RE.match(image or "x"):
+            raise AgentError(f"component {c['name']!r}: image must be an image reference")
+        if not isinstance(c.get("engine", False), bool):
+            raise AgentError(f"component {c['name']!r}: engine must be true or false")
     props = manifest.get("properties", {})
     if not isinstance(props, dict) or not all(v is None or isinstance(v, str) for v in props.values()):
         raise AgentError("manifest properties must be an object of strings (or null: required)")
@@ -229,6 +225,10 @@ def validate_manifest(manifest):
     owner = manifest.get("owner", "")
     if not isinstance(owner, str) or len(owner) > 200:
         raise AgentError("manifest owner must be a string of at most 200 characters")
+    # The app whose volumes this one's components reach (MIG's helper: its target's).
+    reaches = manifest.get("reaches", "")
+    if reaches:
+        check_name(reaches)
     clean = {
         "format": MANIFEST_FORMAT,
         "template": template,
@@ -236,6 +236,7 @@ def validate_manifest(manifest):
         "volumes": volumes,
         "components": components,
         "owner": owner,
+        "reaches": reaches,
     }
     for key in ("start_settle", "stop_grace"):
         if key in manifest:

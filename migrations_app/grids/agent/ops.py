@@ -9,8 +9,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
-import subprocess
 import sys
 import tarfile
 import time
@@ -24,7 +22,6 @@ from .base import (
     Exists,
     Invalid,
     NotFound,
-    agent_argv,
     check_name,
     check_relpath,
     ensure_dir,
@@ -35,10 +32,16 @@ from .base import (
     write_private,
 )
 from .cutover import Cutover
-from .grid import DEFAULT_START_SETTLE, DEFAULT_STOP_GRACE, Grid, listening, validate_manifest
-from .procs import have_proc, pid_alive, proc_stat, session_members, session_of, signal_all
+from .grid import (
+    DEFAULT_START_SETTLE,
+    DEFAULT_STOP_GRACE,
+    IMAGE_RE,
+    Grid,
+    listening,
+    validate_manifest,
+)
+from .processes import RESTART_DELAYS, Processes, supervise
 
-PASSED_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ")
 WATCH_INTERVAL = 0.2
 WATCHDOG_START_ATTEMPTS = 5
 
@@ -75,6 +78,10 @@ def op_init(grid, args):
     wanted = {"format": 1, "name": args.name, "app_url": args.app_url}
     if args.app_ports is not None:
         wanted["app_ports"] = list(args.app_ports)
+    if args.runtime == "docker":
+        if not args.image or not IMAGE_RE.match(args.image) or not os.path.isabs(args.docker_socket or ""):
+            raise Invalid("a docker grid needs --image and --docker-socket (an absolute path)")
+        wanted.update(runtime="docker", image=args.image, docker_socket=args.docker_socket)
     changed = current != wanted
     if changed:
         write_json(os.path.join(grid.root, "grid.json"), wanted)
@@ -117,13 +124,27 @@ def tree_size(path):
     return total, files
 
 
+def volume_sizes(grid, app, manifest):
+    """{volume: (bytes, files)} of an app's volumes, counted here."""
+    return {v: tree_size(os.path.join(grid.app_dir(app), "volumes", v)) for v in manifest["volumes"]}
+
+
+def op_sizes(grid, args):
+    return volume_sizes(grid, args.app, grid.manifest(args.app))
+
+
 def op_describe(grid, args):
     manifest = grid.manifest(args.app)
     app_dir = grid.app_dir(args.app)
+    sizes = {}
+    if args.sizes:
+        # Where the volumes are not directories here (a docker grid), the runtime counts.
+        counted = getattr(grid.runtime, "sizes", None)
+        sizes = counted(args.app, manifest) if counted else volume_sizes(grid, args.app, manifest)
     volumes = []
     for name in manifest["volumes"]:
+        size, files = sizes.get(name, (None, None))
         path = os.path.join(app_dir, "volumes", name)
-        size, files = tree_size(path) if args.sizes else (None, None)
         volumes.append({"name": name, "path": path, "bytes": size, "files": files})
     components = [
         {"name": c["name"], "pid": grid.component_pid(args.app, c["name"]), "command": c["command"]}
@@ -141,7 +162,7 @@ def op_describe(grid, args):
     }
 
 
-def make_app(grid, app, manifest, fill_volume=None):
+def make_app(grid, app, manifest, template_dir=None):
     """Write an app's directories, then its manifest last: the manifest makes it exist. A
     grid that gives each app a port gives this one the lowest free one."""
     fd = grid.grid_lock()
@@ -149,12 +170,12 @@ def make_app(grid, app, manifest, fill_volume=None):
         port = grid.assign_port(app) if not grid.exists(app) else None
         if port is not None:
             manifest = dict(manifest, port=port)
-        write_app(grid, app, manifest, fill_volume)
+        write_app(grid, app, manifest, template_dir)
     finally:
         os.close(fd)
 
 
-def write_app(grid, app, manifest, fill_volume):
+def write_app(grid, app, manifest, template_dir):
     if grid.exists(app):
         raise Exists(f"app {app!r} already exists on this grid")
     ensure_dir(grid.apps)
@@ -163,10 +184,7 @@ def write_app(grid, app, manifest, fill_volume):
         ensure_dir(os.path.join(app_dir, sub))
     ensure_dir(os.path.join(app_dir, "secrets"), 0o700)
     os.chmod(os.path.join(app_dir, "secrets"), 0o700)
-    for volume in manifest["volumes"]:
-        path = ensure_dir(os.path.join(app_dir, "volumes", volume))
-        if fill_volume:
-            fill_volume(volume, path)
+    grid.runtime.create(app, manifest, template_dir)
     write_json(os.path.join(app_dir, "state.json"), {"desired": "stopped"})
     write_json(os.path.join(app_dir, "app.json"), dict(manifest, name=app))
 
@@ -189,15 +207,21 @@ def op_create(grid, args):
     if missing:
         raise AgentError(f"template {args.template!r} needs properties: {', '.join(missing)}")
     # Who created it: clean-up removes an app only if its owner is the job cleaning up.
-    manifest = validate_manifest(dict(template, template=args.template, properties=props, owner=args.owner))
+    manifest = dict(template, template=args.template, properties=props, owner=args.owner)
+    manifest = validate_manifest(dict(manifest, reaches=args.reaches))
 
-    def fill(volume, path):
-        source = os.path.join(template_dir, "volumes", volume)
-        if os.path.isdir(source):
-            shutil.copytree(source, path, symlinks=True, dirs_exist_ok=True)
-
-    make_app(grid, args.app, manifest, fill)
+    make_app(grid, args.app, manifest, template_dir)
     return {"created": args.app}
+
+
+def op_fill(grid, args):
+    """In a docker grid's sidecar, where the app's volumes are directories: fill them from
+    the app's template."""
+    template_dir = os.path.join(grid.catalog, check_name(args.template, "template"))
+    # The app is made from this template, and exists once filled: its volumes are these.
+    template = validate_manifest(read_json(os.path.join(template_dir, "manifest.json")))
+    Processes(grid).create(check_name(args.app), template, template_dir)
+    return {"filled": args.app}
 
 
 def op_define(grid, args):
@@ -214,62 +238,20 @@ def op_define(grid, args):
 
 
 def start_component(grid, app, manifest, component):
-    app_dir = grid.app_dir(app)
+    """Start one component as the grid's runtime runs them, telling it where it runs (the
+    grid's variables) and its manifest's environment."""
     config = grid.config()
-    env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
-    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
-    env.update(
-        MIG_GRID=config.get("name", ""),
-        MIG_APP=app,
-        MIG_APP_URL=grid.app_url(app, manifest),
-    )
+    env = {"MIG_GRID": config.get("name", ""), "MIG_APP": app, "MIG_APP_URL": grid.app_url(app, manifest)}
     name = component["name"]
     for key, value in component.get("env", {}).items():
         env[key] = grid.expand(app, manifest, value, name)
     # What the component is told, for an operator who runs a command as it would
     # (`set -a; . run/NAME.env`): the grid's variables and the manifest's, no secrets.
-    own = {k: v for k, v in env.items() if k.startswith("MIG_") or k in component.get("env", {})}
-    env_text = "".join(f"{k}={shlex.quote(v)}\n" for k, v in sorted(own.items()))
-    write_private(os.path.join(app_dir, "run", f"{name}.env"), env_text.encode())
+    env_text = "".join(f"{k}={shlex.quote(v)}\n" for k, v in sorted(env.items()))
+    write_private(os.path.join(grid.app_dir(app), "run", f"{name}.env"), env_text.encode())
     command = [grid.expand(app, manifest, a, name) for a in component["command"]]
     cwd = grid.expand(app, manifest, component.get("cwd", "{app_dir}"), name)
-    if component.get("restarts"):
-        # A supervisor runs it, and runs it again if it dies (see op_supervise).
-        command = agent_argv(grid.root, "supervise", app, name)
-    log_path = os.path.join(app_dir, "logs", f"{name}.log")
-    with open(log_path, "ab") as log:
-        log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting {name}\n".encode())
-        log.flush()
-        try:
-            # Its own session: the component outlives this agent and the SSH connection,
-            # and stop can find everything it spawned.
-            proc = subprocess.Popen(
-                command,
-                cwd=cwd,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                close_fds=True,
-            )
-        except OSError as e:
-            raise AgentError(f"component {name!r} cannot start {command[0]!r}: {e.strerror}") from None
-    info = proc_stat(proc.pid) if have_proc() else None
-    with open(grid.pidfile(app, name), "w") as f:
-        f.write(f"{proc.pid} {info[2] if info else 0}\n")
-    return proc
-
-
-def log_tail(grid, app, component, lines=5):
-    path = os.path.join(grid.app_dir(app), "logs", f"{component}.log")
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, os.path.getsize(path) - 4096))
-            text = f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-    return " | ".join(text.strip().splitlines()[-lines:])
+    return grid.runtime.start(app, manifest, component, command, cwd, env)
 
 
 def op_start(grid, args):
@@ -286,7 +268,7 @@ def op_start(grid, args):
                     proc = start_component(grid, args.app, manifest, component)
                     started.append((component["name"], proc))
         except AgentError:
-            stop_app(grid, args.app, manifest, grace=2.0, force=True)
+            grid.runtime.stop(args.app, manifest, grace=2.0, force=True)
             grid.set_state(args.app, "running")
             raise
         # Started means: still up after the manifest's settle time; or, with --listen,
@@ -315,49 +297,16 @@ def op_start(grid, args):
             time.sleep(0.02)
         if dead:
             name, proc = dead[0]
-            stop_app(grid, args.app, manifest, grace=2.0, force=True)
+            grid.runtime.stop(args.app, manifest, grace=2.0, force=True)
             grid.set_state(args.app, "running")
             raise AgentError(
                 f"component {name!r} exited at start with status {proc.returncode}: "
-                f"{log_tail(grid, args.app, name) or 'no output'}"
+                f"{grid.runtime.log_tail(args.app, name) or 'no output'}"
             )
         grid.set_state(args.app, "running")
         return {"started": [n for n, _ in started], "listening": listens}
     finally:
         os.close(fd)
-
-
-def stop_app(grid, app, manifest, grace, force):
-    """SIGTERM every component's session, wait, then SIGKILL only if forced."""
-    leaders = {}
-    for c in manifest["components"]:
-        pid = grid.component_pid(app, c["name"])
-        if pid is not None:
-            leaders[c["name"]] = pid
-    members = {name: session_members(session_of(pid)) or [pid] for name, pid in leaders.items()}
-    for pids in members.values():
-        signal_all(pids, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    # Polled often: the app is down from the signal on, and a migration waits for the end.
-    while time.monotonic() < deadline and any(pid_alive(p) for ps in members.values() for p in ps):
-        time.sleep(0.01)
-    survivors = {n: [p for p in ps if pid_alive(p)] for n, ps in members.items()}
-    survivors = {n: ps for n, ps in survivors.items() if ps}
-    if survivors and force:
-        for pids in survivors.values():
-            signal_all(pids, signal.SIGKILL)
-        end = time.monotonic() + 5
-        while time.monotonic() < end and any(pid_alive(p) for ps in survivors.values() for p in ps):
-            time.sleep(0.05)
-        survivors = {n: [p for p in ps if pid_alive(p)] for n, ps in survivors.items()}
-        survivors = {n: ps for n, ps in survivors.items() if ps}
-    for name in leaders:
-        if name not in survivors:
-            try:
-                os.unlink(grid.pidfile(app, name))
-            except FileNotFoundError:
-                pass
-    return survivors
 
 
 def op_stop(grid, args):
@@ -368,7 +317,7 @@ def op_stop(grid, args):
         grace = args.grace
         if grace is None:
             grace = float(manifest.get("stop_grace", DEFAULT_STOP_GRACE))
-        survivors = stop_app(grid, args.app, manifest, grace, args.force)
+        survivors = grid.runtime.stop(args.app, manifest, grace, args.force)
         if survivors:
             # Still partly running: say so instead of pretending it stopped.
             grid.set_state(args.app, "running")
@@ -392,14 +341,14 @@ def op_destroy(grid, args):
         try:
             if args.owner is not None and grid.manifest(args.app).get("owner", "") != args.owner:
                 return {"existed": True, "leftovers": [], "kept": True}
-            survivors = stop_app(grid, args.app, grid.manifest(args.app), grace=5.0, force=True)
+            survivors = grid.runtime.stop(args.app, grid.manifest(args.app), grace=5.0, force=True)
             if survivors:
                 raise AgentError(f"app {args.app!r}: processes survived SIGKILL: {survivors}")
             # The app stops existing the moment its manifest goes, even if some data lingers.
             os.unlink(os.path.join(app_dir, "app.json"))
         finally:
             os.close(fd)
-    leftovers = []
+    leftovers = grid.runtime.remove(args.app)
 
     def note(function, path, excinfo):
         leftovers.append(f"{path}: {excinfo[1].strerror if hasattr(excinfo[1], 'strerror') else excinfo[1]}")
@@ -486,6 +435,7 @@ def open_app_file(grid, app, relpath):
 
 
 def op_read(grid, args):
+    grid.manifest(args.app)  # the app must exist
     try:
         with open_app_file(grid, args.app, args.path) as f:
             f.seek(args.offset)
@@ -493,6 +443,42 @@ def op_read(grid, args):
     except FileNotFoundError:
         return {"data": "", "offset": args.offset, "exists": False}
     return {"data": data.decode("utf-8", "replace"), "offset": args.offset + len(data), "exists": True}
+
+
+def op_put(grid, args):
+    """Write a file inside an app's directory (a volume's content, a secret) from stdin,
+    atomically, every directory on the way a real one (made if missing): for grids whose
+    app directories MIG's transport cannot write to itself (a docker grid's sidecar)."""
+    rel = check_relpath(args.path)
+    data = sys.stdin.buffer.read()
+    *dirs, name = rel.split("/")
+    fd = os.open(grid.app_dir(args.app), tree.DIRECTORY)
+    try:
+        for part in dirs:
+            try:
+                inner = os.open(part, tree.DIRECTORY, dir_fd=fd)
+            except FileNotFoundError:
+                os.mkdir(part, 0o755, dir_fd=fd)
+                inner = os.open(part, tree.DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        tmp = f".{name}.{uuid.uuid4().hex}.tmp"
+        with tree.open_regular(tmp, fd, os.O_WRONLY | os.O_CREAT | os.O_EXCL, args.mode) as f:
+            f.write(data)
+            os.fchmod(f.fileno(), args.mode)
+        os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+    finally:
+        os.close(fd)
+    return {"written": len(data)}
+
+
+def op_sidecar(grid, args):
+    """A docker grid's app sidecar, running (made if missing)."""
+    runtime = grid.runtime
+    if not hasattr(runtime, "sidecar"):
+        raise Invalid("only a docker grid's apps have sidecars")
+    runtime.sidecar(args.app, grid.manifest(args.app))
+    return {"sidecar": runtime.prefix(args.app)}
 
 
 def op_follow(grid, args):
@@ -523,44 +509,16 @@ def op_follow(grid, args):
 
 # --- supervised components ---------------------------------------------------------------
 
-RESTART_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0)
-
 
 def op_supervise(grid, args):
-    """Run one component, and start it again each time it dies, at most its `restarts` times.
-
-    The supervisor is the component's session leader (its pid is the one in the pid file), so
-    a stop signals both: then the supervisor restarts nothing, waits for the component and
-    leaves with its status. A component that exits with status 0 is done, not dead.
-    """
+    """Run a component with restarts, and run it again when it dies (see processes.py)."""
     manifest = grid.manifest(args.app)
     component = next((c for c in manifest["components"] if c["name"] == args.component), None)
     if component is None:
         raise NotFound(f"app {args.app!r} has no component {args.component!r}")
-    name = component["name"]
-    command = [grid.expand(args.app, manifest, a, name) for a in component["command"]]
-    cwd = grid.expand(args.app, manifest, component.get("cwd", "{app_dir}"), name)
-    limit = int(component.get("restarts", 0))
-    stopping = []
-    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
-    restarts = 0
-    while True:
-        # Its output goes where the supervisor's goes: the component's log.
-        child = subprocess.Popen(command, cwd=cwd, stdin=subprocess.DEVNULL, close_fds=True)
-        status = child.wait()
-        if stopping or status == 0:
-            sys.exit(0 if stopping else status)
-        if restarts >= limit:
-            say(f"{name} exited with status {status}; restarted {restarts} time(s) already: giving up")
-            sys.exit(status if 0 < status < 256 else 1)
-        delay = RESTART_DELAYS[min(restarts, len(RESTART_DELAYS) - 1)]
-        restarts += 1
-        say(f"{name} exited with status {status}; restart {restarts} of {limit} in {delay:g}s")
-        deadline = time.monotonic() + delay
-        while time.monotonic() < deadline and not stopping:
-            time.sleep(0.05)
-        if stopping:
-            sys.exit(0)
+    command = [grid.expand(args.app, manifest, a, args.component) for a in component["command"]]
+    cwd = grid.expand(args.app, manifest, component.get("cwd", "{app_dir}"), args.component)
+    supervise(component, command, cwd)
 
 
 def op_watchdog(grid, args):
@@ -671,6 +629,8 @@ def op_delta(grid, args):
 
 
 STREAMING = ("follow", "scan", "delta", "supervise", "watchdog")
+# These read their own input: a serving agent, whose input is requests, cannot do them.
+NOT_SERVED = (*STREAMING, "put")
 CUTOVER_OPS = ("cutover-arm", "cutover-beat", "cutover-claim", "cutover-abandon", "cutover-close")
 CUTOVER_OPS += ("cutover-read", "cutover-clear")
 
@@ -688,6 +648,10 @@ OPERATIONS = {
     "install-template": op_install_template,
     "template-version": op_template_version,
     "read": op_read,
+    "put": op_put,
+    "sidecar": op_sidecar,
+    "sizes": op_sizes,
+    "fill": op_fill,
     "follow": op_follow,
     "scan": op_scan,
     "delta": op_delta,
@@ -749,6 +713,9 @@ def parser():
     s.add_argument("--name", required=True)
     s.add_argument("--app-url", default="")
     s.add_argument("--app-ports", type=port_range)
+    s.add_argument("--runtime", choices=("processes", "docker"), default="processes")
+    s.add_argument("--image")
+    s.add_argument("--docker-socket")
     sub.add_parser("list")
     sub.add_parser("state").add_argument("app")
     s = sub.add_parser("destroy")
@@ -770,6 +737,7 @@ def parser():
     s.add_argument("--template", required=True)
     s.add_argument("--property", action="append")
     s.add_argument("--owner", default="")
+    s.add_argument("--reaches", default="")
     s = sub.add_parser("define")
     s.add_argument("app")
     s.add_argument("--manifest", required=True)
@@ -784,6 +752,15 @@ def parser():
     s.add_argument("path")
     s.add_argument("--offset", type=OFFSET, default=0)
     s.add_argument("--limit", type=number(0, 16 << 20, int), default=1 << 20)
+    s = sub.add_parser("put")
+    s.add_argument("app")
+    s.add_argument("path")
+    s.add_argument("--mode", type=number(0, 0o777, int), default=0o600)
+    sub.add_parser("sidecar").add_argument("app")
+    sub.add_parser("sizes").add_argument("app")
+    s = sub.add_parser("fill")
+    s.add_argument("app")
+    s.add_argument("--template", required=True)
     s = sub.add_parser("follow")
     s.add_argument("app")
     s.add_argument("path")
@@ -829,7 +806,7 @@ def answer(argv, served=False):
     grid = args = None
     try:
         args = parser().parse_args(argv)
-        if args.op == "serve" or (served and args.op in STREAMING):
+        if args.op == "serve" or (served and args.op in NOT_SERVED):
             raise AgentError(f"{args.op} cannot be asked of a serving agent")
         grid = Grid(args.root)
         result = OPERATIONS[args.op](grid, args)
