@@ -70,6 +70,8 @@ def helper_template():
                 "env": {"PYTHONDONTWRITEBYTECODE": "1"},
                 # A helper that dies is started again, and resumes from its journal.
                 "restarts": HELPER_RESTARTS,
+                # It drives its grid from inside it (a docker grid's engine).
+                "engine": True,
             }
         ],
     }

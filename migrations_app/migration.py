@@ -38,6 +38,7 @@ from django.utils import timezone
 
 from . import catalog, config
 from .grids import (
+    AppExists,
     AppNotFound,
     AppState,
     ConfigError,
@@ -357,22 +358,48 @@ def acquire(plan, started_by):
 
 
 def provision(job):
-    """Provision the job's helper on the target grid. Raises LaunchError, ending the job."""
+    """Define the target, then provision the job's helper on the target grid, reaching it.
+    Raises LaunchError, ending the job."""
     job.set_state(MigrationJob.State.PROVISIONING)
     try:
         target_grid = config.grid_config(job.target_grid)
         with config.driver_for(target_grid) as target:
             try:
+                define_target(job, target)
                 provision_helper(job, target)
             except (GridError, OSError) as e:
                 job.event(f"could not provision the helper: {e}", level="error")
                 destroy_helper(job, target)
+                if job.target_created:
+                    remove_target(job, target)
                 raise
     except (GridError, ConfigError, OSError) as e:
         failure = job.failure_from(f"could not provision the helper: {e}")
         job.end(MigrationJob.State.FAILED, failure)
         raise LaunchError(f"{failure.summary} ({failure.detail})") from None
     return job
+
+
+def define_target(job, target):
+    """The target app, stopped and empty, owned by the job, defined before the helper: the
+    helper is provisioned to reach its volumes (on a docker grid they are mounted into the
+    helper's container). Recorded before it exists, so that clean-up knows it may be there.
+    A refresh writes into its snapshot copy instead."""
+    if job.refresh_of is not None:
+        return
+    with config.driver_for(config.grid_config(job.source_grid)) as source:
+        manifest = source.describe(job.source_app, sizes=False).manifest
+    MigrationJob.objects.filter(pk=job.pk).update(target_created=True)
+    job.target_created = True
+    try:
+        target.define(job.target_app, manifest, owner=job.owner_tag)
+    except AppExists:
+        # Clean-up removes only what this job owns: another's app is safe either way.
+        if target.describe(job.target_app, sizes=False).manifest.get("owner") != job.owner_tag:
+            raise GridError(
+                f"an app named {job.target_app} appeared on {job.target_grid} meanwhile"
+            ) from None
+    job.event(f"Defined {job.target_app} on {job.target_grid} for the copy (stopped, empty)")
 
 
 def helper_config(job):
@@ -412,7 +439,9 @@ def provision_helper(job, target):
         # The key travels as a file (mode 0600), never on a command line or in an environment.
         protocol.SECRET_KEY: key_file.read_bytes() if key_file.exists() else b"",
     }
-    target.provision(job.helper_app, protocol.TEMPLATE, secrets=secrets_, owner=job.owner_tag)
+    target.provision(
+        job.helper_app, protocol.TEMPLATE, secrets=secrets_, owner=job.owner_tag, reaches=job.target_app
+    )
     job.event(f"Provisioned {job.helper_app} on {job.target_grid}")
     # A busy host takes its time to start an interpreter: wait for the endpoint, or for the
     # helper to fail, not for a fixed while.

@@ -104,7 +104,7 @@ def running_grid(world):
 def assert_nothing_lost(world):
     """The app runs on exactly one grid and holds every write it acknowledged."""
     grid = running_grid(world)
-    lines = journal(world.app_dir(grid, "shop") / "volumes/data/journal.log")
+    lines = journal(world.volume(grid, "shop", "data") / "journal.log")
     counts = [count for _, count in lines]
     assert counts == list(range(1, len(counts) + 1)), "a write was lost or repeated"
     acked = {int(line.split()[1]) for line in world.acks.read_text().splitlines()}

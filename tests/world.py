@@ -72,13 +72,17 @@ class World:
             # Incompressible data, so copies take measurable time.
             driver.put_file(app, "volumes/data/padding.bin", os.urandom(padding), 0o644)
         if fill:
-            fill(self.app_dir(grid, app) / "volumes" / "data")
+            fill(self.volume(grid, app, "data"))
         driver.start(app)
         if wait:
             assert self.wait_answering(grid, app=app), f"MIG in {grid}/{app} never answered"
 
     def app_dir(self, grid, app):
         return Path(self.configs[grid].root) / "apps" / app
+
+    def volume(self, grid, app, name):
+        """Where an app's volume is on this machine (the grids' hosts are this machine)."""
+        return self.app_dir(grid, app) / "volumes" / name
 
     def state(self, grid, app):
         """The app's state on `grid`, or None if it does not exist (asked once: it may be
@@ -111,7 +115,7 @@ class World:
     # --- MIG inside an app ---
 
     def mig_env(self, grid, app):
-        config = self.app_dir(grid, app) / "volumes" / "config"
+        config = self.volume(grid, app, "config")
         env = {k: v for k, v in os.environ.items() if not k.startswith("MIG_")}
         env.update(
             MIG_GRID=grid,
@@ -148,7 +152,7 @@ class World:
         )
 
     def db(self, grid, app, sql, *params):
-        path = self.app_dir(grid, app) / "volumes" / "config" / "mig.sqlite3"
+        path = self.volume(grid, app, "config") / "mig.sqlite3"
         with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10) as conn:
             conn.row_factory = sqlite3.Row
             return [dict(r) for r in conn.execute(sql, params)]
@@ -191,7 +195,7 @@ class World:
         return finished()
 
     def helper_log(self, grid, helper):
-        path = self.app_dir(grid, helper) / "volumes" / "work" / "progress.jsonl"
+        path = self.volume(grid, helper, "work") / "progress.jsonl"
         try:
             return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         except FileNotFoundError:
@@ -199,7 +203,7 @@ class World:
 
     def helper_pid(self, grid, helper):
         """The helper's own process (under its supervisor), as its status file says."""
-        status = self.app_dir(grid, helper) / "volumes" / "work" / "status.json"
+        status = self.volume(grid, helper, "work") / "status.json"
         return json.loads(status.read_text())["pid"]
 
     def kill_helper(self, grid, helper):
@@ -240,3 +244,87 @@ def journal(path):
     """The data writer's journal: [(where, count)] in order."""
     lines = Path(path).read_text().splitlines()
     return [(line.split()[1], int(line.split()[2])) for line in lines if line.strip()]
+
+
+class DockerWorld(World):
+    """Grids `east` and `west` on two real Docker engines, each reached over its host's sshd
+    (127.0.0.2, 127.0.0.3); apps with MIG inside run as containers of MIG's image."""
+
+    def __init__(self, tmp_path, ssh_hosts, client_key, engines):
+        from .conftest import docker_table
+
+        self.tmp_path = tmp_path
+        self.key = client_key
+        self.engines = dict(zip(("east", "west"), engines, strict=True))
+        tables = []
+        for index, name in enumerate(self.engines):
+            table = docker_table(self.engines[name], index, ssh_hosts, free_port(ssh_hosts[index].address))
+            tables.append(f"[grids.{name}]\n{table}")
+        self.grid_info = "\n".join(tables)
+        self.configs = gridinfo.parse(self.grid_info)
+        self.drivers = {}
+        for name, config in self.configs.items():
+            self.drivers[name] = open_grid(config, client_key)
+            self.drivers[name].init()
+
+    def close(self):
+        from .conftest import remove_docker_grid
+
+        super().close()
+        for name, engine in self.engines.items():
+            remove_docker_grid(engine, name)
+
+    def provision(self, grid="east", app="shop", properties=None, wait=True, padding=0, fill=None):
+        driver = self.drivers[grid]
+        catalog.provision_mig_app(
+            driver, app, "python3", self.grid_info, key=self.key.read_bytes(), env=self.LOGIN,
+            properties=properties, start=False,
+        )  # fmt: skip
+        if padding:
+            driver.put_file(app, "volumes/data/padding.bin", os.urandom(padding), 0o644)
+        if fill:
+            fill(self.volume(grid, app, "data"))
+        driver.start(app)
+        if wait:
+            assert self.wait_answering(grid, app=app), f"MIG in {grid}/{app} never answered"
+
+    def volume(self, grid, app, name):
+        found = self.engines[grid].docker(
+            "volume", "inspect", "-f", "{{.Mountpoint}}", f"mig.{grid}.{app}.{name}"
+        )
+        return Path(found.stdout.strip())
+
+    def exec_argv(self, grid, app, *args):
+        """manage.py ARGS run in the app's MIG container, as MIG inside it would."""
+        engine = self.engines[grid]
+        return [
+            "docker",
+            "-H",
+            f"unix://{engine.socket}",
+            "exec",
+            f"mig.{grid}.{app}.mig",
+            "python3",
+            "manage.py",
+            *args,
+        ]
+
+    def manage(self, grid, app, *args, timeout=120):
+        return subprocess.run(
+            self.exec_argv(grid, app, *args), capture_output=True, text=True, timeout=timeout
+        )
+
+    def popen_manage(self, grid, app, *args):
+        argv = self.exec_argv(grid, app, *args)
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def helper_pid(self, grid, helper):
+        """The helper's container's first process, as the host sees it: killed, the engine
+        starts the container again."""
+        return self.drivers[grid].describe(helper, sizes=False).components[0].pid
+
+    def kill_helper_app(self, grid, helper, sig=signal.SIGKILL):
+        """The helper's container, signalled through the engine: gone for good, or frozen."""
+        if sig == signal.SIGSTOP:
+            self.engines[grid].docker("pause", f"mig.{grid}.{helper}.helper")
+        else:
+            self.engines[grid].docker("kill", "--signal", "KILL", f"mig.{grid}.{helper}.helper")

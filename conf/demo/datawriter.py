@@ -6,8 +6,9 @@ Appends a line to journal.log every 0.2 s (and fsyncs it) and rewrites counter.t
 on SIGTERM after finishing the current write, or at once between writes. With CHURN (bytes
 per second) it also rewrites that much of the data already in the volume, in 64 KiB pieces
 at random places, big files as often as their size says: the way a database changes its
-pages. With ACK_LOG (a file outside the app's volumes), each line is acknowledged there once
-it is on disk, as a server would answer its client: no acknowledged write may be lost.
+pages. With ACK_LOG (a file outside the app's volumes, or tcp:HOST:PORT for a client that
+listens there), each line is acknowledged there once it is on disk, as a server would answer
+its client: no acknowledged write may be lost.
 
 Two ways to misbehave, for tests of failed migrations: with FAIL_ON_GRID it refuses to
 start on that grid (an app tied to one place); with IGNORE_STOP=yes it ignores SIGTERM
@@ -19,6 +20,7 @@ import os
 import random
 import select
 import signal
+import socket
 import sys
 import time
 
@@ -72,7 +74,33 @@ def churn_some(paths, ends, amount):
         amount -= length
 
 
+class Acknowledgements:
+    """Where acknowledgements go: a file, or a client's connection (kept, made again when
+    it breaks: no write is acknowledged until one is)."""
+
+    def __init__(self, where):
+        self.where = where
+        self.sock = None
+
+    def send(self, line):
+        if not self.where.startswith("tcp:"):
+            with open(self.where, "a") as f:
+                f.write(line)
+            return
+        host, port = self.where[4:].rsplit(":", 1)
+        while True:
+            try:
+                if self.sock is None:
+                    self.sock = socket.create_connection((host, int(port)), timeout=5)
+                self.sock.sendall(line.encode())
+                return
+            except OSError:
+                self.sock = None
+                time.sleep(0.05)
+
+
 signal.signal(signal.SIGTERM, signal.SIG_IGN if ignore_stop else stop)
+acks = Acknowledgements(ack_log) if ack_log else None
 counter_file = os.path.join(data_dir, "counter.txt")
 try:
     with open(counter_file) as f:
@@ -86,9 +114,8 @@ while running:
         f.write(f"{time.time():.3f} {where} {count}\n")
         f.flush()
         os.fsync(f.fileno())
-    if ack_log:
-        with open(ack_log, "a") as f:
-            f.write(f"{where} {count}\n")
+    if acks:
+        acks.send(f"{where} {count}\n")
     tmp = counter_file + ".tmp"
     with open(tmp, "w") as f:
         f.write(f"{count}\n")

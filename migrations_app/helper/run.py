@@ -522,7 +522,10 @@ class Helper:
                 raise Failure(
                     f"the target app {self.target_app} already exists on {self.target_grid.name}"
                 ) from None
-            said = f"{self.target_app} was defined by this job's earlier run: copying on"
+            said = (
+                f"{self.target_app} on {self.target_grid.name} was defined for this job; copying "
+                f"{len(self.volumes)} volume(s), {human_bytes(self.total_bytes)}, while the source runs"
+            )
         return self.target_defined(said)
 
     def take_snapshot_copy(self):

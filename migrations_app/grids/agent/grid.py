@@ -10,6 +10,7 @@ import os
 import re
 import socket
 import sys
+import time
 from urllib.parse import urlsplit
 
 from .base import (
@@ -80,9 +81,7 @@ class Grid:
     def grid_lock(self):
         """Serialise what concerns every app at once (handing out ports)."""
         ensure_dir(os.path.join(self.root, ".mig"))
-        fd = os.open(os.path.join(self.root, ".mig", "grid.lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        return fd
+        return take_lock(os.path.join(self.root, ".mig", "grid.lock"), "the grid")
 
     def app_dir(self, app):
         return os.path.join(self.apps, check_name(app))
@@ -98,10 +97,7 @@ class Grid:
 
     def lock(self, app):
         """Serialise operations on one app: start, stop and destroy must not interleave."""
-        path = os.path.join(self.app_dir(app), ".lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        return fd
+        return take_lock(os.path.join(self.app_dir(app), ".lock"), f"app {app!r}")
 
     # state
 
@@ -176,6 +172,46 @@ class Grid:
             raise AgentError(f"component {component!r}: unknown placeholder {match.group(0)}")
 
         return PLACEHOLDER_RE.sub(value, text)
+
+
+# What an operation under a lock may take (a start waiting for its app to listen, a stop's
+# grace time and a forced stop's): a lock held longer is held by something stuck.
+LOCK_WAIT = 150.0
+
+
+def take_lock(path, what):
+    """An exclusive lock on `path` (a descriptor to close), or, after LOCK_WAIT, an error
+    naming the process that holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise AgentError(
+                    f"{what} is busy: {lock_holder(path)} has held its lock for {LOCK_WAIT:g}s"
+                ) from None
+            time.sleep(0.02)
+
+
+def lock_holder(path):
+    """Which process holds the flock on `path`, as /proc/locks and its command line say."""
+    try:
+        inode = os.stat(path).st_ino
+        with open("/proc/locks") as f:
+            for line in f:
+                fields = line.split()  # 1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF
+                if len(fields) > 5 and fields[1] == "FLOCK" and fields[5].endswith(f":{inode}"):
+                    pid = fields[4]
+                    with open(f"/proc/{pid}/cmdline", "rb") as cmd:
+                        command = cmd.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+                    return f"pid {pid} ({shorten(command, 200)})"
+    except OSError:
+        pass
+    return "another process"
 
 
 def validate_manifest(manifest):
