@@ -108,6 +108,8 @@ class Plan:
     stale_helper: bool = False  # a helper of an earlier job is there: provisioning replaces it
     bwlimit_kbps: int | None = None
     refresh: Snapshot | None = None  # the snapshot copy a refresh writes into
+    image_refs: list = field(default_factory=list)  # the images the app's components run
+    images: list = field(default_factory=list)  # of those, the ones the target lacks: copied first
 
     @property
     def source(self):
@@ -165,6 +167,9 @@ class Plan:
         ]
         for v in self.volumes:
             lines.append(f"  volume {v.name:<16} {human_bytes(v.bytes or 0):>12}  {v.files or 0} files")
+        for image in self.images:
+            size = human_bytes(image.size)
+            lines.append(f"  image  {image.ref:<17} {size:>12}  copied to {self.target_grid.name} first")
         lines += [
             f"total {human_bytes(self.bytes)} in {self.files} files; "
             f"{human_bytes(self.target_free)} free on {self.target_grid.name}",
@@ -179,6 +184,7 @@ class Plan:
             "bytes": self.bytes,
             "files": self.files,
             "target_free": self.target_free,
+            "images": [{"ref": i.ref, "bytes": i.size} for i in self.images],
             "estimated_seconds": round(self.estimated_seconds, 1),
             "estimated_downtime": round(self.estimated_downtime, 1),
         }
@@ -216,6 +222,13 @@ def preflight(target_grid_name, target_app, action, bwlimit_kbps=None, refresh=N
     if here_grid not in grids:
         raise PreflightError(f"this app's grid {here_grid!r} (MIG_GRID) is not in grid.info")
     source_grid, target_grid = grids[here_grid], grids[target_grid_name]
+    if source_grid.driver != target_grid.driver:
+        raise PreflightError(
+            f"{source_grid.name} is a {source_grid.driver} grid and {target_grid.name} a "
+            f"{target_grid.driver} grid: an app moves only between grids of one kind (its "
+            "components are processes on one, containers on the other)",
+            "target_grid",
+        )
     if (here_grid, here_app) == (target_grid_name, target_app):
         raise PreflightError("that is this app itself: choose another name or grid", "target_app")
     if source_grid.transport == "local" and target_grid.transport != "local":
@@ -256,9 +269,10 @@ def preflight(target_grid_name, target_app, action, bwlimit_kbps=None, refresh=N
         # Target problems concern what the operator typed: report them first.
         target_check.result()
         source_check.result()
+    check_images(plan)
     headroom = headroom_for(plan.bytes)
     # A refresh writes over what the copy holds: it needs room only for what grew.
-    needed = max(plan.bytes - (refresh.bytes if refresh else 0), 0)
+    needed = max(plan.bytes - (refresh.bytes if refresh else 0), 0) + sum(i.size for i in plan.images)
     if plan.target_free < needed + headroom:
         raise PreflightError(
             f"not enough space on {target_grid.name}: the copy needs {human_bytes(needed + headroom)} "
@@ -286,6 +300,28 @@ def check_source(plan):
     if app.state != AppState.RUNNING:
         raise PreflightError(f"this app is {app.state} on {plan.source_grid.name}, not running")
     plan.volumes, plan.bytes, plan.files = app.volumes, app.bytes, app.files
+    plan.image_refs = sorted({c["image"] for c in app.manifest.get("components", []) if c.get("image")})
+
+
+def check_images(plan):
+    """The images the app runs that the target grid lacks (by ID): the job copies them
+    before anything else."""
+    if not plan.image_refs:
+        return
+    try:
+        with config.driver_for(plan.source_grid) as source, config.driver_for(plan.target_grid) as target:
+            plan.images = missing_images(plan.image_refs, source, target)
+    except GridError as e:
+        raise PreflightError(f"the app's images: {e}") from None
+
+
+def missing_images(refs, source, target):
+    """The source's images of `refs` that the target has not, or has as another image."""
+    theirs, ours = source.images(refs), target.images(refs)
+    for ref, image in theirs.items():
+        if image.id is None:
+            raise GridError(f"the image {ref}, which the app runs, is not on {source.grid.name}")
+    return [theirs[ref] for ref in refs if ours[ref].id != theirs[ref].id]
 
 
 def check_target(plan):
@@ -363,9 +399,13 @@ def provision(job):
     job.set_state(MigrationJob.State.PROVISIONING)
     try:
         target_grid = config.grid_config(job.target_grid)
-        with config.driver_for(target_grid) as target:
+        with (
+            config.driver_for(config.grid_config(job.source_grid)) as source,
+            config.driver_for(target_grid) as target,
+        ):
             try:
-                define_target(job, target)
+                copy_images(job, source, target)
+                define_target(job, source, target)
                 provision_helper(job, target)
             except (GridError, OSError) as e:
                 job.event(f"could not provision the helper: {e}", level="error")
@@ -380,15 +420,45 @@ def provision(job):
     return job
 
 
-def define_target(job, target):
+def copy_images(job, source, target):
+    """The images the app runs, onto the target grid where it lacks them, checked by ID."""
+    refs = source.app_images(job.source_app)
+    for image in missing_images(refs, source, target) if refs else []:
+        job.event(f"Copying the image {image.ref} ({human_bytes(image.size)}) to {job.target_grid}")
+        pipe_image(source.open_image_export(image.ref), target.open_image_import(), image.ref)
+        arrived = target.images([image.ref])[image.ref]
+        if arrived.id != image.id:
+            raise GridError(
+                f"the image {image.ref} arrived on {job.target_grid} as {arrived.id}, not {image.id}"
+            )
+        job.event(f"The image {image.ref} is on {job.target_grid} ({image.id[:19]})")
+
+
+def pipe_image(export, load, ref):
+    """Stream an image archive from one grid's process to another's."""
+    try:
+        while chunk := export.stdout.read(1 << 20):
+            load.stdin.write(chunk)
+        load.stdin.close()
+    except OSError:
+        pass  # the loader ended early: its status says why
+    failed = [
+        f"{what} (status {proc.returncode}): {proc.stderr.read().decode('utf-8', 'replace').strip()[-300:]}"
+        for what, proc in (("saving it", export), ("loading it", load))
+        if proc.wait() != 0
+    ]
+    if failed:
+        raise GridError(f"copying the image {ref} failed: " + "; ".join(failed))
+
+
+def define_target(job, source, target):
     """The target app, stopped and empty, owned by the job, defined before the helper: the
     helper is provisioned to reach its volumes (on a docker grid they are mounted into the
     helper's container). Recorded before it exists, so that clean-up knows it may be there.
     A refresh writes into its snapshot copy instead."""
     if job.refresh_of is not None:
         return
-    with config.driver_for(config.grid_config(job.source_grid)) as source:
-        manifest = source.describe(job.source_app, sizes=False).manifest
+    manifest = source.describe(job.source_app, sizes=False).manifest
     MigrationJob.objects.filter(pk=job.pk).update(target_created=True)
     job.target_created = True
     try:

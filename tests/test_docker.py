@@ -5,14 +5,28 @@ here; no acknowledged write may be lost, and never may both engines run the app.
 
 import json
 import os
+import re
 import signal
 import socketserver
+import subprocess
+import sys
 import threading
+import urllib.request
 
 import pytest
 
+from migrations_app.grids import gridinfo, open_grid
+
 from .test_faults import HELPER, PHASES, Watch, assert_nothing_lost, wait_journal
 from .world import DockerWorld, wait_for
+
+
+def answers(url):
+    try:
+        with urllib.request.urlopen(url + "ping/", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
 
 
 class Acks(socketserver.ThreadingTCPServer):
@@ -74,12 +88,30 @@ def move(world, source, target, app, action="migrate", job=1):
     return done
 
 
+def image_only_on(engine, tag):
+    """An image of this app's own, on one engine only: MIG's, with a file added."""
+    engine.docker("rm", "-f", "image-maker", check=False)
+    engine.docker(
+        "run", "--name", "image-maker", "--network", "none", "mig:test", "sh", "-c", "echo 1 > /shop-version"
+    )
+    engine.docker("commit", "image-maker", tag)
+    engine.docker("rm", "-f", "image-maker")
+    return engine.docker("image", "inspect", "-f", "{{.Id}}", tag).stdout.strip()
+
+
 def test_an_app_of_containers_is_snapshotted_moved_and_moved_back(docker_world):
     world = docker_world
-    provision(world)
+    east, west = docker_world.engines["east"], docker_world.engines["west"]
+    image = image_only_on(east, "shop-data:1")
+    assert west.docker("image", "inspect", "shop-data:1", check=False).returncode != 0
+    provision(world, data_image="shop-data:1")
     assert wait_for(lambda: world.acks.read_text().count("\n") >= 3), "the app never acknowledged a write"
 
+    # The plan says the image goes first; the job copies it, and it arrives as itself.
+    plan = world.manage("east", "shop", "migrate_app", "--dry-run", "west", "copy", "--action", "snapshot")
+    assert "image  shop-data:1" in plan.stdout and "copied to west first" in plan.stdout, plan.stdout
     snapshot = move(world, "east", "west", "copy", action="snapshot")
+    assert west.docker("image", "inspect", "-f", "{{.Id}}", "shop-data:1").stdout.strip() == image
     assert world.state("west", "copy") == "stopped" and world.running("east", "shop")
     assert (world.volume("west", "copy", "data") / "journal.log").stat().st_size > 0
     assert "total" in json.loads(snapshot["timings"])  # the downtime, as clients saw it
@@ -122,3 +154,87 @@ def test_hostile_names_run_nothing_on_an_engine(docker_world):
         assert result.returncode != 0 and "invalid app name" in result.stdout + result.stderr, name
     assert world.engines["west"].docker("ps", "-aq").stdout == before
     assert world.job("east", "shop") is None
+
+
+@pytest.mark.django_db
+def test_an_app_moves_only_between_grids_of_one_kind(settings, tmp_path):
+    from migrations_app.migration import PreflightError, preflight
+
+    path = tmp_path / "grid.info"
+    path.write_text(
+        f'[grids.east]\ndriver = "docker"\ntransport = "local"\nimage = "mig:1"\n\n'
+        f'[grids.west]\ndriver = "hostgrid"\ntransport = "local"\nroot = "{tmp_path / "west"}"\n'
+    )
+    settings.MIG_GRID_INFO_FILE = path
+    settings.MIG_GRID, settings.MIG_APP = "east", "shop"
+    with pytest.raises(
+        PreflightError, match="east is a docker grid and west a hostgrid grid: an app moves only"
+    ):
+        preflight("west", "shop", "migrate")
+
+
+def test_the_readme_puts_mig_in_an_app_on_a_docker_grid(tmp_path, ssh_hosts, client_key, docker_engines):
+    """The README's "Docker grids", block by block (with this machine's hosts, engines and
+    keys in place of the example's), on the app its "Put MIG in your app" describes."""
+    from .conftest import ROOT, mig_env, port_range, remove_docker_grid
+    from .test_guide import guide_blocks, run
+
+    readme = (ROOT / "README.md").read_text()
+    blocks = {m[1]: m[2] for m in re.finditer(r"<!-- docker:([\w.]+) -->\n```\w*\n(.*?)```", readme, re.S)}
+    assert set(blocks) == {"grid.info", "deploy", "inside"}
+    work, config = tmp_path / "checkout", tmp_path / "checkout/var/config"
+    config.mkdir(parents=True)
+    (config / "id_ed25519").write_bytes(client_key.read_bytes())
+    os.chmod(config / "id_ed25519", 0o600)
+    grid_info = ""
+    for name, host, engine in zip(("dock", "dock2"), ssh_hosts, docker_engines, strict=True):
+        table = (
+            blocks["grid.info"]
+            .replace("[grids.dock]", f"[grids.{name}]")
+            .replace("203.0.113.12", host.address)
+        )
+        table = re.sub(r'host_key = "[^"]*"', f'host_key = "{host.host_key}"', table)
+        table = table.replace("port = 22", f"port = {host.port}").replace(
+            'user = "mig"', f'user = "{host.user}"'
+        )
+        table = table.replace('"mig:1.0"', '"mig:test"').replace("/var/run/docker.sock", engine.socket)
+        grid_info += (
+            re.sub(r"app_ports = \[\d+, \d+\]", f"app_ports = {port_range(host.address)}", table) + "\n"
+        )
+    (config / "grid.info").write_text(grid_info)
+    guide = guide_blocks()
+    (work / "notes").mkdir()
+    (work / "notes/manifest.json").write_text(guide["manifest"])  # as it is: the image has /opt/mig
+    env = mig_env(config)
+    run(guide["env"], work, env, "the login file")
+    try:
+        deployed = run(
+            blocks["deploy"].replace(".venv/bin/python manage.py", f"{sys.executable} {ROOT}/manage.py"),
+            work,
+            env,
+            "deploy",
+        )
+        url = re.search(r"MIG answers at (http://\S+): log in as operator", deployed)[1]
+        assert url.startswith(f"http://{ssh_hosts[0].address}:")
+        inside = blocks["inside"].replace("docker exec", f"docker -H unix://{docker_engines[0].socket} exec")
+        moved = run(inside, work, env, "migrate_app inside the app's container")
+        assert "destroys: the source app dock/notes" in moved, moved
+        dock2 = open_grid(gridinfo.parse(grid_info)["dock2"], client_key)
+        try:
+            assert wait_for(lambda: dock2.exists("notes") and dock2.state("notes") == "running", 120)
+            new_url = dock2.describe("notes", sizes=False).url
+            assert wait_for(lambda: answers(new_url), 60)
+        finally:
+            dock2.close()
+        gone = [
+            "docker",
+            "-H",
+            f"unix://{docker_engines[0].socket}",
+            "volume",
+            "inspect",
+            "mig.dock.notes.data",
+        ]
+        assert wait_for(lambda: subprocess.run(gone, capture_output=True).returncode != 0, 60)
+    finally:
+        for name, engine in zip(("dock", "dock2"), docker_engines, strict=True):
+            remove_docker_grid(engine, name)

@@ -389,3 +389,17 @@ def test_an_unknown_app_is_not_found(any_grid):
     ):
         with pytest.raises((AppNotFound, GridError)):
             operation()
+
+
+@pytest.mark.parametrize("kind", ["hostgrid-ssh", "docker-ssh"])
+def test_a_host_key_other_than_the_pinned_one_is_refused(request, kind, tmp_path, client_key):
+    from migrations_app.grids import HostKeyError, gridinfo
+
+    from .conftest import any_grid_table
+
+    table, _ = any_grid_table(request, kind, tmp_path)
+    other = request.getfixturevalue("ssh_hosts")[1].host_key  # the other host's: not this one's
+    table = table.replace(request.getfixturevalue("ssh_hosts")[0].host_key, other)
+    with open_grid(gridinfo.parse("[grids.east]\n" + table)["east"], client_key) as grid:
+        with pytest.raises(HostKeyError, match="HOST KEY MISMATCH: the host offered .* grid.info pins"):
+            grid.info()

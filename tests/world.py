@@ -274,11 +274,22 @@ class DockerWorld(World):
         for name, engine in self.engines.items():
             remove_docker_grid(engine, name)
 
-    def provision(self, grid="east", app="shop", properties=None, wait=True, padding=0, fill=None):
+    def provision(
+        self, grid="east", app="shop", properties=None, wait=True, padding=0, fill=None, data_image=None
+    ):
+        """As World's; with `data_image`, the data component runs that image (the others,
+        the grid's)."""
         driver = self.drivers[grid]
-        catalog.provision_mig_app(
-            driver, app, "python3", self.grid_info, key=self.key.read_bytes(), env=self.LOGIN,
-            properties=properties, start=False,
+        files, version = catalog.mig_app_template("python3")
+        if data_image:
+            manifest = json.loads(files["manifest.json"])
+            for component in manifest["components"]:
+                if component["name"] == "data":
+                    component["image"] = data_image
+            files, version = catalog.versioned({**files, "manifest.json": json.dumps(manifest).encode()})
+        catalog.install_app(
+            driver, app, catalog.MIG_APP_TEMPLATE, files, version, self.grid_info, key=self.key.read_bytes(),
+            env=self.LOGIN, properties={"python": "python3", **(properties or {})}, start=False,
         )  # fmt: skip
         if padding:
             driver.put_file(app, "volumes/data/padding.bin", os.urandom(padding), 0o644)

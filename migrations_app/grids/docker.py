@@ -17,13 +17,21 @@ import time
 import uuid
 
 from .agent.containers import SOCKET
-from .driver import GridInfo, RsyncSource
-from .errors import GridError
+from .driver import GridInfo, Image, RsyncSource
+from .errors import GridError, InvalidName
+from .gridinfo import IMAGE_RE
 from .hostgrid import HostGridDriver, check_relpath
-from .names import validate_name
+from .names import shorten, validate_name
 
 IMAGE_HINT = "build it and load it into the engine with conf/docker/build-image"
 FOLLOW_INTERVAL = 0.2
+
+
+def check_image(ref):
+    """An image reference, checked before any command is built from it."""
+    if not isinstance(ref, str) or not IMAGE_RE.match(ref):
+        raise InvalidName(f"invalid image reference {shorten(ref)}")
+    return ref
 
 
 class DockerDriver(HostGridDriver):
@@ -162,6 +170,20 @@ class DockerDriver(HostGridDriver):
                 )
             self._raise_for(made.err, None)
         return True
+
+    # --- images -----------------------------------------------------------------------------
+
+    def images(self, refs):
+        for ref in refs:
+            check_image(ref)
+        found = self._call("images", *refs)
+        return {ref: Image(ref, value["id"], value["size"]) for ref, value in found.items()}
+
+    def open_image_export(self, ref):
+        return self.transport.popen(self.docker("save", check_image(ref)))
+
+    def open_image_import(self):
+        return self.transport.popen(self.docker("load", "--quiet"))
 
     # --- files inside an app ----------------------------------------------------------------
 

@@ -91,6 +91,15 @@ class GridInfo:
 
 
 @dataclass(frozen=True)
+class Image:
+    """An image an app's components run, as one grid has it."""
+
+    ref: str
+    id: str | None  # None: the grid does not have it
+    size: int = 0
+
+
+@dataclass(frozen=True)
 class RsyncSource:
     """Where rsync reads an app's volumes from: its SRC (ending in /), its -e remote shell
     (None: the volumes are on the host rsync runs on), and whether --protect-args may be
@@ -242,6 +251,29 @@ class Driver(abc.ABC):
         "kept"}. With `owner`, an app defined by another owner is kept ("kept": True), not
         removed: clean-up never removes what its job did not create. Idempotent."""
 
+    def app_images(self, app: str) -> list[str]:
+        """The images the app's components run (none on a grid whose components are
+        processes). Raises AppNotFound."""
+        manifest = self.describe(app, sizes=False).manifest
+        return sorted({c["image"] for c in manifest.get("components", []) if c.get("image")})
+
+    # --- images (grids whose apps run images) ---
+
+    @abc.abstractmethod
+    def images(self, refs: list[str]) -> dict[str, Image]:
+        """The images of these references as this grid has them (id None where it has
+        none). GridError on a grid whose apps run no images."""
+
+    @abc.abstractmethod
+    def open_image_export(self, ref: str):
+        """Start writing the image `ref` to the process's stdout, as an archive that
+        open_image_import takes."""
+
+    @abc.abstractmethod
+    def open_image_import(self):
+        """Start loading an image archive from the process's stdin; it exits 0 once the
+        image is on the grid."""
+
     # --- catalog ---
 
     @abc.abstractmethod
@@ -251,9 +283,13 @@ class Driver(abc.ABC):
 
     # --- files inside an app ---
 
+    # Paths inside an app are relative to it: "volumes/VOLUME/...", "secrets/NAME", and
+    # "cutover/..." for its cut-over record's files. None is reached through a symlink.
+
     @abc.abstractmethod
     def put_file(self, app: str, path: str, data: bytes, mode: int = 0o600):
-        """Write a file inside the app (a volume's content, a secret), atomically."""
+        """Write a file inside the app (a volume's content, a secret), atomically, making
+        the directories on the way."""
 
     @abc.abstractmethod
     def read_file(self, app: str, path: str, offset: int = 0) -> tuple[str, int]:

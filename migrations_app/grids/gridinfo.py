@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from .agent.base import IMAGE_RE
 from .errors import ConfigError
 from .names import NAME_RE, shorten
 
@@ -39,7 +40,6 @@ SSH_KEYS = ("host", "port", "user", "host_key", "restricted")
 DOCKER_KEYS = ("image", "docker_socket")
 # Where a docker grid's containers have the grid's own volume: its root, as the agent sees it.
 DOCKER_ROOT = "/grid"
-IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}\Z")
 USER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\Z", re.IGNORECASE)
 
 

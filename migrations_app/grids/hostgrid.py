@@ -324,6 +324,19 @@ class HostGridDriver(Driver):
     def define(self, app, manifest, owner=""):
         return self._call("define", validate_name(app), "--manifest", json.dumps(manifest), "--owner", owner)
 
+    # --- images: a hostgrid's components are processes ---
+
+    def images(self, refs):
+        if refs:
+            raise GridError(f"grid {self.grid.name!r}: a hostgrid runs no images ({', '.join(refs)})")
+        return {}
+
+    def open_image_export(self, ref):
+        raise GridError(f"grid {self.grid.name!r}: a hostgrid has no images")
+
+    def open_image_import(self):
+        raise GridError(f"grid {self.grid.name!r}: a hostgrid has no images")
+
     # --- catalog ---
 
     def template_version(self, template):

@@ -9,6 +9,8 @@ import time
 import uuid
 
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}\Z")
+# An image reference a docker grid runs: [registry/]name[:tag][@digest].
+IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}\Z")
 PACKAGE = os.path.dirname(os.path.abspath(__file__))
 
 

@@ -121,6 +121,23 @@ class Containers:
         if template_dir is not None:
             self.in_sidecar(sidecar, "fill", app, "--template", os.path.basename(template_dir))
 
+    def pin(self, manifest):
+        """The manifest, each component's image named (the grid's, where it names none): an
+        app runs the same images wherever it moves."""
+        components = [dict(c, image=c.get("image") or self.image) for c in manifest["components"]]
+        return dict(manifest, components=components)
+
+    def images(self, refs):
+        """{reference: {"id", "size"}} of images on this engine; id None if it lacks one."""
+        found = {}
+        for ref in refs:
+            try:
+                image = self.client.images.get(ref)
+                found[ref] = {"id": image.id, "size": image.attrs.get("Size", 0)}
+            except self.errors.ImageNotFound:
+                found[ref] = {"id": None, "size": 0}
+        return found
+
     def sidecar(self, app, manifest):
         """The app's sidecar, running; made if it is missing."""
         name = self.prefix(app)

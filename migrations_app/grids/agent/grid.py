@@ -14,6 +14,7 @@ import time
 from urllib.parse import urlsplit
 
 from .base import (
+    IMAGE_RE,
     NAME_RE,
     AgentError,
     Invalid,
@@ -32,7 +33,6 @@ MANIFEST_FORMAT = 1
 DEFAULT_STOP_GRACE = 10.0
 DEFAULT_START_SETTLE = 0.5
 STATES = ("stopped", "starting", "running", "stopping", "failed", "unknown")
-IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}\Z")
 
 
 class Grid:

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from . import tree
 from .base import (
+    IMAGE_RE,
     NAME_RE,
     AgentError,
     Exists,
@@ -35,7 +36,6 @@ from .cutover import Cutover
 from .grid import (
     DEFAULT_START_SETTLE,
     DEFAULT_STOP_GRACE,
-    IMAGE_RE,
     Grid,
     listening,
     validate_manifest,
@@ -170,7 +170,7 @@ def make_app(grid, app, manifest, template_dir=None):
         port = grid.assign_port(app) if not grid.exists(app) else None
         if port is not None:
             manifest = dict(manifest, port=port)
-        write_app(grid, app, manifest, template_dir)
+        write_app(grid, app, grid.runtime.pin(manifest), template_dir)
     finally:
         os.close(fd)
 
@@ -472,6 +472,15 @@ def op_put(grid, args):
     return {"written": len(data)}
 
 
+def op_images(grid, args):
+    """{image reference: {"id", "size"}} of images on a docker grid's engine (id None: not
+    there)."""
+    runtime = grid.runtime
+    if not hasattr(runtime, "images"):
+        raise Invalid("only a docker grid has images")
+    return runtime.images(args.ref or [])
+
+
 def op_sidecar(grid, args):
     """A docker grid's app sidecar, running (made if missing)."""
     runtime = grid.runtime
@@ -650,6 +659,7 @@ OPERATIONS = {
     "read": op_read,
     "put": op_put,
     "sidecar": op_sidecar,
+    "images": op_images,
     "sizes": op_sizes,
     "fill": op_fill,
     "follow": op_follow,
@@ -757,6 +767,7 @@ def parser():
     s.add_argument("path")
     s.add_argument("--mode", type=number(0, 0o777, int), default=0o600)
     sub.add_parser("sidecar").add_argument("app")
+    sub.add_parser("images").add_argument("ref", nargs="*")
     sub.add_parser("sizes").add_argument("app")
     s = sub.add_parser("fill")
     s.add_argument("app")

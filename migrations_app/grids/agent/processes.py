@@ -39,6 +39,10 @@ class Processes:
             if source and os.path.isdir(source):
                 shutil.copytree(source, path, symlinks=True, dirs_exist_ok=True)
 
+    def pin(self, manifest):
+        """The manifest an app is made from, as this runtime will run it."""
+        return manifest
+
     def remove(self, app):
         """What the app has beyond its directory (nothing: its volumes are in it)."""
         return []
