@@ -80,10 +80,12 @@ def helper_template():
     return versioned(files)
 
 
-def mig_app_template(python, data_component=True):
+def mig_app_template(python, data_component=True, engine=False):
     """(files, version) of the MigApp template: MIG (served by gunicorn) plus a data writer.
 
     `python` is the interpreter on the grid hosts that has MIG's requirements installed.
+    `engine`: MIG's component drives its docker grid's engine from inside the app (for grids
+    reached through a local socket, as in the docker demo: see README, "Docker grids").
     Properties `fail_on_grid` and `ignore_stop` make the data component misbehave, for the
     tests of failed migrations; `churn` makes it rewrite its data at so many bytes per
     second, for the benchmarks; `ack_log` makes it acknowledge each write once it is on
@@ -102,6 +104,7 @@ def mig_app_template(python, data_component=True):
                 "MIG_PRIVATE_KEY_FILE": f"{config}/id_ed25519",
                 "PYTHONDONTWRITEBYTECODE": "1",
             },
+            **({"engine": True} if engine else {}),
         }
     ]
     if data_component:
@@ -215,8 +218,10 @@ def install_app(
         driver.start(app, listen=True)
 
 
-def provision_mig_app(driver, app, python, grid_info, key=None, env=None, properties=None, start=True):
+def provision_mig_app(
+    driver, app, python, grid_info, key=None, env=None, properties=None, start=True, engine=False
+):
     """Provision a MigApp on `driver`'s grid, with MIG's config volume filled in."""
-    files, version = mig_app_template(python)
+    files, version = mig_app_template(python, engine=engine)
     properties = {"python": python, **(properties or {})}
     install_app(driver, app, MIG_APP_TEMPLATE, files, version, grid_info, key, env, properties, start)

@@ -241,6 +241,17 @@ def preflight(target_grid_name, target_app, action, bwlimit_kbps=None, refresh=N
         raise PreflightError(
             f"another job holds the lock: job #{held.job_id} ({held.job.get_state_display()})"
         )
+    if (
+        source_grid.driver == "docker"
+        and "local" == source_grid.transport == target_grid.transport
+        and source_grid.docker_socket != target_grid.docker_socket
+    ):
+        raise PreflightError(
+            f"the helper runs in {target_grid.name}'s engine and cannot reach {source_grid.name}'s, "
+            f"which is local to MIG: give {source_grid.name} an ssh transport in grid.info, or put "
+            "both grids on one engine",
+            "target_grid",
+        )
     if "ssh" in (source_grid.transport, target_grid.transport):
         try:
             load_private_key(settings.MIG_PRIVATE_KEY_FILE)

@@ -48,8 +48,11 @@ from migrations_app.grids import gridinfo, open_grid  # noqa: E402
 
 from .sshd import GRID_PYTHON, free_port, keygen, start_sshd  # noqa: E402
 
-# Two grid hosts, as two real OpenSSH servers on loopback addresses.
-GRID_HOSTS = ("127.0.0.2", "127.0.0.3")
+# Two grid hosts, as two real OpenSSH servers on loopback addresses: each of pytest-xdist's
+# workers (gw0, gw1, ...) on addresses of its own, so that ports one hands out (apps' ports,
+# helpers' status ports) are never another's.
+WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+GRID_HOSTS = (f"127.0.{WORKER}.2", f"127.0.{WORKER}.3")
 
 WEB_TEMPLATE = {
     "manifest.json": json.dumps(
@@ -102,25 +105,27 @@ def grid_table(kind, root, ssh_hosts=None, host_index=0, app_port=8080):
 @pytest.fixture(scope="session")
 def docker_engines():
     """Two real Docker engines (see dockerd.py), with MIG's image in each."""
-    from .dockerd import load_image, start_engine
+    from migrations_app.engines import load_image, start_engine
 
     engines = []
     try:
         for number in range(2):
-            engines.append(start_engine(number))
-        load_image(engines)
+            engines.append(start_engine(str(number)))
+        load_image(engines, DOCKER_IMAGE)
         yield engines
     finally:
         for engine in engines:
             engine.stop()
 
 
+# MIG's image in the tests' engines.
+DOCKER_IMAGE = "mig:test"
+
+
 def docker_table(engine, host_index=0, ssh_hosts=None, app_port=8080):
     """A [grids.NAME] table for a docker grid on `engine`, reached locally or over ssh."""
-    from .dockerd import IMAGE
-
     address = GRID_HOSTS[host_index]
-    lines = ['driver = "docker"', f'image = "{IMAGE}"', f'docker_socket = "{engine.socket}"']
+    lines = ['driver = "docker"', f'image = "{DOCKER_IMAGE}"', f'docker_socket = "{engine.socket}"']
     if ssh_hosts is None:
         lines.append('transport = "local"')
     else:
@@ -136,11 +141,13 @@ def docker_table(engine, host_index=0, ssh_hosts=None, app_port=8080):
     return "\n".join(lines) + "\n"
 
 
-def remove_docker_grid(engine, name):
-    """Whatever a docker grid left on its engine: its apps, its own container and volume."""
+def remove_docker_grid(engine, name, keep_grid=False):
+    """Whatever a docker grid left on its engine: its apps' containers and volumes, and,
+    unless `keep_grid` (the next test's grid of that name is then made at once), its own."""
+    only_apps = ["--filter", "label=mig.app"] if keep_grid else []
     for kind in ("container", "volume"):
         found = engine.docker(kind, "ls", "-q", *(["-a"] if kind == "container" else []),
-                              "--filter", f"label=mig.grid={name}").stdout.split()  # fmt: skip
+                              "--filter", f"label=mig.grid={name}", *only_apps).stdout.split()  # fmt: skip
         if found:
             engine.docker(kind, "rm", "-f", *found, check=False)
 
@@ -153,7 +160,8 @@ def any_grid_table(request, kind, tmp_path, host_index=0, app_port=8080):
         table = grid_table(transport, tmp_path / f"grid{host_index}", hosts, host_index, app_port)
         return table, lambda name: None
     engine = request.getfixturevalue("docker_engines")[host_index]
-    return docker_table(engine, host_index, hosts, app_port), lambda name: remove_docker_grid(engine, name)
+    table = docker_table(engine, host_index, hosts, app_port)
+    return table, lambda name: remove_docker_grid(engine, name, keep_grid=True)
 
 
 GRID_KINDS = ["hostgrid-local", "hostgrid-ssh", "docker-local", "docker-ssh"]

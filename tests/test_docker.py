@@ -17,7 +17,7 @@ import pytest
 
 from migrations_app.grids import gridinfo, open_grid
 
-from .test_faults import HELPER, PHASES, Watch, assert_nothing_lost, wait_journal
+from .test_faults import HELPER, PHASES, Watch, assert_nothing_lost, many_files, settle, wait_journal
 from .world import DockerWorld, wait_for
 
 
@@ -156,6 +156,25 @@ def test_hostile_names_run_nothing_on_an_engine(docker_world):
     assert world.job("east", "shop") is None
 
 
+def test_a_helper_container_gone_for_good_after_the_stop_is_rolled_back(docker_world):
+    """The helper's container dies for good once the source has stopped: the watchdog, in
+    the source grid's own container, rolls back once the heartbeat is silent, and restarts
+    the source, whose MIG ends the job."""
+    world = docker_world
+    provision(world, fill=many_files)
+    env_file = world.volume("east", "shop", "config") / "mig.env"
+    env_file.write_text(env_file.read_text() + "MIG_HEARTBEAT_TIMEOUT='3'\n")
+    result = world.manage("east", "shop", "migrate_app", "--yes", "west", "shop", "--action", "migrate")
+    assert result.returncode == 0, result.stdout + result.stderr
+    wait_journal(world, lambda line: line.get("fact") == "source_stopped")
+    world.kill_helper_app("west", HELPER)
+    grid, job = settle(world)
+    assert (grid, job["state"]) == ("east", "failed"), job
+    assert "rolled back by the watchdog" in job["error"] and "no sign of life" in job["error"]
+    assert world.state("west", "shop") is None and world.state("west", HELPER) is None
+    assert_nothing_lost(world)
+
+
 @pytest.mark.django_db
 def test_an_app_moves_only_between_grids_of_one_kind(settings, tmp_path):
     from migrations_app.migration import PreflightError, preflight
@@ -238,3 +257,39 @@ def test_the_readme_puts_mig_in_an_app_on_a_docker_grid(tmp_path, ssh_hosts, cli
     finally:
         for name, engine in zip(("dock", "dock2"), docker_engines, strict=True):
             remove_docker_grid(engine, name)
+
+
+def test_the_docker_demo_serves_an_app_and_stops(tmp_path):
+    from .conftest import ROOT, mig_env
+    from .sshd import free_port
+
+    port = free_port("127.0.0.1")
+    demo = subprocess.Popen(
+        [
+            sys.executable,
+            "manage.py",
+            "demo",
+            "--docker",
+            "--dir",
+            str(tmp_path / "demo"),
+            "--port",
+            str(port),
+        ],
+        cwd=ROOT,
+        env=mig_env(tmp_path / "config"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    said = []
+    try:
+        for line in demo.stdout:
+            said.append(line)
+            if "MIG runs inside" in line:
+                break
+        assert f"MIG runs inside east/shop: open http://127.0.0.1:{port}/" in "".join(said), "".join(said)
+        assert answers(f"http://127.0.0.1:{port}/")
+    finally:
+        demo.send_signal(signal.SIGINT)
+        rest, _ = demo.communicate(timeout=120)
+    assert "stopped east/shop" in rest and "stopped the demo's Docker engine" in rest, rest

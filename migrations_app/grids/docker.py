@@ -16,14 +16,13 @@ import shlex
 import time
 import uuid
 
-from .agent.containers import SOCKET
+from .agent.containers import IMAGE_HINT, SOCKET
 from .driver import GridInfo, Image, RsyncSource
 from .errors import GridError, InvalidName
 from .gridinfo import IMAGE_RE
 from .hostgrid import HostGridDriver, check_relpath
 from .names import shorten, validate_name
 
-IMAGE_HINT = "build it and load it into the engine with conf/docker/build-image"
 FOLLOW_INTERVAL = 0.2
 
 
@@ -129,19 +128,13 @@ class DockerDriver(HostGridDriver):
         """Make the grid's container (and its volume) on the engine, then the grid."""
         validate_name(self.grid.name, "grid")
         made = self._ensure_grid_container()
-        args = ["--name", self.grid.name, "--app-url", self.grid.app_url]
-        if self.grid.app_ports:
-            low, high = self.grid.app_ports
-            args += ["--app-ports", f"{low}-{high}"]
-        args += [
-            "--runtime",
-            "docker",
-            "--image",
-            self.grid.image,
-            "--docker-socket",
-            self.grid.docker_socket,
+        return super().init() or made
+
+    def _init_args(self):
+        return [
+            *super()._init_args(),
+            *("--runtime", "docker", "--image", self.grid.image, "--docker-socket", self.grid.docker_socket),
         ]
-        return self._call("init", *args)["changed"] or made
 
     def _ensure_grid_container(self):
         name = self.grid_container

@@ -80,7 +80,12 @@ class GridInfo:
     def problem(self, grid: GridConfig):
         """(short label, message) of what keeps `grid` from taking apps, or None if nothing."""
         if not self.initialised:
-            return "not initialised", f"{grid.root} is not a grid yet: run manage.py grids --init {grid.name}"
+            where = (
+                f"{grid.name}'s engine has no grid"
+                if grid.driver == "docker"
+                else f"{grid.root} is not a grid"
+            )
+            return "not initialised", f"{where} yet: run manage.py grids --init {grid.name}"
         if self.name != grid.name:
             return "WRONG GRID", f"{grid.root} is grid {self.name!r}, not {grid.name!r}"
         if not self.writable:

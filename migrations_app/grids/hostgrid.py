@@ -240,11 +240,14 @@ class HostGridDriver(Driver):
     def init(self):
         """Create the grid's layout and record its name; idempotent."""
         validate_name(self.grid.name, "grid")
+        return self._call("init", *self._init_args())["changed"]
+
+    def _init_args(self):
         args = ["--name", self.grid.name, "--app-url", self.grid.app_url]
         if self.grid.app_ports:
             low, high = self.grid.app_ports
             args += ["--app-ports", f"{low}-{high}"]
-        return self._call("init", *args)["changed"]
+        return args
 
     # --- apps ---
 

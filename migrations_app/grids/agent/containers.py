@@ -32,7 +32,7 @@ from .base import AgentError, agent_argv, ensure_dir
 
 # Where the grid's container has the engine's socket.
 SOCKET = "/var/run/docker.sock"
-IMAGE_HINT = "build it and load it into the engine: conf/docker/build-image"
+IMAGE_HINT = "build it and load it into the engine with conf/docker/build-image"
 
 
 class ContainerProcess:
@@ -145,27 +145,33 @@ class Containers:
         if container is None:
             mounts = [self.mount(self.grid.root, f"mig.{self.grid_name}", read_only=True)]
             mounts += self.app_mounts(app, manifest, secrets_read_only=False)
-            container = self.client.containers.create(
-                self.image,
-                ["sleep", "infinity"],
-                name=name,
-                labels=self.labels(app, "sidecar"),
-                mounts=mounts,
-                init=True,
-                network_mode="none",
-                restart_policy={"Name": "unless-stopped"},
-            )
+            try:
+                container = self.client.containers.create(
+                    self.image,
+                    ["sleep", "infinity"],
+                    name=name,
+                    labels=self.labels(app, "sidecar"),
+                    mounts=mounts,
+                    init=True,
+                    network_mode="none",
+                    restart_policy={"Name": "unless-stopped"},
+                )
+            except self.errors.APIError as e:
+                if e.status_code != 409:  # 409: another agent made it meanwhile
+                    raise AgentError(f"app {app!r}: its sidecar cannot be made: {e.explanation}") from None
+                container = self.client.containers.get(name)
         if container.status != "running":
             container.start()
         return container
 
     def in_sidecar(self, sidecar, *args):
         """Run an agent operation in the app's sidecar; its answer's result."""
-        code, output = sidecar.exec_run(agent_argv(self.grid.root, *args))
+        code, (out, err) = sidecar.exec_run(agent_argv(self.grid.root, *args), demux=True)
         try:
-            reply = json.loads(output.decode("utf-8", "replace").strip().splitlines()[-1])
+            reply = json.loads((out or b"").decode("utf-8", "replace").strip().splitlines()[-1])
         except (ValueError, IndexError):
-            raise AgentError(f"the sidecar's {args[0]} failed (status {code}): {output[-300:]!r}") from None
+            said = (err or b"")[-300:].decode("utf-8", "replace")
+            raise AgentError(f"the sidecar's {args[0]} failed (status {code}): {said}") from None
         if not reply.get("ok"):
             raise AgentError(f"the sidecar's {args[0]}: {reply.get('message')}")
         return reply["result"]

@@ -1,3 +1,4 @@
+import hashlib
 import os
 import secrets
 import signal
@@ -14,6 +15,7 @@ from migrations_app.grids import AppState, GridError, gridinfo, open_grid
 
 APP = "shop"
 USERNAME = "demo"
+DOCKER_IMAGE = "mig:demo"
 
 
 class Command(BaseCommand):
@@ -21,7 +23,9 @@ class Command(BaseCommand):
         "The embedded demo: two local grids (east and west, directories under --dir), an app "
         "`shop` with MIG inside running on one of them, served until you press Ctrl-C. Open the "
         "URL it prints, log in, and migrate the app to the other grid and back. No SSH, no daemons. "
-        "Run it again to pick up where you left off; --rebuild starts from scratch."
+        "Run it again to pick up where you left off; --rebuild starts from scratch. With --docker, "
+        "the grids are docker grids on a Docker engine the demo starts (as root), and the app is "
+        "containers and volumes."
     )
 
     def add_arguments(self, parser):
@@ -32,11 +36,20 @@ class Command(BaseCommand):
             "--port", type=int, default=8001, help="east's MIG listens on PORT, west's on PORT+1"
         )
         parser.add_argument("--rebuild", action="store_true", help="destroy the demo's apps and start again")
+        parser.add_argument(
+            "--docker",
+            action="store_true",
+            help="docker grids, on an engine of the demo's own (needs root, dockerd and mmdebstrap)",
+        )
 
     def handle(self, *args, **options):
         if not 1024 <= options["port"] <= 65534:
             raise CommandError("--port must be from 1024 to 65534")
         self.base = Path(options["dir"]).absolute()
+        self.engine = None
+        if options["docker"]:
+            self.base = self.base.with_name(self.base.name + "-docker")
+            self.engine = self.start_engine()
         self.base.mkdir(parents=True, exist_ok=True)
         self.grid_info = self.write_grid_info(options["port"])
         self.grids = {name: open_grid(config, "") for name, config in gridinfo.parse(self.grid_info).items()}
@@ -48,9 +61,7 @@ class Command(BaseCommand):
         url = self.grids[grid].grid.app_url
         self.stdout.write(f"Waiting for MIG in {grid}/{APP} to answer…")
         if not migration.wait_until_answering(url, 60):
-            raise CommandError(
-                f"MIG did not answer at {url}; see {self.grids[grid].grid.root}/apps/{APP}/logs/"
-            )
+            raise CommandError(f"MIG did not answer at {url}; see the log of {grid}/{APP}'s component mig")
         self.stdout.write(
             self.style.SUCCESS(f"\nMIG runs inside {grid}/{APP}: open {url}\n")
             + f"  user: {USERNAME}\n  password: {self.password()}\n\n"
@@ -61,13 +72,37 @@ class Command(BaseCommand):
 
     # --- set-up ---
 
+    def start_engine(self):
+        """The demo's Docker engine (its images and containers kept under --dir, so a demo
+        run again resumes), with MIG's image in it."""
+        from migrations_app import engines
+
+        if os.geteuid() != 0:
+            raise CommandError("--docker starts a Docker engine of its own: run it as root")
+        self.stdout.write("starting the demo's Docker engine; MIG's image is built the first time (minutes)…")
+        try:
+            # Its socket and runtime state: a short path (see engines.py), one per demo directory.
+            run = f"/run/mig-demo-{hashlib.sha256(str(self.base).encode()).hexdigest()[:8]}"
+            engine = engines.start_engine("demo", data=self.base / "engine", run=run)
+            engines.load_image([engine], DOCKER_IMAGE)
+        except (OSError, RuntimeError) as e:
+            raise CommandError(f"the demo's Docker engine: {e}") from None
+        return engine
+
     def write_grid_info(self, port):
-        python = os.path.realpath(sys.executable)
-        text = "".join(
-            f'[grids.{name}]\ndriver = "hostgrid"\ntransport = "local"\nroot = "{self.base / name}"\n'
-            f'app_url = "http://127.0.0.1:{port + i}/"\npython = "{python}"\n\n'
-            for i, name in enumerate(("east", "west"))
-        )
+        if self.engine is not None:
+            text = "".join(
+                f'[grids.{name}]\ndriver = "docker"\ntransport = "local"\nimage = "{DOCKER_IMAGE}"\n'
+                f'docker_socket = "{self.engine.socket}"\napp_url = "http://127.0.0.1:{port + i}/"\n\n'
+                for i, name in enumerate(("east", "west"))
+            )
+        else:
+            python = os.path.realpath(sys.executable)
+            text = "".join(
+                f'[grids.{name}]\ndriver = "hostgrid"\ntransport = "local"\nroot = "{self.base / name}"\n'
+                f'app_url = "http://127.0.0.1:{port + i}/"\npython = "{python}"\n\n'
+                for i, name in enumerate(("east", "west"))
+            )
         (self.base / "grid.info").write_text(text)
         return text
 
@@ -109,9 +144,11 @@ class Command(BaseCommand):
         catalog.provision_mig_app(
             self.grids["east"],
             APP,
-            sys.executable,
+            "python3" if self.engine else sys.executable,  # the image's, or this one
             self.grid_info,
             env={"MIG_USERNAME": USERNAME, "MIG_PASSWORD": self.password()},
+            # Its grids are reached through the engine's socket: MIG needs it.
+            engine=self.engine is not None,
         )
         return "east"
 
@@ -141,7 +178,13 @@ class Command(BaseCommand):
                 if app.state != AppState.STOPPED:
                     driver.stop(app.name, force=True)
                     self.stdout.write(f"stopped {name}/{app.name}")
-        self.stdout.write("stopped; run `./dev demo` again to resume")
+        if self.engine is not None:
+            for driver in self.grids.values():
+                driver.close()
+            self.engine.stop(remove=False)
+            self.stdout.write("stopped the demo's Docker engine")
+        again = "./dev demo --docker" if self.engine else "./dev demo"
+        self.stdout.write(f"stopped; run `{again}` again to resume")
 
     def report(self, apps):
         """Say where things are now: the demo app, and any helper at work."""
