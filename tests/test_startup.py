@@ -143,8 +143,8 @@ def test_malformed_grid_info_names_file_line_grid_and_changes_nothing(config_dir
     error = result.stderr.strip()
     assert error == (
         f"CommandError: {grid_info}: line 11: grid 'west', key 'hots': unknown key "
-        "(known: app_ports, app_url, command_timeout, connect_timeout, docker_socket, driver, host, host_key, "
-        "image, port, python, restricted, root, transport, user)"
+        "(known: app_ports, app_url, command_timeout, connect_timeout, docker_socket, driver, host, "
+        "host_key, image, port, python, restricted, root, transport, user)"
     )
     assert not (config_dir / "mig.sqlite3").exists()
     assert not (config_dir / "logs").exists()
