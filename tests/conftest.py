@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -102,20 +103,71 @@ def grid_table(kind, root, ssh_hosts=None, host_index=0, app_port=8080):
     )
 
 
+class DockerEngines:
+    """Two real Docker engines (see migrations_app/engines.py) with MIG's image in each, made
+    in the background from the moment the tests that need them are collected: building the
+    image (minutes, the first time) overlaps the tests that need no engine."""
+
+    def __init__(self):
+        self.engines = []
+        self.error = None
+        self.thread = threading.Thread(target=self.start, name="docker-engines", daemon=True)
+        self.thread.start()
+
+    def start(self):
+        from migrations_app.engines import load_image, start_engine
+
+        try:
+            for number in range(2):
+                self.engines.append(start_engine(str(number)))
+            load_image(self.engines, DOCKER_IMAGE)
+        except Exception as error:  # the tests that need the engines fail with it
+            self.error = error
+
+    def ready(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.engines
+
+    def stop(self):
+        self.thread.join()
+        while self.engines:
+            self.engines.pop().stop()
+
+
+DOCKER_ENGINES = []
+
+
+# The modules whose tests take longest, longest first: run first, two workers finish the
+# suite together instead of one waiting while the other runs a long test at the end.
+SLOW_FIRST = ["test_bench", "test_docker", "test_browser", "test_faults", "test_snapshots", "test_guide"]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def weight(item):
+        module = item.module.__name__.rsplit(".", 1)[-1] if getattr(item, "module", None) else ""
+        return SLOW_FIRST.index(module) if module in SLOW_FIRST else len(SLOW_FIRST)
+
+    items.sort(key=weight)  # stable: the order within each module stays
+
+
+def pytest_collection_finish(session):
+    if any("docker_engines" in getattr(item, "fixturenames", ()) for item in session.items):
+        DOCKER_ENGINES.append(DockerEngines())
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for engines in DOCKER_ENGINES:  # made, whether or not this worker's tests used them
+        engines.stop()
+
+
 @pytest.fixture(scope="session")
 def docker_engines():
-    """Two real Docker engines (see dockerd.py), with MIG's image in each."""
-    from migrations_app.engines import load_image, start_engine
-
-    engines = []
-    try:
-        for number in range(2):
-            engines.append(start_engine(str(number)))
-        load_image(engines, DOCKER_IMAGE)
-        yield engines
-    finally:
-        for engine in engines:
-            engine.stop()
+    """Two real Docker engines, with MIG's image in each (see DockerEngines)."""
+    if not DOCKER_ENGINES:  # collected by a route the hook did not see
+        DOCKER_ENGINES.append(DockerEngines())
+    return DOCKER_ENGINES[0].ready()
 
 
 # MIG's image in the tests' engines.
@@ -167,21 +219,28 @@ def any_grid_table(request, kind, tmp_path, host_index=0, app_port=8080):
 GRID_KINDS = ["hostgrid-local", "hostgrid-ssh", "docker-local", "docker-ssh"]
 
 
-@pytest.fixture(params=GRID_KINDS)
-def any_grid(request, tmp_path, client_key):
-    """A fresh, initialised grid with a `web` template, of each driver, over each transport:
-    what the driver contract's tests run on."""
-    table, remove = any_grid_table(request, request.param, tmp_path)
+def fresh_grid(table, client_key, remove=lambda name: None, templates=True):
+    """The grid `east` of `table`, initialised (with the `web` template), for one test; at
+    the end its apps are destroyed, and `remove(name)` clears what is left."""
     driver = open_grid(gridinfo.parse("[grids.east]\n" + table)["east"], client_key)
     try:
         driver.init()
-        driver.install_template("web", WEB_TEMPLATE, "1")
+        if templates:
+            driver.install_template("web", WEB_TEMPLATE, "1")
         yield driver
         for app in driver.list_apps():
             driver.destroy(app.name)
     finally:
         driver.close()
         remove("east")
+
+
+@pytest.fixture(params=GRID_KINDS)
+def any_grid(request, tmp_path, client_key):
+    """A fresh, initialised grid with a `web` template, of each driver, over each transport:
+    what the driver contract's tests run on."""
+    table, remove = any_grid_table(request, request.param, tmp_path)
+    yield from fresh_grid(table, client_key, remove)
 
 
 @pytest.fixture(params=GRID_KINDS)
@@ -191,30 +250,14 @@ def any_ported(request, tmp_path, client_key):
     table, remove = any_grid_table(request, request.param, tmp_path)
     # A few ports: enough for any test's apps, and soon used up by the one that runs out.
     table = table.replace(":8080/", ":{port}/") + f"app_ports = {port_range(GRID_HOSTS[0], size=6)}\n"
-    driver = open_grid(gridinfo.parse("[grids.east]\n" + table)["east"], client_key)
-    try:
-        driver.init()
-        yield driver
-        for app in driver.list_apps():
-            driver.destroy(app.name)
-    finally:
-        driver.close()
-        remove("east")
+    yield from fresh_grid(table, client_key, remove, templates=False)
 
 
 @pytest.fixture(params=["local", "ssh"])
 def grid(request, tmp_path, client_key):
     """A fresh, initialised hostgrid grid with a `web` template, over each transport."""
     hosts = request.getfixturevalue("ssh_hosts") if request.param == "ssh" else None
-    text = "[grids.east]\n" + grid_table(request.param, tmp_path / "east", hosts)
-    config = gridinfo.parse(text)["east"]
-    driver = open_grid(config, client_key)
-    driver.init()
-    driver.install_template("web", WEB_TEMPLATE, "1")
-    yield driver
-    for app in driver.list_apps():
-        driver.destroy(app.name)
-    driver.close()
+    yield from fresh_grid(grid_table(request.param, tmp_path / "east", hosts), client_key)
 
 
 def port_range(address, size=40):
@@ -231,13 +274,7 @@ def ported(request, tmp_path, client_key):
     hosts = request.getfixturevalue("ssh_hosts") if request.param == "ssh" else None
     table = grid_table(request.param, tmp_path / "east", hosts).replace(":8080/", ":{port}/")
     table += f"app_ports = {port_range(GRID_HOSTS[0])}\n"
-    config = gridinfo.parse("[grids.east]\n" + table)["east"]
-    driver = open_grid(config, client_key)
-    driver.init()
-    yield driver
-    for app in driver.list_apps():
-        driver.destroy(app.name)
-    driver.close()
+    yield from fresh_grid(table, client_key, templates=False)
 
 
 @pytest.fixture

@@ -11,22 +11,14 @@ import socketserver
 import subprocess
 import sys
 import threading
-import urllib.request
 
 import pytest
 
 from migrations_app.grids import gridinfo, open_grid
 
 from .test_faults import HELPER, PHASES, Watch, assert_nothing_lost, many_files, settle, wait_journal
+from .test_guide import answers
 from .world import DockerWorld, wait_for
-
-
-def answers(url):
-    try:
-        with urllib.request.urlopen(url + "ping/", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 class Acks(socketserver.ThreadingTCPServer):

@@ -4,8 +4,6 @@ import json
 import os
 import signal
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,40 +14,12 @@ from migrations_app.grids.errors import CommandTimeout
 
 from .conftest import GRID_HOSTS
 from .sshd import GRID_PYTHON
-
-BAD_NAMES = ["x; rm -rf /", "$(id)", "../etc", "a b", "", "a" * 200, "-rf", "1abc", "é"]
-
-
-def fetch(port, path="index.html", timeout=2):
-    with urllib.request.urlopen(f"http://{GRID_HOSTS[0]}:{port}/{path}", timeout=timeout) as r:
-        return r.read().decode()
-
-
-def answers(port):
-    try:
-        fetch(port, timeout=0.5)
-    except OSError:
-        return False
-    return True
-
-
-def wait_for(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
+from .test_driver_contract import answers, listener_app, provision_web, wait_for
 
 
 def process_gone(pid):
     stat = Path(f"/proc/{pid}/stat")
     return not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
-
-
-def provision_web(grid, name, port):
-    grid.provision(name, "web", {"port": str(port), "bind": GRID_HOSTS[0]})
-    assert wait_for(lambda: answers(port)), "the component never answered"
 
 
 def component_pid(grid, app):
@@ -103,23 +73,6 @@ def test_stop_reaches_what_a_component_spawned(grid):
     grid.stop("forker")
     assert wait_for(
         lambda: not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text()
-    )
-
-
-def listener_app(grid, name, delay):
-    """An app that starts listening on its port after `delay` seconds, and says it needs 30 s."""
-    code = (
-        "import socket, sys, time; time.sleep(float(sys.argv[2])); s = socket.socket(); "
-        "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
-        f"s.bind(({GRID_HOSTS[0]!r}, int(sys.argv[1]))); s.listen(); time.sleep(600)"
-    )
-    grid.define(
-        name,
-        {
-            "volumes": [],
-            "start_settle": 30,
-            "components": [{"name": "main", "command": ["{python}", "-c", code, "{app_port}", str(delay)]}],
-        },
     )
 
 

@@ -28,8 +28,6 @@ class World:
     def __init__(self, tmp_path, ssh_hosts, client_key, extra_grid_keys="", per_app_ports=False):
         from .conftest import port_range
 
-        self.tmp_path = tmp_path
-        self.key = client_key
         tables = []
         for name, host in zip(("east", "west"), ssh_hosts, strict=True):
             root = tmp_path / name
@@ -37,6 +35,12 @@ class World:
             if per_app_ports:
                 table = re.sub(r":\d+/\"", ':{port}/"', table) + f"app_ports = {port_range(host.address)}\n"
             tables.append(f"[grids.{name}]\n{table}")
+        self.open_grids(tmp_path, client_key, tables)
+
+    def open_grids(self, tmp_path, client_key, tables):
+        """Both grids, from their grid.info tables, made ready for apps."""
+        self.tmp_path = tmp_path
+        self.key = client_key
         self.grid_info = "\n".join(tables)
         self.configs = gridinfo.parse(self.grid_info)
         self.drivers = {}
@@ -55,19 +59,10 @@ class World:
 
     # --- apps ---
 
-    def provision(self, grid="east", app="shop", properties=None, wait=True, padding=0, fill=None):
+    def provision(self, grid="east", app="shop", properties=None, wait=True, padding=0, fill=None, **install):
         """Provision a MigApp with MIG inside; `fill(data_dir)` may put data in before it starts."""
         driver = self.drivers[grid]
-        catalog.provision_mig_app(
-            driver,
-            app,
-            PYTHON,
-            self.grid_info,
-            key=self.key.read_bytes(),
-            env=self.LOGIN,
-            properties=properties,
-            start=False,
-        )
+        self.install_mig_app(driver, app, properties, **install)
         if padding:
             # Incompressible data, so copies take measurable time.
             driver.put_file(app, "volumes/data/padding.bin", os.urandom(padding), 0o644)
@@ -76,6 +71,12 @@ class World:
         driver.start(app)
         if wait:
             assert self.wait_answering(grid, app=app), f"MIG in {grid}/{app} never answered"
+
+    def install_mig_app(self, driver, app, properties):
+        catalog.provision_mig_app(
+            driver, app, PYTHON, self.grid_info, key=self.key.read_bytes(), env=self.LOGIN,
+            properties=properties, start=False,
+        )  # fmt: skip
 
     def app_dir(self, grid, app):
         return Path(self.configs[grid].root) / "apps" / app
@@ -253,19 +254,12 @@ class DockerWorld(World):
     def __init__(self, tmp_path, ssh_hosts, client_key, engines):
         from .conftest import docker_table
 
-        self.tmp_path = tmp_path
-        self.key = client_key
         self.engines = dict(zip(("east", "west"), engines, strict=True))
         tables = []
         for index, name in enumerate(self.engines):
             table = docker_table(self.engines[name], index, ssh_hosts, free_port(ssh_hosts[index].address))
             tables.append(f"[grids.{name}]\n{table}")
-        self.grid_info = "\n".join(tables)
-        self.configs = gridinfo.parse(self.grid_info)
-        self.drivers = {}
-        for name, config in self.configs.items():
-            self.drivers[name] = open_grid(config, client_key)
-            self.drivers[name].init()
+        self.open_grids(tmp_path, client_key, tables)
 
     def close(self):
         from .conftest import remove_docker_grid
@@ -274,12 +268,9 @@ class DockerWorld(World):
         for name, engine in self.engines.items():
             remove_docker_grid(engine, name)
 
-    def provision(
-        self, grid="east", app="shop", properties=None, wait=True, padding=0, fill=None, data_image=None
-    ):
-        """As World's; with `data_image`, the data component runs that image (the others,
-        the grid's)."""
-        driver = self.drivers[grid]
+    def install_mig_app(self, driver, app, properties, data_image=None):
+        """As World's, with the image's Python; with `data_image`, the data component runs
+        that image (the others, the grid's)."""
         files, version = catalog.mig_app_template("python3")
         if data_image:
             manifest = json.loads(files["manifest.json"])
@@ -291,13 +282,6 @@ class DockerWorld(World):
             driver, app, catalog.MIG_APP_TEMPLATE, files, version, self.grid_info, key=self.key.read_bytes(),
             env=self.LOGIN, properties={"python": "python3", **(properties or {})}, start=False,
         )  # fmt: skip
-        if padding:
-            driver.put_file(app, "volumes/data/padding.bin", os.urandom(padding), 0o644)
-        if fill:
-            fill(self.volume(grid, app, "data"))
-        driver.start(app)
-        if wait:
-            assert self.wait_answering(grid, app=app), f"MIG in {grid}/{app} never answered"
 
     def volume(self, grid, app, name):
         found = self.engines[grid].docker(

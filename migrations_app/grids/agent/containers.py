@@ -183,24 +183,16 @@ class Containers:
     def remove(self, app):
         """The app's containers and volumes, gone; what could not be removed, as messages."""
         leftovers = []
-        for container in self.client.containers.list(
-            all=True, filters={"label": [f"mig.grid={self.grid_name}", f"mig.app={app}"]}
-        ):
+        labels = {"label": [f"mig.grid={self.grid_name}", f"mig.app={app}"]}
+        # Containers first: a volume in use cannot go.
+        containers = self.client.containers.list(all=True, filters=labels)
+        for thing in containers + self.client.volumes.list(filters=labels):
             try:
-                container.remove(force=True)
+                thing.remove(force=True)
             except self.errors.NotFound:
                 pass
             except self.errors.APIError as e:
-                leftovers.append(f"container {container.name}: {e.explanation}")
-        for volume in self.client.volumes.list(
-            filters={"label": [f"mig.grid={self.grid_name}", f"mig.app={app}"]}
-        ):
-            try:
-                volume.remove(force=True)
-            except self.errors.NotFound:
-                pass
-            except self.errors.APIError as e:
-                leftovers.append(f"volume {volume.name}: {e.explanation}")
+                leftovers.append(f"{thing.name}: {e.explanation}")
         return leftovers
 
     # --- components ---------------------------------------------------------------------
