@@ -51,6 +51,7 @@ from .grids import (
     helper_name,
 )
 from .grids.agent.procs import pid_alive, proc_stat
+from .grids.driver import images_of
 from .grids.transport import load_private_key
 from .helper import protocol
 from .helper.progress import Summary, human_bytes, parse_lines
@@ -311,7 +312,7 @@ def check_source(plan):
     if app.state != AppState.RUNNING:
         raise PreflightError(f"this app is {app.state} on {plan.source_grid.name}, not running")
     plan.volumes, plan.bytes, plan.files = app.volumes, app.bytes, app.files
-    plan.image_refs = sorted({c["image"] for c in app.manifest.get("components", []) if c.get("image")})
+    plan.image_refs = images_of(app.manifest)
 
 
 def check_images(plan):
@@ -405,8 +406,8 @@ def acquire(plan, started_by):
 
 
 def provision(job):
-    """Define the target, then provision the job's helper on the target grid, reaching it.
-    Raises LaunchError, ending the job."""
+    """Copy the images the target grid lacks, define the target, then provision the job's
+    helper on the target grid, reaching it. Raises LaunchError, ending the job."""
     job.set_state(MigrationJob.State.PROVISIONING)
     try:
         target_grid = config.grid_config(job.target_grid)

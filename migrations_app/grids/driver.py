@@ -158,6 +158,11 @@ class Cutover:
         return self.decision == Decision.COMMIT and self.action == "migrate" and not self.abandoned
 
 
+def images_of(manifest: dict) -> list[str]:
+    """The images a manifest's components run, as its grid pinned them."""
+    return sorted({c["image"] for c in manifest.get("components", []) if c.get("image")})
+
+
 class Driver(abc.ABC):
     """Operations on one grid; a subclass implements them for one kind of grid.
 
@@ -259,8 +264,7 @@ class Driver(abc.ABC):
     def app_images(self, app: str) -> list[str]:
         """The images the app's components run (none on a grid whose components are
         processes). Raises AppNotFound."""
-        manifest = self.describe(app, sizes=False).manifest
-        return sorted({c["image"] for c in manifest.get("components", []) if c.get("image")})
+        return images_of(self.describe(app, sizes=False).manifest)
 
     # --- images (grids whose apps run images) ---
 
