@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """
-MIG's benchmarks: each figure beside a baseline measured in the same run, and the ratio.
+MIG's benchmarks: each figure beside the strongest baseline an able operator would use,
+measured in the same run, and the ratio: rsync and ssh with the cipher MIG's helper uses, a
+two-pass rsync cut-over (rsync while the app runs, stop, rsync again, start).
 
     ./dev bench                      # everything, full size (about three minutes)
     ./dev bench --size smoke         # tiny data: proves the benchmarks still work
@@ -34,8 +36,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from migrations_app.grids.transport import cpu_has_aes  # noqa: E402
 from tests.sshd import keygen, start_sshd  # noqa: E402
-from tests.world import PYTHON, World  # noqa: E402
+from tests.world import PYTHON, World, wait_for  # noqa: E402
 
 MiB = 1 << 20
 BASELINE_RUNS = 3
@@ -49,7 +52,7 @@ class Size:
     tiny: int  # bytes of the tiny app's data
     pollers: int
     poll_seconds: float
-    memory_factor: int  # the memory scenario's second run has this many times the files
+    more_files: int  # the memory and downtime scenarios' second runs have this many times the files
     scale_files: tuple  # the scale scenario's file counts
 
 
@@ -119,6 +122,10 @@ class Bench:
         ]
         self.rows = []
         self.disk_base = None
+        # The cipher MIG's helper asks for first (grids/transport.py): a baseline with
+        # OpenSSH's default one would flatter MIG wherever the CPU has AES instructions.
+        self.cipher = "aes128-gcm@openssh.com" if cpu_has_aes() else None
+        self.cipher_name = self.cipher or "OpenSSH's default cipher"
 
     def close(self):
         for host in self.hosts:
@@ -134,18 +141,23 @@ class Bench:
         path.mkdir()
         return World(path, self.hosts, self.key)
 
-    def ssh(self, host):
+    def ssh(self, host, cipher=None):
         """A plain OpenSSH command line, as an operator would type it (the baselines use it)."""
         known = self.base / f"known_hosts-{host.address}"
         known.write_text(f"[{host.address}]:{host.port} {host.host_key}\n")
         return [
             "ssh", "-i", str(self.key), "-p", str(host.port), "-l", host.user,
             "-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes",
+            *(["-c", cipher] if cipher else []),
         ]  # fmt: skip
 
-    def add(self, row):
+    def add(self, row, target="", ok=None):
+        """Keep a row; `ok` judges its ratio against the baseline (`target` says how)."""
         if row.baseline is not None and row.baseline > 0 and row.ratio is None:
             row.ratio = row.value / row.baseline
+        if target:
+            row.target = target
+            row.ok = ok(row.ratio) if row.ratio is not None else False
         self.rows.append(row)
         print(
             f"  {row.scenario}/{row.metric}: {row.value:.3f} {row.unit}"
@@ -189,12 +201,52 @@ class Bench:
         ]
         return job, events, timeline
 
-    def rsync_baseline(self, world, dest):
+    def rsync_baseline(self, world, dest, cipher=None, delete=False):
+        """`rsync -a` of the source app's volumes, as an operator would run it; its seconds."""
         source = world.app_dir("east", "shop") / "volumes"
-        ssh = " ".join(self.ssh(self.hosts[0]))
-        argv = ["rsync", "-a", "-e", ssh, f"{self.hosts[0].address}:{source}/", f"{dest}/"]
+        ssh = " ".join(self.ssh(self.hosts[0], cipher))
+        argv = [
+            "rsync", "-a", *(["--delete"] if delete else []), "-e", ssh,
+            f"{self.hosts[0].address}:{source}/", f"{dest}/",
+        ]  # fmt: skip
         seconds, _ = timed(lambda: subprocess.run(argv, check=True))
         return seconds
+
+    def bulk_baselines(self, world):
+        """{cipher: (rsync seconds, ssh cat bytes/s)} for OpenSSH's default cipher and MIG's,
+        each the median of three runs: the same rsync took from 2.7 to 4.8 s on this kind of
+        machine."""
+        big = world.app_dir("east", "shop") / "volumes/data/big.bin"
+        dest = self.base / "bulk-rsync"
+        found = {}
+        for cipher in dict.fromkeys([None, self.cipher]):
+            rsync_runs = []
+            for _ in range(BASELINE_RUNS):
+                rsync_runs.append(self.rsync_baseline(world, dest, cipher))
+                shutil.rmtree(dest)
+            cat_argv = [*self.ssh(self.hosts[0], cipher), self.hosts[0].address, f"cat {big}"]
+            cat_seconds = statistics.median(
+                timed(lambda argv=cat_argv: subprocess.run(argv, stdout=subprocess.DEVNULL, check=True))[0]
+                for _ in range(BASELINE_RUNS)
+            )
+            found[cipher] = (statistics.median(rsync_runs), self.size.big / cat_seconds)
+        return found
+
+    def rsync_cutover(self, world, live_pass):
+        """The cut-over an operator scripts with rsync: [a pass while the app runs,] stop,
+        `rsync -a --delete`, start. The seconds from the stop to the target's first answer."""
+        east, west = world.drivers["east"], world.drivers["west"]
+        west.define("shop", east.describe("shop", sizes=False).manifest)
+        dest = world.app_dir("west", "shop") / "volumes"
+        if live_pass:
+            self.rsync_baseline(world, dest, self.cipher)
+        start = time.time()
+        east.stop("shop")
+        self.rsync_baseline(world, dest, self.cipher, delete=True)
+        west.start("shop")
+        if not wait_for(lambda: world.answering("west"), 120, interval=0.01):
+            raise RuntimeError("the app did not answer on the target after the rsync cut-over")
+        return time.time() - start
 
     # --- scenarios ---
 
@@ -203,54 +255,47 @@ class Bench:
         try:
             world.provision(fill=fill_data(self.size))
             data_bytes = self.size.big + self.size.small_total
-            # Baselines are cheap next to a migration: the median of three evens out this
-            # kind of machine's noise (the same rsync took from 2.7 to 4.8 s here).
-            rsync_runs = []
-            for _ in range(BASELINE_RUNS):
-                rsync_runs.append(self.rsync_baseline(world, self.base / "bulk-rsync"))
-                shutil.rmtree(self.base / "bulk-rsync")
-            rsync_seconds = statistics.median(rsync_runs)
-            big = world.app_dir("east", "shop") / "volumes/data/big.bin"
-            cat_argv = [*self.ssh(self.hosts[0]), self.hosts[0].address, f"cat {big}"]
-            cat_seconds = statistics.median(
-                timed(lambda: subprocess.run(cat_argv, stdout=subprocess.DEVNULL, check=True))[0]
-                for _ in range(BASELINE_RUNS)
-            )
+            baselines = self.bulk_baselines(world)
             watcher = HelperMemory(world)
             seconds, _ = self.migrate(world)
             watcher.stop()
             job, events, timeline = self.helper_events(world)
             first = next(e for e in events if e.get("pass_number") == 1)
             rate = data_bytes / first["seconds"]
-            cat_rate = self.size.big / cat_seconds
-            self.add(
-                Row(
-                    "bulk",
-                    "end to end",
-                    seconds,
-                    "s",
-                    rsync_seconds,
-                    "rsync -a",
-                    target="≤ 1.3",
-                    notes={"bytes": data_bytes, "rsync_runs": rsync_runs, "timeline": timeline},
-                )
-            )
-            self.rows[-1].ok = self.rows[-1].ratio <= 1.3
-            self.add(
-                Row("bulk", "transfer rate", rate / MiB, "MiB/s", cat_rate / MiB, "ssh cat", target="≥ 0.6")
-            )
-            self.rows[-1].ok = self.rows[-1].ratio >= 0.6
-            self.memory_rows = [("bulk", watcher.peak_kib)]
         finally:
             world.close()
+        rsync_seconds, cat_rate = baselines[self.cipher]
+        notes = {
+            "bytes": data_bytes,
+            "baselines": {str(k): {"rsync_s": v[0], "cat_mib_s": v[1] / MiB} for k, v in baselines.items()},
+            "timeline": timeline,
+        }
+        row = Row(
+            "bulk", "end to end", seconds, "s", rsync_seconds, f"rsync -a, {self.cipher_name}", notes=notes
+        )
+        self.add(row, target="≤ 1.2", ok=lambda ratio: ratio <= 1.2)
+        row = Row(
+            "bulk", "pre-copy rate", rate / MiB, "MiB/s", cat_rate / MiB, f"ssh cat, {self.cipher_name}"
+        )
+        self.add(row, target="≥ 0.8", ok=lambda ratio: ratio >= 0.8)
+        if self.cipher is not None:  # for reference: what most operators run without thinking
+            default_rsync, default_cat = baselines[None]
+            self.add(Row("bulk", "end to end", seconds, "s", default_rsync, "rsync -a, default cipher"))
+            self.add(
+                Row(
+                    "bulk", "pre-copy rate", rate / MiB, "MiB/s", default_cat / MiB, "ssh cat, default cipher"
+                )
+            )
+        self.memory_rows = [("bulk", watcher.peak_kib)]
 
     def downtime(self):
         data_bytes = self.size.big + self.size.small_total
         # About 1% of the data changes during a copy of a few seconds.
         churn = str(max(data_bytes // 100 // 3, 64 * 1024))
+        properties = {"churn": churn}
         world = self.world("downtime")
         try:
-            world.provision(fill=fill_data(self.size), properties={"churn": churn})
+            world.provision(fill=fill_data(self.size), properties=properties)
             answers = Answers([world.url("east"), world.url("west")])
             self.migrate(world)
             job, _, timeline = self.helper_events(world)
@@ -260,36 +305,53 @@ class Bench:
             wrote_gap = writer_gap(world.app_dir("west", "shop") / "volumes/data/journal.log")
         finally:
             world.close()
-        world = self.world("downtime-baseline")
+        more = self.size.more_files
+        world = self.world("downtime-more-files")
         try:
-            world.provision(fill=fill_data(self.size), properties={"churn": churn})
-            time.sleep(3)  # churning, as during MIG's pre-copy
-            east, west = world.drivers["east"], world.drivers["west"]
-            manifest = east.describe("shop", sizes=False).manifest
-            start = time.time()
-            east.stop("shop")
-            west.define("shop", manifest)
-            self.rsync_baseline(world, world.app_dir("west", "shop") / "volumes")
-            west.start("shop")
-            assert world.wait_answering("west", 120)
-            baseline = time.time() - start
+            world.provision(
+                fill=fill_data(self.size, files=self.size.small_files * more), properties=properties
+            )
+            self.migrate(world)
+            more_job, _, more_timeline = self.helper_events(world)
+            more_timings = json.loads(more_job["timings"])
         finally:
             world.close()
+        baselines = {}
+        for live_pass in (True, False):
+            world = self.world("downtime-baseline")
+            try:
+                world.provision(fill=fill_data(self.size), properties=properties)
+                time.sleep(3)  # churning, as during MIG's pre-copy
+                baselines[live_pass] = self.rsync_cutover(world, live_pass)
+            finally:
+                world.close()
         parts = ", ".join(f"{k} {v:.2f}s" for k, v in timings.items() if k != "total" and v is not None)
-        self.add(
-            Row(
-                "downtime",
-                "recorded: stop request → first answer",
-                timings["total"],
-                "s",
-                baseline,
-                "stop, rsync -a, start",
-                target="≤ 0.15",
-                notes={"churn_bytes_per_s": int(churn), "parts": timings, "timeline": timeline},
-            )
+        notes = {"churn_bytes_per_s": int(churn), "parts": timings, "timeline": timeline}
+        recorded = "recorded: stop request → first answer"
+        row = Row(
+            "downtime",
+            recorded,
+            timings["total"],
+            "s",
+            baselines[True],
+            "two-pass rsync cut-over",
+            notes=notes,
         )
-        self.rows[-1].ok = self.rows[-1].ratio <= 0.15
+        self.add(row, target="≤ 0.3", ok=lambda ratio: ratio <= 0.3)
         print(f"    parts: {parts}")
+        row = Row("downtime", recorded, timings["total"], "s", baselines[False], "stop, rsync -a, start")
+        self.add(row, target="≤ 0.08", ok=lambda ratio: ratio <= 0.08)
+        notes = {"files": self.size.small_files * more, "parts": more_timings, "timeline": more_timeline}
+        row = Row(
+            "downtime",
+            f"recorded, {more}x files",
+            more_timings["total"],
+            "s",
+            timings["total"],
+            "1x files",
+            notes=notes,
+        )
+        self.add(row, target="≤ 1.5", ok=lambda ratio: ratio <= 1.5)
         self.add(
             Row(
                 "downtime",
@@ -324,7 +386,7 @@ class Bench:
         finally:
             world.close()
         self.add(
-            Row("tiny", "command to target MIG answering", seconds, "s", target="≤ 5 s", ok=seconds <= 5)
+            Row("tiny", "command to target MIG answering", seconds, "s", target="≤ 3 s", ok=seconds <= 3)
         )
 
     def status(self):
@@ -355,8 +417,9 @@ class Bench:
                 "/ping/ (Django's floor)",
             )
             if q == 95:
-                row.target, row.ok = "≤ 20 ms", mine <= 0.020
-            self.add(row)
+                self.add(row, target="≤ 3", ok=lambda ratio: ratio <= 3)
+            else:
+                self.add(row)
 
     def startup(self):
         config = self.base / "startup-config"
@@ -398,15 +461,15 @@ class Bench:
                 "s",
                 imports,
                 "imports and django.setup()",
-                target="≤ 0.5 s",
-                ok=work <= 0.5,
+                target="≤ 0.3 s",
+                ok=work <= 0.3,
             )
         )
 
     def memory(self):
         if not getattr(self, "memory_rows", None):
             self.bulk()
-        factor = self.size.memory_factor
+        factor = self.size.more_files
         world = self.world("memory")
         try:
             world.provision(fill=fill_data(self.size, files=self.size.small_files * factor))
