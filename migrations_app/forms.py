@@ -3,6 +3,7 @@ from django.utils.timesince import timesince
 
 from . import migration
 from .grids import TARGET_NAME_MAX, InvalidName, validate_target_name
+from .helper import protocol
 from .models import Grid, MigrationJob, Snapshot
 
 
@@ -30,6 +31,22 @@ class MigrateForm(forms.Form):
         required=False,
         min_value=1,
         help_text="Optional: cap the copy so the app keeps its network.",
+    )
+    max_downtime = forms.FloatField(
+        label="Downtime budget (s)",
+        required=False,
+        help_text="Optional: before the stop, the helper predicts the downtime, and copies again "
+        "while what changes meanwhile puts it over this.",
+    )
+    over_budget = forms.ChoiceField(
+        label="If the prediction is still over the budget",
+        choices=[
+            (protocol.OverBudget.STOP, "End the job before the stop: this app keeps running here"),
+            (protocol.OverBudget.PROCEED, "Go on anyway, over the budget"),
+        ],
+        initial=protocol.OverBudget.STOP,
+        required=False,
+        widget=forms.RadioSelect,
     )
     # A refresh of one of this app's snapshot copies (from the snapshots page).
     refresh = forms.ModelChoiceField(
@@ -63,12 +80,28 @@ class MigrateForm(forms.Form):
         except InvalidName as e:
             raise forms.ValidationError(str(e)) from None
 
+    def clean(self):
+        data = super().clean()
+        data["budget"] = None
+        if (seconds := data.get("max_downtime")) is not None:
+            over = protocol.OverBudget(data.get("over_budget") or protocol.OverBudget.STOP)
+            try:
+                data["budget"] = migration.DowntimeBudget(seconds, over)
+            except ValueError as e:
+                self.add_error("max_downtime", str(e))
+        return data
+
     def preflight(self):
         """Run the pre-flight; its errors land on the field they concern. Returns the plan."""
         grid, app, action = (self.cleaned_data[k] for k in ("target_grid", "target_app", "action"))
         try:
             plan = migration.preflight(
-                grid, app, action, self.cleaned_data["bwlimit"], self.cleaned_data["refresh"]
+                grid,
+                app,
+                action,
+                self.cleaned_data["bwlimit"],
+                self.cleaned_data["refresh"],
+                self.cleaned_data["budget"],
             )
         except migration.PreflightError as e:
             self.add_error(e.field, str(e))
@@ -87,7 +120,15 @@ class ConfirmForm(MigrateForm):
 
     def __init__(self, *args, plan, **kwargs):
         super().__init__(*args, **kwargs)
-        for name in ("target_grid", "target_app", "action", "bwlimit", "refresh"):
+        for name in (
+            "target_grid",
+            "target_app",
+            "action",
+            "bwlimit",
+            "max_downtime",
+            "over_budget",
+            "refresh",
+        ):
             self.fields[name].widget = forms.HiddenInput()
         self.plan = plan
         if plan.action == "migrate":

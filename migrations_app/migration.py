@@ -91,6 +91,30 @@ def allowed_actions():
     return [a for a in MigrationJob.Action.values if mode in ("both", a)]
 
 
+@dataclass(frozen=True)
+class DowntimeBudget:
+    """The downtime an operator allows, and what the job does if its helper predicts more
+    before the stop (see the helper's step_budget)."""
+
+    seconds: float
+    over: protocol.OverBudget = protocol.OverBudget.STOP
+
+    # A day: anything longer is a typo, not a budget.
+    LONGEST = 86400.0
+
+    def __post_init__(self):
+        if not (0 < self.seconds <= self.LONGEST):  # NaN fails this too
+            raise ValueError(f"a downtime budget is more than 0 and at most {self.LONGEST:g} seconds")
+
+    def describe(self) -> str:
+        then = (
+            "the job ends before the stop, and this app keeps running here"
+            if self.over == protocol.OverBudget.STOP
+            else "the job goes on, and says the budget will be missed"
+        )
+        return f"downtime budget: {self.seconds:g} s; if the helper predicts more before the stop, {then}"
+
+
 @dataclass
 class Plan:
     """What a job will do, as pre-flight found it: what is copied, where, how long it should
@@ -108,6 +132,7 @@ class Plan:
     target_free: int = 0
     stale_helper: bool = False  # a helper of an earlier job is there: provisioning replaces it
     bwlimit_kbps: int | None = None
+    budget: DowntimeBudget | None = None
     refresh: Snapshot | None = None  # the snapshot copy a refresh writes into
     image_refs: list = field(default_factory=list)  # the images the app's components run
     images: list = field(default_factory=list)  # of those, the ones the target lacks: copied first
@@ -175,6 +200,7 @@ class Plan:
             f"total {human_bytes(self.bytes)} in {self.files} files; "
             f"{human_bytes(self.target_free)} free on {self.target_grid.name}",
             f"expected: about {duration_words(self.estimated_seconds)} in all; {stop}",
+            *([self.budget.describe()] if self.budget else []),
             *(f"destroys: {what}" for what in self.destroys),
         ]
         return "\n".join(lines)
@@ -188,6 +214,7 @@ class Plan:
             "images": [{"ref": i.ref, "bytes": i.size} for i in self.images],
             "estimated_seconds": round(self.estimated_seconds, 1),
             "estimated_downtime": round(self.estimated_downtime, 1),
+            "max_downtime": self.budget.seconds if self.budget else None,
         }
 
 
@@ -202,9 +229,10 @@ def duration_words(seconds):
 # --- pre-flight --------------------------------------------------------------------------
 
 
-def preflight(target_grid_name, target_app, action, bwlimit_kbps=None, refresh=None):
+def preflight(target_grid_name, target_app, action, bwlimit_kbps=None, refresh=None, budget=None):
     """Check a job before it starts; raises PreflightError naming the field at fault.
-    `refresh`: the Snapshot this snapshot job is to bring up to date."""
+    `refresh`: the Snapshot this snapshot job is to bring up to date; `budget`: the
+    DowntimeBudget, if the operator set one."""
     if action not in allowed_actions():
         raise PreflightError(f"MIG_MODE={settings.MIG_MODE} does not allow {action}", "action")
     try:
@@ -273,6 +301,7 @@ def preflight(target_grid_name, target_app, action, bwlimit_kbps=None, refresh=N
         target_app,
         helper,
         bwlimit_kbps=bwlimit_kbps,
+        budget=budget,
         refresh=refresh,
     )
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -396,6 +425,8 @@ def acquire(plan, started_by):
         helper_app=plan.helper,
         started_by=started_by,
         bwlimit_kbps=plan.bwlimit_kbps,
+        max_downtime=plan.budget.seconds if plan.budget else None,
+        over_budget=plan.budget.over if plan.budget else protocol.OverBudget.STOP,
         bytes_total=plan.bytes,
         refresh_of=plan.refresh,
         status_token=secrets.token_urlsafe(32),
@@ -500,6 +531,9 @@ def helper_config(job):
         },
         "target": {"grid": target.name, "app": job.target_app, "table": target.to_table()},
         "bwlimit_kbps": job.bwlimit_kbps,
+        "max_downtime": job.max_downtime,
+        "over_budget": job.over_budget,
+        "recent_timings": MigrationJob.objects.measured_timings(),
         "stall_timeout": settings.MIG_STALL_TIMEOUT,
         "heartbeat_timeout": settings.MIG_HEARTBEAT_TIMEOUT,
         "bytes_total": job.bytes_total,

@@ -110,16 +110,21 @@ class JobQuerySet(models.QuerySet):
         """Bytes per second of the last job's first pre-copy pass, for estimates."""
         return self.filter(copy_rate__gt=0).order_by("-created").values_list("copy_rate", flat=True).first()
 
-    def measured_downtime(self) -> float | None:
-        """The last finished job's downtime, in seconds, for estimates."""
+    def measured_timings(self) -> dict:
+        """The downtime and its parts (see record_downtime) as the last finished job that
+        measured them did, for estimates; {} if none did."""
         for timings in (
             self.filter(state=MigrationJob.State.DONE)
             .order_by("-finished")
             .values_list("timings", flat=True)[:5]
         ):
             if timings and timings.get("total") is not None:
-                return timings["total"]
-        return None
+                return timings
+        return {}
+
+    def measured_downtime(self) -> float | None:
+        """The last finished job's downtime, in seconds, for estimates."""
+        return self.measured_timings().get("total")
 
 
 def new_uid():
@@ -225,6 +230,15 @@ class MigrationJob(models.Model):
         "Snapshot", models.SET_NULL, null=True, blank=True, related_name="refreshes"
     )
     bwlimit_kbps = models.PositiveIntegerField(null=True, blank=True)
+    # The downtime the operator allows, in seconds, and what happens if the helper predicts
+    # more before the stop (protocol.OverBudget); and its latest protocol.Prediction.
+    max_downtime = models.FloatField(null=True, blank=True)
+    over_budget = models.CharField(
+        max_length=8,
+        choices=[(o.value, o.value) for o in protocol.OverBudget],
+        default=protocol.OverBudget.STOP.value,
+    )
+    prediction = models.JSONField(default=dict, blank=True)
     # Read-only access to the helper's progress while MIG itself is down.
     status_url = models.CharField(max_length=2048, blank=True)
     status_token = models.CharField(max_length=64, blank=True)
@@ -257,6 +271,10 @@ class MigrationJob(models.Model):
                 condition=Q(bytes_moved__gte=0) & Q(bytes_total__gte=0),
                 name="job_bytes_not_negative",
             ),
+            models.CheckConstraint(
+                condition=Q(max_downtime__isnull=True) | Q(max_downtime__gt=0),
+                name="job_max_downtime_positive",
+            ),
         ]
         indexes = [
             # JobQuerySet.active(), used by the lock page and the history filters.
@@ -280,6 +298,13 @@ class MigrationJob(models.Model):
     @property
     def held(self):
         return self.is_active and bool(self.attention)
+
+    def starting_since(self, moment: float) -> bool:
+        """Whether this job was created at or after `moment` (epoch seconds, this host's
+        clock) and has not got its helper at work yet: only the MIG that created it knows
+        such a job (it has not travelled anywhere)."""
+        early = (self.State.PENDING, self.State.PROVISIONING)
+        return self.state in early and self.created.timestamp() >= moment
 
     @property
     def owner_tag(self):
@@ -366,6 +391,8 @@ class MigrationJob(models.Model):
             updates["target_created"] = True
         if said.target_url:
             updates["target_url"] = said.target_url
+        if prediction := said.prediction:
+            updates["prediction"] = prediction.to_dict()
         for line in lines:
             if line.get("pass_number") == 1 and line.get("seconds"):
                 updates["copy_rate"] = line.get("changed_bytes", 0) / line["seconds"]
@@ -522,6 +549,7 @@ class MigrationJob(models.Model):
             failure=failure.to_dict() if failure else None,
             cancel=self.cancel or None,
             downtime=downtime,
+            prediction=self.prediction or None,
             target_url=self.target_url,
             events=[
                 {"time": e.created.isoformat(), "level": e.level, "phase": e.phase, "message": e.message}

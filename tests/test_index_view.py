@@ -47,6 +47,10 @@ def test_form_offers_grids_with_their_last_check_and_the_allowed_actions(logged_
         ({"target_grid": "nowhere"}, "target_grid", "Select a valid choice"),
         ({"action": "teleport"}, "action", "Select a valid choice"),
         ({"bwlimit": "-5"}, "bwlimit", "greater than or equal to 1"),
+        ({"max_downtime": "0"}, "max_downtime", "a downtime budget is more than 0"),
+        ({"max_downtime": "1e9"}, "max_downtime", "at most 86400 seconds"),
+        ({"max_downtime": "nan"}, "max_downtime", "Enter a number"),
+        ({"max_downtime": "5", "over_budget": "maybe"}, "over_budget", "Select a valid choice"),
     ],
 )
 def test_errors_are_shown_next_to_their_field(logged_in, grids, fields, field, message):
@@ -150,11 +154,13 @@ def test_the_plan_is_checked_again_when_confirmed(logged_in, grids):
 def test_valid_submit_creates_the_job_and_answers_at_once(logged_in, grids):
     assert "Take the snapshot" in post(logged_in, target_app="copy", action="snapshot").content.decode()
     data = {"target_grid": "west", "target_app": "copy", "action": "snapshot", "bwlimit": "500"}
+    data.update(max_downtime="2.5", over_budget="proceed")
     response = logged_in.post(reverse("start"), data)
     job = MigrationJob.objects.get()
     assert response.status_code == 302 and response["Location"] == reverse("job", args=[job.pk])
     assert (job.action, job.target_grid, job.target_app) == ("snapshot", "west", "copy")
     assert job.bwlimit_kbps == 500
+    assert (job.max_downtime, job.over_budget) == (2.5, "proceed")
     assert job.started_by == "operator" and Lock.objects.get().job == job
     # With the lock held, the form gives way to the lock page.
     assert logged_in.get(reverse("index"))["Location"] == reverse("lock")

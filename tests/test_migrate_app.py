@@ -4,6 +4,7 @@ Each test provisions an app with MIG inside on grid `east`, runs `migrate_app` f
 app's own code volume with the app's environment, and checks every grid afterwards.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -229,6 +230,24 @@ def test_helper_gone_for_good_before_the_stop(world):
     assert job["source_stopped"] is None and job["failure_cause"] == "helper lost"
 
 
+def test_a_downtime_predicted_over_its_budget_ends_the_job_before_the_stop(world):
+    world.provision()
+    args = ["--action", "migrate", "--max-downtime", "0.001", "--wait"]
+    result = world.manage("east", "shop", "migrate_app", "--yes", "west", "shop", *args)
+    plan = "downtime budget: 0.001 s; if the helper predicts more before the stop, the job ends"
+    assert plan in result.stdout
+    job = assert_failed_cleanly(world, 1, "The downtime would be about ")
+    why = "over the budget of 0.001s, so the cut-over did not begin and the source app kept running"
+    assert why in job["error"]
+    assert job["failure_cause"] == "over the downtime budget" and job["source_stopped"] is None
+    prediction = json.loads(job["prediction"])
+    assert prediction["budget"] == 0.001 and prediction["seconds"] > 0.001
+    assert set(prediction["parts"]) == {"stop", "final_pass", "verify", "start", "health"}
+    assert prediction["entries"] > 0 and prediction["round"] == 1
+    # What changes comes to little here: copying again would not have helped.
+    assert not any("copying and hashing again" in m for m in event_messages(world, "east", "shop", 1))
+
+
 @pytest.mark.parametrize(
     ("misbehaviour", "summary", "detail"),
     [
@@ -338,6 +357,16 @@ def test_dry_run_changes_nothing(world):
             "--bwlimit must be a positive number",
         ),
         (["west", "shop"], {}, "choose --action migrate or --action snapshot"),
+        (
+            ["west", "shop", "--action", "migrate", "--max-downtime", "0"],
+            {},
+            "--max-downtime: a downtime budget is more than 0 and at most 86400 seconds",
+        ),
+        (
+            ["west", "shop", "--action", "migrate", "--over-budget", "proceed"],
+            {},
+            "--over-budget says what to do over a budget: give it with --max-downtime",
+        ),
     ],
 )
 def test_refusals(world, args, env, message):

@@ -82,6 +82,27 @@ def test_startup_without_identity_leaves_the_lock(grid_info):
     assert Lock.objects.exists()
 
 
+@pytest.mark.django_db
+def test_a_job_started_since_mig_came_up_is_left_to_the_process_that_started_it(grid_info, settings):
+    # `serve` answers while startup still runs in the background: a job started meanwhile
+    # (its helper not provisioned yet) must not be taken for one left behind.
+    settings.MIG_GRID, settings.MIG_APP = "east", "shop"
+    job = Lock.acquire(**dict(JOB, action="migrate", target_app="shop", helper_app="MigHelper_shop")).job
+    created = job.created.timestamp()
+    out = StringIO()
+    call_command("startup", "--mig-since", str(created - 5), stdout=out, stderr=StringIO())
+    assert f"job #{job.pk} was started since MIG came up; its own process runs it" in out.getvalue()
+    job.refresh_from_db()
+    assert job.state == "pending" and list(job.events.values_list("message", flat=True)) == [
+        "Lock taken by alice."
+    ]
+    # One from before MIG came up was left behind: the table's row takes it (the grids are
+    # unreachable here, so it is tried again later).
+    call_command("startup", "--mig-since", str(created + 5), stdout=StringIO(), stderr=StringIO())
+    job.refresh_from_db()
+    assert job.is_active and "Could not finish the job now" in job.events.last().message
+
+
 def put_lock_back(world, grid, app, job_id):
     """The state a crash right after the remote steps of a row would leave behind."""
     path = world.app_dir(grid, app) / "volumes/config/mig.sqlite3"

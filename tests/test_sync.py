@@ -73,6 +73,23 @@ def test_unchanged_source_sends_nothing(pair):
     assert entries == 6  # big.bin, dir, dir/small.txt, gone.txt, link, and the volume itself
 
 
+def test_the_forecast_counts_what_the_final_pass_will_fetch(pair):
+    source, data, copy, _ = pair
+    index, _, _ = index_now(pair)
+    clean_before = time.time_ns()
+    quiet = sync.forecast(source, "app", str(copy), index, clean_before)
+    assert (quiet.entries, quiet.files, quiet.bytes) == (6, 0, 0)
+    assert quiet.listing_seconds > 0
+    (data / "dir/small.txt").write_text("small, and changed since it was hashed\n")
+    (data / "new.txt").write_text("new\n")
+    busy = sync.forecast(source, "app", str(copy), index, clean_before)
+    # Both are fetched by the final pass: one changed since the hashing, one never hashed.
+    assert (busy.entries, busy.files) == (7, 2)
+    assert busy.bytes == len("small, and changed since it was hashed\n") + len("new\n")
+    files, _, (_, problems) = final(pair, index, clean_before)
+    assert (files, problems) == (2, [])
+
+
 def test_only_changed_blocks_are_sent_and_the_tree_follows(pair):
     source, data, copy, _ = pair
     index, _, _ = index_now(pair)

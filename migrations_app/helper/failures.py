@@ -64,6 +64,7 @@ ADVICE = {
     Cause.APP: "the app did not do what it was asked: see its component logs on {where}",
     Cause.STOPPED: "the helper was stopped from outside before it finished",
     Cause.CANCELLED: "cancelled by an operator",
+    Cause.OVER_BUDGET: "the downtime would have been over its budget, so the source kept running",
     Cause.LOST: "the helper is gone before it reported a result: see {where}'s helper log",
     Cause.OTHER: "an unexpected error: see the details below, and the helper's log on {where}",
 }

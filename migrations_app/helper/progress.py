@@ -210,6 +210,11 @@ class Summary:
         return None
 
     @property
+    def prediction(self) -> protocol.Prediction | None:
+        """The latest predicted downtime, for a job with a budget."""
+        return protocol.Prediction.from_dict(self.facts.get(protocol.PREDICTED, {}).get("prediction"))
+
+    @property
     def target_url(self) -> str:
         return self.facts.get(protocol.TARGET_DEFINED, {}).get("url", "")
 

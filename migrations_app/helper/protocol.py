@@ -76,6 +76,9 @@ DECISION = "decision"
 APP_STARTING = "app_starting"
 APP_STARTED = "app_started"
 APP_ANSWERED = "app_answered"
+# The downtime, predicted before the stop for a job with a budget ("prediction": a
+# Prediction's fields); the latest one counts.
+PREDICTED = "predicted"
 # A helper restarted by its grid picked up its journal.
 RESUMED = "resumed"
 # A cancel was asked for ("by"): the helper rolls back; or it came after the commit, and
@@ -95,6 +98,13 @@ class Result(enum.StrEnum):
     CANCELLED = "cancelled"  # an operator cancelled before the commit; rolled back
 
 
+class OverBudget(enum.StrEnum):
+    """What a job with a downtime budget does when the predicted downtime is over it."""
+
+    STOP = "stop"  # end the job before the cut-over: the source app keeps running
+    PROCEED = "proceed"  # go on, and say that the budget will be missed
+
+
 class Cause(enum.StrEnum):
     """What most likely made a job fail, in words an operator acts on."""
 
@@ -107,6 +117,7 @@ class Cause(enum.StrEnum):
     STALLED = "copy stalled"
     APP = "the app misbehaved"
     CANCELLED = "cancelled"
+    OVER_BUDGET = "over the downtime budget"
     STOPPED = "helper stopped"
     LOST = "helper lost"
     OTHER = "unexpected error"
@@ -140,6 +151,34 @@ class Failure:
 
     def to_dict(self) -> dict:
         return {"summary": self.summary, "cause": str(self.cause), "phase": self.phase, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The downtime were the source stopped now, in seconds, with its parts (the names of
+    helper.progress.Downtime's): what the job page shows beside the measured one."""
+
+    seconds: float
+    budget: float
+    parts: dict
+    changed_seconds: float  # of the final pass: sending what changed since the hashing
+    entries: int
+    files: int  # changed since the hashing
+    bytes: int  # their sizes
+    round: int  # of the pre-copy rounds tried to bring it within the budget
+
+    def describe(self) -> str:
+        return ", ".join(f"{name.replace('_', ' ')} {value:.1f}s" for name, value in self.parts.items())
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "Prediction | None":
+        fields = cls.__dataclass_fields__
+        if not isinstance(data, dict) or not all(f in data for f in fields):
+            return None
+        return cls(**{f: data[f] for f in fields})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -192,6 +231,7 @@ class Status:
     failure: dict | None = None  # Failure, once the job failed or was cancelled
     cancel: dict | None = None  # {"by", "refused"}: a cancel was asked for
     downtime: dict | None = None  # Downtime.to_dict(), once the app answered again
+    prediction: dict | None = None  # Prediction.to_dict(), for a job with a downtime budget
     target_url: str = ""  # where the target answers once it runs (known once defined)
     events: list = field(default_factory=list)  # {"time", "level", "phase", "message"}
     # Known to MIG only.

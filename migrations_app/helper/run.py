@@ -72,6 +72,18 @@ COMMITTED = "the cut-over is committed: the copy is verified and is the app now"
 HEARTBEAT_TIMEOUT = 15.0
 # Backoff for an operation whose connection to a grid dropped, then for a copy pass.
 RETRY_DELAYS = (1, 2, 4, 8, 16)
+# The final pass and verify take about these many times a listing of the running source
+# walked in step with the copy (sync.forecast): the pass also settles and records each
+# entry, verify walks the copy once more. Measured with ./dev bench (downtime scenario).
+FINAL_PASS_PER_LISTING = 1.8
+VERIFY_PER_LISTING = 1.1
+# The other parts of a downtime, in seconds, when no earlier job of this MIG measured them.
+DEFAULT_PARTS = {"stop": 0.3, "start": 0.5, "health": 0.2}
+# The final pass sends changed blocks about as fast as a pre-copy pass, if that moved
+# enough to tell; otherwise this many bytes per second.
+DEFAULT_FETCH_RATE = 100 << 20
+# Pre-copy rounds at most (the first included) to bring a downtime within its budget.
+BUDGET_ROUNDS = 3
 
 
 class Failure(Exception):
@@ -80,6 +92,10 @@ class Failure(Exception):
 
 class Interrupted(Failure):
     """A restarted helper finds its cut-over rolled back (by itself, or by another)."""
+
+
+class BudgetExceeded(Failure):
+    """The predicted downtime is over the operator's budget, and they chose to stop then."""
 
 
 class Cancelled(Exception):
@@ -185,6 +201,12 @@ class Helper:
         self.stall_timeout = float(self.config.get("stall_timeout", 60))
         self.heartbeat_timeout = float(self.config.get("heartbeat_timeout", HEARTBEAT_TIMEOUT))
         self.max_passes = int(self.config.get("max_passes", 4))
+        # The downtime budget, in seconds, and what to do if the prediction is over it.
+        self.max_downtime = self.config.get("max_downtime")
+        self.over_budget = self.config.get("over_budget") or protocol.OverBudget.STOP
+        # The parts of the downtime the last finished job measured (see DEFAULT_PARTS).
+        self.recent_timings = self.config.get("recent_timings") or {}
+        self.fetch_rate = DEFAULT_FETCH_RATE
         self.source = self.target = self.final = self.heartbeat = None
         self.target_created = self.journal.has(protocol.TARGET_DEFINING)
         # A refresh writes into an earlier snapshot copy: the app of this owner is kept.
@@ -272,6 +294,8 @@ class Helper:
             )
         if isinstance(error, Cancelled):
             return failures.cancelled(error.by, phase)
+        if isinstance(error, BudgetExceeded):
+            return protocol.Failure(str(error), protocol.Cause.OVER_BUDGET, phase)
         if isinstance(error, Interrupted):
             label = protocol.LABELS.get(phase, phase)
             return protocol.Failure(
@@ -361,6 +385,7 @@ class Helper:
         phase = self.log.phase or protocol.PRECOPY
         failure = now.failure
         downtime = now.downtime()
+        prediction = now.prediction
         return protocol.Status(
             job=self.job_id,
             action=self.action,
@@ -377,6 +402,7 @@ class Helper:
             failure=failure.to_dict() if failure else None,
             cancel=now.cancel,
             downtime=downtime.to_dict() if downtime else None,
+            prediction=prediction.to_dict() if prediction else None,
             target_url=now.target_url,
             events=[protocol.public_event(e) for e in self.log.events[-30:]],
         ).to_dict()
@@ -492,12 +518,93 @@ class Helper:
             # the hashing then reads them again. After a short pass, little has changed: the
             # final pass sends it block by block, reading only the source. After a long
             # one, another pass pays off while the delta keeps shrinking and is not tiny.
+            if stats.literal_bytes >= 16 << 20:
+                self.fetch_rate = stats.literal_bytes / max(stats.seconds, 1e-3)
             if stats.seconds < ANOTHER_PASS_AFTER:
                 break
             if number > 1 and (changed <= max(1 << 20, self.total_bytes // 1000) or changed >= previous / 2):
                 break
             previous = changed
         self.step_index()
+        self.step_budget()
+
+    def step_budget(self):
+        """With a downtime budget: predict the downtime. While what changed since the hashing
+        puts it over the budget, copy and hash again (BUDGET_ROUNDS at most, and only while
+        that shrinks it); then, still over it, go on or end the job, as the operator chose.
+        The source has not stopped: ending here leaves it running."""
+        if self.max_downtime is None:
+            return
+        budget = float(self.max_downtime)
+        previous = None
+        for round_number in range(1, BUDGET_ROUNDS + 1):
+            prediction = self.predict(round_number)
+            if prediction.seconds <= budget:
+                return
+            changed = prediction.changed_seconds
+            helps = changed > prediction.seconds - budget and (previous is None or changed < previous * 0.75)
+            if round_number == BUDGET_ROUNDS or not helps:
+                break
+            previous = changed
+            self.log.event(
+                f"The downtime would be about {prediction.seconds:.1f}s, over the budget of {budget:g}s, "
+                f"mostly for what changed since the hashing: copying and hashing again (round "
+                f"{round_number + 1} of at most {BUDGET_ROUNDS})"
+            )
+            stats = self.copy_pass(f"pre-copy round {round_number + 1}")
+            self.moved += stats.literal_bytes
+            self.step_index()
+        over = (
+            f"The downtime would be about {prediction.seconds:.1f}s ({prediction.describe()}), over "
+            f"the budget of {budget:g}s"
+        )
+        if self.over_budget == protocol.OverBudget.PROCEED:
+            self.log.event(f"{over}: going on, as asked; the budget will be missed", level="warning")
+            return
+        raise BudgetExceeded(
+            f"{over}, so the cut-over did not begin and the source app kept running. Try again when "
+            "the app writes less, with a larger budget, or let the job go on over it."
+        )
+
+    def predict(self, round_number) -> protocol.Prediction:
+        """The downtime were the source stopped now: the final pass and verify from a
+        forecast (sync.forecast), the rest as the last job measured it."""
+        self.log.event(f"Predicting the downtime: listing {self.source_app} as the final pass will")
+        forecast = sync.forecast(
+            self.source,
+            self.source_app,
+            self.volumes_path,
+            self.index,
+            self.clean_before_ns,
+            lambda: self.check_cancel(every=0.5),
+        )
+        changed_seconds = forecast.bytes / self.fetch_rate
+        measured = {k: v for k, v in self.recent_timings.items() if isinstance(v, int | float)}
+        parts = {
+            "stop": measured.get("stop", DEFAULT_PARTS["stop"]),
+            "final_pass": forecast.listing_seconds * FINAL_PASS_PER_LISTING + changed_seconds,
+            "verify": forecast.listing_seconds * VERIFY_PER_LISTING,
+            "start": measured.get("start", DEFAULT_PARTS["start"]),
+            "health": measured.get("health", DEFAULT_PARTS["health"]),
+        }
+        prediction = protocol.Prediction(
+            round(sum(parts.values()), 3),
+            float(self.max_downtime),
+            {k: round(v, 3) for k, v in parts.items()},
+            round(changed_seconds, 3),
+            forecast.entries,
+            forecast.files,
+            forecast.bytes,
+            round_number,
+        )
+        self.log.event(
+            f"Predicted downtime {prediction.seconds:.1f}s (budget {prediction.budget:g}s): "
+            f"{prediction.describe()}; {forecast.files} file(s) changed since the hashing, "
+            f"{human_bytes(forecast.bytes)} at most to send",
+            fact=protocol.PREDICTED,
+            prediction=prediction.to_dict(),
+        )
+        return prediction
 
     def define_target(self):
         """Define the target (or, for a refresh, take the snapshot copy it writes into);

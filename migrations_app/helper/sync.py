@@ -35,6 +35,7 @@ import sqlite3
 import stat
 import threading
 import time
+from dataclasses import dataclass
 
 from ..grids.agent.tree import (
     BLOCK,
@@ -215,6 +216,57 @@ def build_index(source, source_app, target_base, index, copy_began_ns=None, on_p
         "SELECT count(*) FROM src JOIN dst USING (path) WHERE src.digest = dst.digest AND src.size = dst.size"
     ).fetchone()[0]
     return files, read, files - same
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """What the final pass would have to do were the source stopped now (see forecast)."""
+
+    entries: int
+    listing_seconds: float  # the source listed and the copy walked in step, as the pass does
+    files: int  # files whose content the final pass would fetch
+    bytes: int  # their sizes: at most this much (only the blocks that differ move)
+
+
+def forecast(source, source_app, target_base, index, clean_before_ns, on_entry=None) -> Forecast:
+    """List the running source and walk the copy in step, as the final pass will, and look
+    each file up in the index: its cost now, and what changed since it was hashed. A file
+    counts as changed as the final pass would judge it (see FinalPass.reconcile_file).
+    on_entry() is called for each entry (what it raises ends the listing)."""
+    proc = source.open_scan(source_app)
+    db = index.connect()
+    # Timed from the first entry on: the final pass starts its agent before the stop.
+    first = None
+    count = files = size = 0
+    try:
+        for src, _ in merged(entries(proc, "listing the source"), target_base):
+            first = first or time.monotonic()
+            count += 1
+            if on_entry is not None:
+                on_entry()
+            if src is None or src.kind != Kind.FILE:
+                continue
+            row = db.execute(
+                "SELECT src.size, src.mtime, src.digest, dst.digest FROM src LEFT JOIN dst USING (path) "
+                "WHERE path = ?",
+                (src.path,),
+            ).fetchone()
+            unchanged = (
+                row is not None
+                and row[2] == row[3]
+                and (row[0], row[1]) == (src.size, src.mtime_ns)
+                and src.mtime_ns < clean_before_ns
+            )
+            if not unchanged:
+                files += 1
+                size += src.size
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        db.close()
+    seconds = (time.monotonic() - first) * count / max(count - 1, 1) if first else 0.0
+    return Forecast(count, seconds, files, size)
 
 
 class FinalPass:

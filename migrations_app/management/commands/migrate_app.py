@@ -76,6 +76,19 @@ class Command(BaseCommand):
         )
         parser.add_argument("--bwlimit", type=int, metavar="KBPS", help="cap the copy at KBPS KiB/s")
         parser.add_argument(
+            "--max-downtime",
+            type=float,
+            metavar="SECONDS",
+            help="the downtime this app may have: before the stop, the helper predicts it, copies "
+            "again while what changes meanwhile puts it over, then does what --over-budget says",
+        )
+        parser.add_argument(
+            "--over-budget",
+            choices=[o.value for o in protocol.OverBudget],
+            help="with --max-downtime, if the prediction is still over it: stop (the default: end "
+            "the job before the stop, this app keeps running) or proceed (go on, over the budget)",
+        )
+        parser.add_argument(
             "--refresh",
             action="store_true",
             help="TARGET_GRID/TARGET_APP is a snapshot copy this app made: bring it up to date (only the "
@@ -96,9 +109,10 @@ class Command(BaseCommand):
         bwlimit = options["bwlimit"]
         if bwlimit is not None and bwlimit <= 0:
             raise CommandError("--bwlimit must be a positive number of KiB/s")
+        budget = self.budget(options["max_downtime"], options["over_budget"])
         try:
             plan = migration.preflight(
-                options["target_grid"], options["target_app"], action, bwlimit, refresh
+                options["target_grid"], options["target_app"], action, bwlimit, refresh, budget
             )
         except migration.PreflightError as e:
             raise CommandError(f"pre-flight: {e}") from None
@@ -125,6 +139,17 @@ class Command(BaseCommand):
             migration.start_runner(job)
             return
         self.follow(job)
+
+    @staticmethod
+    def budget(seconds, over):
+        if seconds is None:
+            if over is not None:
+                raise CommandError("--over-budget says what to do over a budget: give it with --max-downtime")
+            return None
+        try:
+            return migration.DowntimeBudget(seconds, protocol.OverBudget(over or protocol.OverBudget.STOP))
+        except ValueError as e:
+            raise CommandError(f"--max-downtime: {e}") from None
 
     def confirm(self, plan):
         """Ask before anything changes; without a terminal to ask on, --yes is required."""

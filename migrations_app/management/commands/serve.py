@@ -1,5 +1,6 @@
 import os
 import sys
+import time
 
 from django import db
 from django.conf import settings
@@ -40,11 +41,13 @@ class Command(BaseCommand):
     )
 
     def handle(self, *args, **options):
+        since = time.time()
         # Only what answering needs happens before serving: the app is down until it answers,
         # so a migrated app's downtime ends here, not after the remote clean-up.
         Startup(stdout=self.stdout, stderr=self.stderr).prepare()
         # A grid it cannot reach now, it tries again while MIG runs, not only at the next start.
-        migration.spawn_manage("startup", "--keep-trying", log=False)
+        # MIG answers before this is done: jobs started meanwhile are not left-overs.
+        migration.spawn_manage("startup", "--keep-trying", "--mig-since", repr(since), log=False)
         db.connections.close_all()
         self.stdout.flush()
         try:

@@ -89,6 +89,13 @@ class Command(BaseCommand):
             help="if a grid cannot be reached (or the config volume is full), try again with backoff "
             "until the job is finished or held, or SIGTERM arrives (how `serve` runs it)",
         )
+        parser.add_argument(
+            "--mig-since",
+            type=float,
+            metavar="EPOCH",
+            help="this MIG has run since EPOCH (seconds; `serve` passes its start): a job it started "
+            "since then, and has not provisioned its helper for yet, is its own, not one left behind",
+        )
 
     def handle(self, **options):
         # SIGTERM (MIG's app stopping) ends this at once, as it should: the app has seconds to
@@ -102,7 +109,7 @@ class Command(BaseCommand):
                 with naming_a_full_volume("cannot record the grids and the login"):
                     self.step_grids(grids)
                     self.step_login_user()
-                active = self.step_lock(options["keep_trying"])
+                active = self.step_lock(options["keep_trying"], options["mig_since"])
                 break
             except ConfigVolumeFull as e:
                 if not options["keep_trying"]:
@@ -182,12 +189,18 @@ class Command(BaseCommand):
             if names:
                 self.changed(f"grids {verb}: {', '.join(names)}")
 
-    def step_lock(self, keep_trying):
+    def step_lock(self, keep_trying, mig_since=None):
         """The lock's row of the startup table; returns the job if it is still active."""
         lock = Lock.objects.current()
         if lock is None:
             return None
         job = lock.job
+        if mig_since is not None and job.starting_since(mig_since):
+            # Started here, by the web page or migrate_app, as this startup ran in the
+            # background: the process that started it provisions it. Taken for a job left
+            # behind, it would be cleaned up under that process's feet.
+            self.stdout.write(f"  job #{job.pk} was started since MIG came up; its own process runs it")
+            return job
         if not all(config.here()):
             self.warn(f"job #{job.pk} holds the lock, but MIG_GRID/MIG_APP are not set: leaving it")
             return job
