@@ -152,9 +152,11 @@ def test_the_plan_is_checked_again_when_confirmed(logged_in, grids):
 
 
 def test_valid_submit_creates_the_job_and_answers_at_once(logged_in, grids):
-    assert "Take the snapshot" in post(logged_in, target_app="copy", action="snapshot").content.decode()
     data = {"target_grid": "west", "target_app": "copy", "action": "snapshot", "bwlimit": "500"}
     data.update(max_downtime="2.5", over_budget="proceed")
+    plan = post(logged_in, **data).content.decode()
+    assert "Take the snapshot" in plan
+    assert "2.5 s: if the helper predicts more before the stop, the job goes on, over the budget" in plan
     response = logged_in.post(reverse("start"), data)
     job = MigrationJob.objects.get()
     assert response.status_code == 302 and response["Location"] == reverse("job", args=[job.pk])
