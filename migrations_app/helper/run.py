@@ -74,14 +74,16 @@ HEARTBEAT_TIMEOUT = 15.0
 RETRY_DELAYS = (1, 2, 4, 8, 16)
 # The final pass and verify take about these many times a listing of the running source
 # walked in step with the copy (sync.forecast): the pass also settles and records each
-# entry, verify walks the copy once more. Measured with ./dev bench (downtime scenario).
-FINAL_PASS_PER_LISTING = 1.8
-VERIFY_PER_LISTING = 1.1
+# entry, verify walks the copy once more. Measured with ./dev bench (downtime scenario, at
+# 20,000 and 200,000 files: 1.25-1.3 and 0.76-0.78).
+FINAL_PASS_PER_LISTING = 1.3
+VERIFY_PER_LISTING = 0.8
 # The other parts of a downtime, in seconds, when no earlier job of this MIG measured them.
 DEFAULT_PARTS = {"stop": 0.3, "start": 0.5, "health": 0.2}
-# The final pass sends changed blocks about as fast as a pre-copy pass, if that moved
-# enough to tell; otherwise this many bytes per second.
-DEFAULT_FETCH_RATE = 100 << 20
+# The final pass reads each changed file whole on the source to find the blocks that
+# differ (few, usually, and sent at once): about as fast as the hashing read everything,
+# if that read enough to tell; otherwise this many bytes per second.
+DEFAULT_READ_RATE = 500 << 20
 # Pre-copy rounds at most (the first included) to bring a downtime within its budget.
 BUDGET_ROUNDS = 3
 
@@ -206,7 +208,7 @@ class Helper:
         self.over_budget = self.config.get("over_budget") or protocol.OverBudget.STOP
         # The parts of the downtime the last finished job measured (see DEFAULT_PARTS).
         self.recent_timings = self.config.get("recent_timings") or {}
-        self.fetch_rate = DEFAULT_FETCH_RATE
+        self.read_rate = DEFAULT_READ_RATE
         self.source = self.target = self.final = self.heartbeat = None
         self.target_created = self.journal.has(protocol.TARGET_DEFINING)
         # A refresh writes into an earlier snapshot copy: the app of this owner is kept.
@@ -518,8 +520,6 @@ class Helper:
             # the hashing then reads them again. After a short pass, little has changed: the
             # final pass sends it block by block, reading only the source. After a long
             # one, another pass pays off while the delta keeps shrinking and is not tiny.
-            if stats.literal_bytes >= 16 << 20:
-                self.fetch_rate = stats.literal_bytes / max(stats.seconds, 1e-3)
             if stats.seconds < ANOTHER_PASS_AFTER:
                 break
             if number > 1 and (changed <= max(1 << 20, self.total_bytes // 1000) or changed >= previous / 2):
@@ -578,7 +578,7 @@ class Helper:
             self.clean_before_ns,
             lambda: self.check_cancel(every=0.5),
         )
-        changed_seconds = forecast.bytes / self.fetch_rate
+        changed_seconds = forecast.bytes / self.read_rate
         measured = {k: v for k, v in self.recent_timings.items() if isinstance(v, int | float)}
         parts = {
             "stop": measured.get("stop", DEFAULT_PARTS["stop"]),
@@ -671,7 +671,11 @@ class Helper:
         self.index = sync.Index(os.path.join(self.work_dir, "index.sqlite3"))
         meter = RateMeter(self.total_bytes)
 
+        hashed_bytes = 0
+
         def on_progress(hashed):
+            nonlocal hashed_bytes
+            hashed_bytes = hashed
             self.check_cancel(every=0.5)
             rate, eta = meter.update(hashed)
             self.log.progress(hashed, self.total_bytes, rate, eta, "hashing for the final pass")
@@ -680,6 +684,8 @@ class Helper:
             self.source, self.source_app, self.volumes_path, self.index, self.copy_began_ns, on_progress
         )
         seconds = time.time() - started
+        if hashed_bytes >= 16 << 20:  # enough to tell how fast the source reads
+            self.read_rate = hashed_bytes / max(seconds, 1e-3)
         self.log.event(
             f"Hashed {files} files in {seconds:.1f}s, and the copies of the {read} changed since the "
             f"copy began (rsync checked the rest as it sent them); {differing} differ (written to "
