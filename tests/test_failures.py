@@ -84,3 +84,13 @@ def test_no_eta_until_it_can_be_told_then_from_the_recent_rate():
         rate, eta = meter.update(meter.samples[-1][1] + 100)
     assert rate == pytest.approx(100, rel=0.05)
     assert eta == pytest.approx((1000 - 601) / 100, rel=0.05)
+
+
+def test_a_step_reporting_at_every_file_keeps_a_bounded_history():
+    clock = Clock()
+    meter = RateMeter(10**9, clock)
+    for done in range(1, 300_001):  # 300,000 files in 10 s
+        clock.now += 10 / 300_000
+        rate, _ = meter.update(done * 1000)
+    assert len(meter.samples) <= meter.WINDOW / meter.RESOLUTION + 2
+    assert rate == pytest.approx(30_000 * 1000, rel=0.05)

@@ -36,6 +36,9 @@ class RateMeter:
     WINDOW = 5.0
     MIN_SECONDS = 2.0
     MIN_FRACTION = 0.01
+    # One sample per this many seconds at most: the hashing reports at every file, and
+    # 5 s of 30,000 files a second kept every one took 20 MiB at 200,000 files.
+    RESOLUTION = 0.1
 
     def __init__(self, total, clock=time.monotonic):
         self.total = max(int(total), 1)
@@ -46,7 +49,10 @@ class RateMeter:
     def update(self, done):
         """(bytes per second, seconds left or None) after `done` bytes."""
         now = self.clock()
-        self.samples.append((now, done))
+        if len(self.samples) > 1 and now - self.samples[-2][0] < self.RESOLUTION:
+            self.samples[-1] = (now, done)
+        else:
+            self.samples.append((now, done))
         while len(self.samples) > 2 and now - self.samples[1][0] >= self.WINDOW:
             self.samples.popleft()
         then, done_then = self.samples[0]
