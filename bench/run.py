@@ -56,12 +56,13 @@ class Size:
     pollers: int
     poll_seconds: float
     more_files: int  # the memory and downtime scenarios' second runs have this many times the files
+    churning: float  # seconds the downtime baselines let the data writer run before they copy
     scale_files: tuple  # the scale scenario's file counts
 
 
 SIZES = {
-    "full": Size(512 * MiB, 20_000, 512 * MiB, 10 * MiB, 50, 10.0, 10, (200_000, 2_000_000)),
-    "smoke": Size(2 * MiB, 100, 2 * MiB, 1 * MiB, 5, 1.0, 2, (500, 2_000)),
+    "full": Size(512 * MiB, 20_000, 512 * MiB, 10 * MiB, 50, 10.0, 10, 3.0, (200_000, 2_000_000)),
+    "smoke": Size(2 * MiB, 100, 2 * MiB, 1 * MiB, 5, 1.0, 2, 0.5, (500, 2_000)),
 }
 
 
@@ -339,7 +340,7 @@ class Bench:
             world = self.world("downtime-baseline")
             try:
                 world.provision(fill=fill_data(self.size), properties=properties)
-                time.sleep(3)  # churning, as during MIG's pre-copy
+                time.sleep(self.size.churning)  # as the writer churns during MIG's pre-copy
                 baselines[live_pass] = self.rsync_cutover(world, live_pass)
             finally:
                 world.close()

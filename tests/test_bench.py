@@ -4,9 +4,14 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import GRID_HOSTS, ROOT
 
 
+# Every scenario, a dozen migrations and their baselines: 1.5 minutes on a quiet 2-CPU machine,
+# over the suite's 3-minute limit for one test on a busy one (the limit is there for hangs).
+@pytest.mark.timeout(600)
 def test_benchmarks_run_in_smoke_size(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(

@@ -91,6 +91,9 @@ def image_only_on(engine, tag):
     return engine.docker("image", "inspect", "-f", "{{.Id}}", tag).stdout.strip()
 
 
+# Three jobs, an image copy among them: 65-90 s on a quiet 2-CPU machine, over the suite's
+# 3-minute limit for one test (there for hangs) when both CPUs are busy with other work.
+@pytest.mark.timeout(400)
 def test_an_app_of_containers_is_snapshotted_moved_and_moved_back(docker_world):
     world = docker_world
     east, west = docker_world.engines["east"], docker_world.engines["west"]
