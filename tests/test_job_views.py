@@ -62,6 +62,24 @@ def test_an_ended_status_has_the_whole_log_and_the_failure(logged_in):
     assert data["failure"] == failure.to_dict() and data["progress"] is None
 
 
+def test_the_predicted_downtime_travels_from_the_journal_to_the_status_and_the_page(logged_in):
+    job = make_job(state="precopy", max_downtime=2.5, over_budget="proceed")
+    prediction = protocol.Prediction(
+        3.1, 2.5, {"stop": 0.3, "final_pass": 1.6, "verify": 0.5, "start": 0.5, "health": 0.2}, 0.4,
+        20_000, 3, 1 << 20, 1,
+    )  # fmt: skip
+    line = {
+        "seq": 5, "kind": protocol.EVENT, "time": "2026-12-03T10:00:00+00:00", "phase": "precopy",
+        "message": "Predicted downtime 3.1s", "fact": protocol.PREDICTED, "prediction": prediction.to_dict(),
+    }  # fmt: skip
+    job.apply_helper_lines([line])
+    data = logged_in.get(reverse("job_status", args=[job.pk])).json()
+    assert protocol.Prediction.from_dict(data["prediction"]) == prediction
+    page = logged_in.get(reverse("job", args=[job.pk])).content.decode()
+    assert "<dt>Downtime budget</dt><dd>2.5 s; if predicted over it: go on</dd>" in page
+    assert 'id="prediction"' in page
+
+
 def test_status_requires_login(client, operator):
     job = make_job()
     assert client.get(reverse("job_status", args=[job.pk])).status_code == 302
