@@ -84,9 +84,8 @@ class MigrateForm(forms.Form):
         data = super().clean()
         data["budget"] = None
         if (seconds := data.get("max_downtime")) is not None:
-            over = protocol.OverBudget(data.get("over_budget") or protocol.OverBudget.STOP)
             try:
-                data["budget"] = migration.DowntimeBudget(seconds, over)
+                data["budget"] = migration.DowntimeBudget(seconds, data.get("over_budget"))
             except ValueError as e:
                 self.add_error("max_downtime", str(e))
         return data

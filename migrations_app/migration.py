@@ -97,7 +97,7 @@ class DowntimeBudget:
     before the stop (see the helper's step_budget)."""
 
     seconds: float
-    over: protocol.OverBudget = protocol.OverBudget.STOP
+    over: protocol.OverBudget | str | None = None  # an OverBudget once made; None is STOP
 
     # A day: anything longer is a typo, not a budget.
     LONGEST = 86400.0
@@ -105,6 +105,8 @@ class DowntimeBudget:
     def __post_init__(self):
         if not (0 < self.seconds <= self.LONGEST):  # NaN fails this too
             raise ValueError(f"a downtime budget is more than 0 and at most {self.LONGEST:g} seconds")
+        # The form and the command pass what the operator chose, or nothing for the default.
+        object.__setattr__(self, "over", protocol.OverBudget(self.over or protocol.OverBudget.STOP))
 
     def describe(self) -> str:
         then = (

@@ -228,10 +228,38 @@ class Forecast:
     bytes: int  # their sizes: at most this much (only the blocks that differ move)
 
 
+def hashed(db, path):
+    """What the index holds of `path` on both sides: (source size, mtime, digest, copy size,
+    mtime, digest, block hashes), or None if the source's side was never hashed."""
+    return db.execute(
+        "SELECT src.size, src.mtime, src.digest, dst.size, dst.mtime, dst.digest, dst.blocks "
+        "FROM src LEFT JOIN dst USING (path) WHERE path = ?",
+        (path,),
+    ).fetchone()
+
+
+def same_content(src: Entry, dst: Entry | None, row, clean_before_ns: int) -> bool:
+    """Both sides hashed equal (`row` from hashed()), and neither changed since: the copy's
+    content is right.
+
+    Its time may still be off: rsync sets the time it listed, and the app may have written
+    between that listing and the read.
+    """
+    if dst is None or dst.kind != Kind.FILE or src.mtime_ns >= clean_before_ns or row is None:
+        return False
+    return (row[0], row[1], row[2], row[3], row[4]) == (
+        src.size,
+        src.mtime_ns,
+        row[5],
+        dst.size,
+        dst.mtime_ns,
+    )
+
+
 def forecast(source, source_app, target_base, index, clean_before_ns, on_entry=None) -> Forecast:
     """List the running source and walk the copy in step, as the final pass will, and look
     each file up in the index: its cost now, and what changed since it was hashed. A file
-    counts as changed as the final pass would judge it (see FinalPass.reconcile_file).
+    counts as changed as the final pass would judge it (same_content).
     on_entry() is called for each entry (what it raises ends the listing)."""
     proc = source.open_scan(source_app)
     db = index.connect()
@@ -239,25 +267,14 @@ def forecast(source, source_app, target_base, index, clean_before_ns, on_entry=N
     first = None
     count = files = size = 0
     try:
-        for src, _ in merged(entries(proc, "listing the source"), target_base):
+        for src, dst in merged(entries(proc, "listing the source"), target_base):
             first = first or time.monotonic()
             count += 1
             if on_entry is not None:
                 on_entry()
             if src is None or src.kind != Kind.FILE:
                 continue
-            row = db.execute(
-                "SELECT src.size, src.mtime, src.digest, dst.digest FROM src LEFT JOIN dst USING (path) "
-                "WHERE path = ?",
-                (src.path,),
-            ).fetchone()
-            unchanged = (
-                row is not None
-                and row[2] == row[3]
-                and (row[0], row[1]) == (src.size, src.mtime_ns)
-                and src.mtime_ns < clean_before_ns
-            )
-            if not unchanged:
+            if not same_content(src, dst, hashed(db, src.path), clean_before_ns):
                 files += 1
                 size += src.size
     finally:
@@ -411,11 +428,7 @@ class FinalPass:
             ).fetchone()
         ):
             return  # another name of this source file came first: link_names makes it that one
-        row = db.execute(
-            "SELECT src.size, src.mtime, src.digest, dst.size, dst.mtime, dst.digest, dst.blocks "
-            "FROM src LEFT JOIN dst USING (path) WHERE path = ?",
-            (src.path,),
-        ).fetchone()
+        row = hashed(db, src.path)
         hashed_both = row is not None and row[5] is not None
         if hashed_both and (row[2] != row[5] or row[1] >= self.clean_before_ns):
             return  # changing while hashed: the hot fetch has it
@@ -423,7 +436,7 @@ class FinalPass:
         unlinked = dst is not None and dst.nlink and not src.inode
         if unlinked:
             self.copy.unlink_from_others(src.path)
-        if self.same_content(src, dst, row):
+        if same_content(src, dst, row, self.clean_before_ns):
             if unlinked or differs(src, dst, METADATA):
                 self.copy.settle(src)
                 db.execute("INSERT OR REPLACE INTO sent VALUES (?, 1)", (src.path,))
@@ -437,22 +450,6 @@ class FinalPass:
         ):
             known = row[6]
         self.requests.put((src.path, known))
-
-    def same_content(self, src: Entry, dst: Entry | None, row):
-        """Both sides hashed equal, and neither changed since: the copy's content is right.
-
-        Its time may still be off: rsync sets the time it listed, and the app may have
-        written between that listing and the read.
-        """
-        if dst is None or dst.kind != Kind.FILE or src.mtime_ns >= self.clean_before_ns or row is None:
-            return False
-        return (row[0], row[1], row[2], row[3], row[4]) == (
-            src.size,
-            src.mtime_ns,
-            row[5],
-            dst.size,
-            dst.mtime_ns,
-        )
 
     def fetch(self, proc, requests, gone_ok):
         """Ask the source's agent (`proc`, see open()) for the blocks that differ, and write

@@ -147,7 +147,7 @@ class Command(BaseCommand):
                 raise CommandError("--over-budget says what to do over a budget: give it with --max-downtime")
             return None
         try:
-            return migration.DowntimeBudget(seconds, protocol.OverBudget(over or protocol.OverBudget.STOP))
+            return migration.DowntimeBudget(seconds, over)
         except ValueError as e:
             raise CommandError(f"--max-downtime: {e}") from None
 
