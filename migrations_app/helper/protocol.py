@@ -14,7 +14,7 @@ WORK_VOLUME = "work"
 PROGRESS_FILE = f"volumes/{WORK_VOLUME}/progress.jsonl"
 STATUS_FILE = f"volumes/{WORK_VOLUME}/status.json"
 # MIG's runner writes this once it has seen HANDS_OFF and will write nothing more to the
-# source's volumes; the helper waits for it (a while) before it hashes for the final pass.
+# source's volumes; the helper waits for it (a while) before it arms the cut-over.
 HANDS_OFF_ACK_NAME = "hands-off.ack"
 HANDS_OFF_ACK_FILE = f"volumes/{WORK_VOLUME}/{HANDS_OFF_ACK_NAME}"
 # An operator asks the helper to stop and roll back (JSON: {"by": who}); the helper answers
@@ -58,7 +58,8 @@ TARGET_DEFINED = "target_defined"
 # The source stops soon: MIG writes nothing more to its volumes (its database, its logs),
 # so that what the final pass lists after the stop stays as it was. MIG's runner may lag
 # behind the journal, and may live outside the app (started from a terminal): it says when
-# it is done (HANDS_OFF_ACK_FILE), and the helper waits for that before it hashes.
+# it is done (HANDS_OFF_ACK_FILE), and the helper waits for that before it stops the source
+# (it hashes meanwhile: what MIG writes until then, the final pass fetches).
 HANDS_OFF = "hands_off"
 # The index for the final pass is built (with the times it trusts: "clean_before_ns").
 INDEXED = "indexed"

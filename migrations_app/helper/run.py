@@ -665,7 +665,6 @@ class Helper:
         self.log.event(
             "Hashing for the final pass; MIG leaves the source's volumes alone", fact=protocol.HANDS_OFF
         )
-        self.wait_hands_off_ack()
         started = time.time()
         self.clean_before_ns = int((started + self.source_clock_offset - RACY_MARGIN) * 1e9)
         self.index = sync.Index(os.path.join(self.work_dir, "index.sqlite3"))
@@ -699,7 +698,9 @@ class Helper:
 
     def wait_hands_off_ack(self):
         """Until MIG's runner has filed every line before HANDS_OFF, it may still write to the
-        source's database. A runner that is gone never answers: then a while is enough."""
+        source's database: not a reason to wait with the hashing (the final pass fetches what
+        it wrote), but with the stop. A runner that is gone never answers: then a while is
+        enough."""
         ack = os.path.join(self.work_dir, protocol.HANDS_OFF_ACK_NAME)
         deadline = time.monotonic() + HANDS_OFF_WAIT
         while not os.path.exists(ack):
@@ -730,6 +731,7 @@ class Helper:
         self.final.open()
 
     def step_arm(self):
+        self.wait_hands_off_ack()
         target = f"{self.target_grid.name}/{self.target_app}"
         self.retrying(
             lambda: self.source.arm_cutover(
@@ -853,17 +855,19 @@ class Helper:
         self.apps[role] = "running"
         self.log.event(f"{app} started on {config.name}", fact=protocol.APP_STARTED)
         self.heartbeat.stop()
-        try:
-            self.retrying(
-                lambda: self.source.close_cutover(self.source_app, self.job_uid), "closing the cut-over"
-            )
-        except GridError as e:
-            # The decision is carried out; closing only lets the watchdog leave early. Silent
-            # now, it finds the decision it must obey, and leaves.
-            self.log.event(
-                f"Could not close the cut-over record on {self.source_grid.name}: {e}", level="warning"
-            )
+        # The downtime ends at the first answer: nothing the source's grid does may delay it.
         self.wait_first_answer(url)
+        try:
+            self.source.close_cutover(self.source_app, self.job_uid)
+        except GridError as e:
+            # Once, not again and again: the decision is carried out, and closing only lets the
+            # watchdog leave early (silent now, it finds the decision it must obey, and
+            # leaves); MIG's finish clears the record.
+            self.log.event(
+                f"Could not close the cut-over record on {self.source_grid.name}: {e}; MIG's finish "
+                "clears it",
+                level="warning",
+            )
 
     def start_app(self, grid, app, url):
         """Start an app, which has MIG in it: it counts as started once it listens where its
