@@ -51,7 +51,9 @@ def helper_template():
     manifest = {
         "properties": {},
         "volumes": ["code", protocol.WORK_VOLUME],
-        "start_settle": 0.3,
+        # MIG waits for the helper's status endpoint, or for its app to fail (provision_helper):
+        # a settle time would only add to it.
+        "start_settle": 0,
         # Cleanup after a SIGTERM (destroy the partial target, restart the source) needs time.
         "stop_grace": 60,
         "components": [

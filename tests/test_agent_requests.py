@@ -1,6 +1,7 @@
 """The agent's `serve` against requests nobody sends on purpose: it answers each with an
 error, keeps serving, and never touches anything outside its grid's root."""
 
+import base64
 import json
 import os
 import subprocess
@@ -58,11 +59,35 @@ json_values = st.recursive(
     max_leaves=12,
 )
 arguments = st.lists(st.sampled_from(TRICKY) | st.text(max_size=40), max_size=8)
+inputs = st.binary(max_size=40).map(lambda b: base64.b64encode(b).decode()) | st.text(max_size=20)
 requests = (
     st.builds(lambda op, args: json.dumps([op, *args]), st.sampled_from(OPERATIONS), arguments)
+    | st.builds(
+        lambda op, args, data: json.dumps({"argv": [op, *args], "input": data}),
+        st.sampled_from(OPERATIONS),
+        arguments,
+        inputs,
+    )
     | json_values.map(json.dumps)
     | st.binary(max_size=60).map(lambda b: b.decode("latin-1"))
 )
+
+
+def serving_agent(tmp_path, root):
+    archive = tmp_path / "agent.pyz"  # as MIG installs it
+    archive.write_bytes(AGENT_ARCHIVE)
+    agent = subprocess.Popen(
+        [GRID_PYTHON, str(archive), str(root), "serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+
+    def ask(line):
+        agent.stdin.write(line.encode("utf-8", "surrogateescape").replace(b"\n", b" ") + b"\n")
+        agent.stdin.flush()
+        reply = agent.stdout.readline()
+        assert reply, f"the agent stopped serving after {line[:200]!r}"
+        return json.loads(reply)
+
+    return agent, ask
 
 
 def snapshot_of(directory):
@@ -78,19 +103,7 @@ def test_any_request_gets_an_answer_and_nothing_outside_changes(tmp_path):
     outside.mkdir()
     (outside / "f").write_text("not the grid's\n")
     (tmp_path / "grid.json").write_text("{}")
-    archive = tmp_path / "agent.pyz"  # as MIG installs it
-    archive.write_bytes(AGENT_ARCHIVE)
-    agent = subprocess.Popen(
-        [GRID_PYTHON, str(archive), str(root), "serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-    )
-
-    def ask(line):
-        agent.stdin.write(line.encode("utf-8", "surrogateescape").replace(b"\n", b" ") + b"\n")
-        agent.stdin.flush()
-        reply = agent.stdout.readline()
-        assert reply, f"the agent stopped serving after {line[:200]!r}"
-        return json.loads(reply)
-
+    agent, ask = serving_agent(tmp_path, root)
     try:
         assert ask(json.dumps(["init", "--name", "fuzz"]))["ok"] is True
         before = snapshot_of(tmp_path / "outside"), (tmp_path / "grid.json").read_text()
@@ -141,3 +154,29 @@ def test_install_template_deletes_only_its_own_archive(tmp_path):
         assert reply["ok"] is False and "invalid archive" in reply["message"]
     assert victim.read_bytes() == b"not MIG's"
     assert set(os.listdir(tmp_path)) == {"grid", "precious.tar.gz"}
+
+
+def test_a_served_put_takes_its_data_in_the_request_and_nothing_else_does(tmp_path):
+    root = tmp_path / "grid"
+    agent, ask = serving_agent(tmp_path, root)
+    try:
+        assert ask(json.dumps(["init", "--name", "g"]))["ok"] is True
+        manifest = json.dumps({"volumes": ["data"], "components": []})
+        assert ask(json.dumps(["define", "shop", "--manifest", manifest]))["ok"] is True
+        data = bytes(range(256)) * 3  # not text: it travels as base64
+        put = ["put", "shop", "volumes/data/blob", "--mode", "416"]
+        reply = ask(json.dumps({"argv": put, "input": base64.b64encode(data).decode()}))
+        assert reply == {"ok": True, "result": {"written": len(data)}}
+        written = root / "apps/shop/volumes/data/blob"
+        assert written.read_bytes() == data and written.stat().st_mode & 0o777 == 0o640
+        # Without its data, a served put would read the requests that follow: refused.
+        reply = ask(json.dumps(put))
+        assert reply["ok"] is False and "needs its input in the request" in reply["message"]
+        reply = ask(json.dumps({"argv": ["state", "shop"], "input": ""}))
+        assert reply["ok"] is False and "state takes no input" in reply["message"]
+        reply = ask(json.dumps({"argv": put, "input": "not base64!"}))
+        assert reply["ok"] is False and reply["message"].startswith("bad request")
+        assert written.read_bytes() == data
+    finally:
+        agent.stdin.close()
+        agent.wait(timeout=30)

@@ -269,6 +269,15 @@ def test_files_are_put_read_and_followed(any_grid):
     any_grid.define("box", {"volumes": ["work"], "components": []})
     any_grid.put_file("box", "volumes/work/deep/dir/note", b"first\n", 0o644)
     assert any_grid.read_file("box", "volumes/work/deep/dir/note") == ("first\n", 6)
+    # Larger than a serving agent's request takes: it goes by an agent of its own.
+    large = b"0123456789abcdef" * 100_000
+    any_grid.put_file("box", "volumes/work/large", large, 0o644)
+    chunks, offset = [], 0
+    while offset < len(large):
+        text, offset = any_grid.read_file("box", "volumes/work/large", offset=offset)
+        assert text, f"the read ended at {offset} of {len(large)} bytes"
+        chunks.append(text)
+    assert "".join(chunks).encode() == large
     shell_app(
         any_grid,
         "writer",

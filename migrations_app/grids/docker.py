@@ -182,7 +182,7 @@ class DockerDriver(HostGridDriver):
 
     def put_file(self, app, path, data, mode=0o600):
         args = [validate_name(app), check_relpath(path), "--mode", str(int(mode))]
-        self._run_once("put", args, input=data, where=self.sidecar(app))
+        self._put(args, data, where=self.sidecar(app))
 
     def read_file(self, app, path, offset=0):
         data = self._call(

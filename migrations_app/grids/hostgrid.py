@@ -51,6 +51,8 @@ def agent_archive() -> bytes:
 
 AGENT_ARCHIVE = agent_archive()
 AGENT_VERSION = hashlib.sha256(AGENT_ARCHIVE).hexdigest()[:16]
+# A file up to this size travels in a serving agent's request line (base64, held in memory).
+SERVED_INPUT_LIMIT = 1 << 20
 GATE_SOURCE = Path(__file__).with_name("gate.py").read_bytes()
 # Runs the gate's source from the authorized_keys line itself: the host needs no file of MIG's.
 GATE_LOADER = "import base64,sys,zlib;exec(zlib.decompress(base64.b64decode(sys.argv[1])))"
@@ -154,8 +156,18 @@ class HostGridDriver(Driver):
         """Write one of MIG's own files (the agent, a template's archive) into the grid."""
         self.transport.put(data, path, mode=mode)
 
-    def _call(self, op, *args, timeout=None, where=None):
-        return self._answer(op, self._ask([op, *args], timeout or self.grid.command_timeout, where))
+    def _call(self, op, *args, timeout=None, where=None, input=None):
+        request = (
+            [op, *args] if input is None else {"argv": [op, *args], "input": base64.b64encode(input).decode()}
+        )
+        return self._answer(op, self._ask(request, timeout or self.grid.command_timeout, where))
+
+    def _put(self, args, data, where=None):
+        """The agent's `put` of `data`: a small file by the serving agent (no interpreter to
+        start), a large one by an agent of its own, which reads it as it comes."""
+        if len(data) <= SERVED_INPUT_LIMIT:
+            return self._call("put", *args, input=data, where=where)
+        return self._run_once("put", args, input=data, where=where)
 
     def _answer(self, op, line):
         """The result of an agent's answer line; its error, raised."""
@@ -301,7 +313,7 @@ class HostGridDriver(Driver):
     def put_file(self, app, path, data, mode=0o600):
         """Write a file inside an app's directory (a volume's content, a secret): by the
         agent, which follows no symlink the app made on the way."""
-        self._run_once("put", [validate_name(app), check_relpath(path), "--mode", str(int(mode))], input=data)
+        self._put([validate_name(app), check_relpath(path), "--mode", str(int(mode))], data)
 
     def start(self, app, listen=False, timeout=30.0):
         """Start the app's components: started once they have stayed up for the manifest's

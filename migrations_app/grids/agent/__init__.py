@@ -11,7 +11,9 @@ It prints one JSON object, {"ok": true, "result": ...} or {"ok": false, "error":
 "message": ...}, except the streaming operations (follow, scan, delta) and the long-lived
 ones it starts itself (supervise, a component's supervisor; watchdog, a cut-over's). `serve`
 answers many operations, one per line: each request is a JSON list [OPERATION, ARGS...],
-each answer that JSON object; one connection and one interpreter then serve a whole job.
+or, for `put`, {"argv": [OPERATION, ARGS...], "input": BASE64} (what the one-off agent reads
+from stdin), each answer that JSON object; one connection and one interpreter then serve a
+whole job.
 
 A grid is a directory:
     grid.json                   the grid's own name, app URL and app ports (written by `init`)

@@ -3,6 +3,8 @@ The agent's operations, its command line and its serving loop (see the package's
 """
 
 import argparse
+import base64
+import binascii
 import errno
 import json
 import os
@@ -450,7 +452,7 @@ def op_put(grid, args):
     atomically, every directory on the way a real one (made if missing): for grids whose
     app directories MIG's transport cannot write to itself (a docker grid's sidecar)."""
     rel = check_relpath(args.path)
-    data = sys.stdin.buffer.read()
+    data = sys.stdin.buffer.read() if args.input is None else args.input
     *dirs, name = rel.split("/")
     fd = os.open(grid.app_dir(args.app), tree.DIRECTORY)
     try:
@@ -639,7 +641,9 @@ def op_delta(grid, args):
 
 STREAMING = ("follow", "scan", "delta", "supervise", "watchdog")
 # These read their own input: a serving agent, whose input is requests, cannot do them.
-NOT_SERVED = (*STREAMING, "put")
+NOT_SERVED = STREAMING
+# These read what they write from stdin; a serving agent takes it in the request instead.
+READS_INPUT = ("put",)
 CUTOVER_OPS = ("cutover-arm", "cutover-beat", "cutover-claim", "cutover-abandon", "cutover-close")
 CUTOVER_OPS += ("cutover-read", "cutover-clear")
 
@@ -812,13 +816,19 @@ def shortened(message):
     return message if len(message) <= MESSAGE_LIMIT else message[: MESSAGE_LIMIT - 1] + "…"
 
 
-def answer(argv, served=False):
-    """Do one operation; its JSON answer, or None once a streaming one has written its own."""
+def answer(argv, served=False, input=None):
+    """Do one operation; its JSON answer, or None once a streaming one has written its own.
+    `input`: what a served request carries for an operation that reads its input."""
     grid = args = None
     try:
         args = parser().parse_args(argv)
         if args.op == "serve" or (served and args.op in NOT_SERVED):
             raise AgentError(f"{args.op} cannot be asked of a serving agent")
+        if input is not None and args.op not in READS_INPUT:
+            raise AgentError(f"{args.op} takes no input")
+        if served and args.op in READS_INPUT and input is None:
+            raise AgentError(f"{args.op} asked of a serving agent needs its input in the request")
+        args.input = input
         grid = Grid(args.root)
         result = OPERATIONS[args.op](grid, args)
     except AgentError as e:
@@ -836,15 +846,23 @@ def answer(argv, served=False):
     return None if args.op in STREAMING else {"ok": True, "result": result}
 
 
+def served_request(request):
+    """(argv, input or None) of a served request (see the package's docstring)."""
+    input = None
+    if isinstance(request, dict) and set(request) == {"argv", "input"} and isinstance(request["input"], str):
+        request, input = request["argv"], base64.b64decode(request["input"], validate=True)
+    if not isinstance(request, list) or not all(isinstance(a, str) for a in request):
+        raise ValueError('a request is a JSON list of strings, or {"argv": that list, "input": base64}')
+    return request, input
+
+
 def serve(root):
     """Answer operations read from stdin until it closes (see the module's docstring)."""
     for line in sys.stdin.buffer:  # bytes: a line that is not UTF-8 is a bad request, not an end
         try:
-            request = json.loads(line)
-            if not isinstance(request, list) or not all(isinstance(a, str) for a in request):
-                raise ValueError("a request is a JSON list of strings")
-            reply = answer([root, *request], served=True)
-        except (ValueError, RecursionError) as e:
+            request, input = served_request(json.loads(line))
+            reply = answer([root, *request], served=True, input=input)
+        except (ValueError, RecursionError, binascii.Error) as e:
             reply = {"ok": False, "error": "OperationFailed", "message": shortened(f"bad request: {e}")}
         sys.stdout.write(json.dumps(reply) + "\n")
         sys.stdout.flush()
