@@ -44,7 +44,6 @@ from tests.world import PYTHON, World, wait_for  # noqa: E402
 MiB = 1 << 20
 # Where the two grids' sshd listen (loopback; the tests give each of their workers its own).
 ADDRESSES = ("127.0.0.2", "127.0.0.3")
-BASELINE_RUNS = 3
 
 
 @dataclass
@@ -58,11 +57,14 @@ class Size:
     more_files: int  # the memory and downtime scenarios' second runs have this many times the files
     churning: float  # seconds the downtime baselines let the data writer run before they copy
     scale_files: tuple  # the scale scenario's file counts
+    # Each baseline is the median of this many runs (the same rsync took from 2.7 to 4.8 s on
+    # this kind of machine); the smoke size only shows that the scenarios run.
+    runs: int
 
 
 SIZES = {
-    "full": Size(512 * MiB, 20_000, 512 * MiB, 10 * MiB, 50, 10.0, 10, 3.0, (200_000, 2_000_000)),
-    "smoke": Size(2 * MiB, 100, 2 * MiB, 1 * MiB, 5, 1.0, 2, 0.5, (500, 2_000)),
+    "full": Size(512 * MiB, 20_000, 512 * MiB, 10 * MiB, 50, 10.0, 10, 3.0, (200_000, 2_000_000), 3),
+    "smoke": Size(2 * MiB, 100, 2 * MiB, 1 * MiB, 5, 1.0, 2, 0.5, (500, 2_000), 1),
 }
 
 
@@ -218,20 +220,19 @@ class Bench:
 
     def bulk_baselines(self, world):
         """{cipher: (rsync seconds, ssh cat bytes/s)} for OpenSSH's default cipher and MIG's,
-        each the median of three runs: the same rsync took from 2.7 to 4.8 s on this kind of
-        machine."""
+        each the median of the size's runs."""
         big = world.app_dir("east", "shop") / "volumes/data/big.bin"
         dest = self.base / "bulk-rsync"
         found = {}
         for cipher in dict.fromkeys([None, self.cipher]):
             rsync_runs = []
-            for _ in range(BASELINE_RUNS):
+            for _ in range(self.size.runs):
                 rsync_runs.append(self.rsync_baseline(world, dest, cipher))
                 shutil.rmtree(dest)
             cat_argv = [*self.ssh(self.hosts[0], cipher), self.hosts[0].address, f"cat {big}"]
             cat_seconds = statistics.median(
                 timed(lambda argv=cat_argv: subprocess.run(argv, stdout=subprocess.DEVNULL, check=True))[0]
-                for _ in range(BASELINE_RUNS)
+                for _ in range(self.size.runs)
             )
             found[cipher] = (statistics.median(rsync_runs), self.size.big / cat_seconds)
         return found
@@ -476,7 +477,7 @@ class Bench:
             "print(t1 - t0, time.perf_counter() - t1)"
         )
         runs = []
-        for _ in range(7):
+        for _ in range(2 * self.size.runs + 1):
             out = subprocess.run(
                 [PYTHON, "-c", code], cwd=ROOT, env=env, check=True, capture_output=True, text=True
             )

@@ -16,9 +16,9 @@ import pytest
 
 from migrations_app.grids import gridinfo, open_grid
 
-from .test_faults import HELPER, PHASES, Watch, assert_nothing_lost, many_files, settle, wait_journal
+from .test_faults import HELPER, PHASES, Watch, assert_nothing_lost, settle, wait_journal
 from .test_guide import answers
-from .world import DockerWorld, wait_for
+from .world import DockerWorld, many_files, wait_for
 
 
 class Acks(socketserver.ThreadingTCPServer):

@@ -13,7 +13,7 @@ import pytest
 
 from migrations_app import catalog
 
-from .world import PYTHON, journal, tree, wait_for
+from .world import PYTHON, journal, many_files, tree, wait_for
 
 HELPER = "MigHelper_shop"
 
@@ -213,11 +213,7 @@ def test_helper_gone_for_good_before_the_stop(world):
     # MIG stopped writing to its volumes for the final pass, but the source never stopped,
     # and the helper app died whole (its supervisor too): MIG runs on, so its runner must
     # finish the job here.
-    def many_files(data):
-        for i in range(20_000):  # hashing them takes a while: time to act in between
-            (data / f"f{i:05d}").write_bytes(b"x" * 100)
-
-    world.provision(fill=many_files)
+    world.provision(fill=many_files)  # hashing them takes a while: time to act in between
     launched = world.manage("east", "shop", "migrate_app", "--yes", "west", "shop", "--action", "migrate")
     assert launched.returncode == 0, launched.stderr
 

@@ -235,6 +235,17 @@ def wait_for(predicate, timeout=30.0, interval=0.1):
     return predicate()
 
 
+# The names many_files() gives its files (a glob).
+MANY_FILES = "f[0-9][0-9][0-9][0-9][0-9]"
+
+
+def many_files(data):
+    """20,000 small files: hashing, listing and verifying take long enough to be hit."""
+    data.mkdir(parents=True, exist_ok=True)
+    for i in range(20_000):
+        (data / f"f{i:05d}").write_bytes(b"x" * 100)
+
+
 def tree(path):
     """{relative path: bytes} of every file under `path`."""
     path = Path(path)
