@@ -409,6 +409,17 @@ class Helper:
             events=[protocol.public_event(e) for e in self.log.events[-30:]],
         ).to_dict()
 
+    def close(self):
+        """Let go of the grids: the final pass's agents, then the connections."""
+        if self.final is not None:
+            self.final.close()
+        for grid in (self.source, self.target):
+            if grid is not None:
+                try:
+                    grid.close()
+                except Exception as e:  # the helper is ending: say so, and go on ending
+                    print(f"closing the connection to a grid: {type(e).__name__}: {e}", file=sys.stderr)
+
     def linger(self):
         """Keep answering status until MIG destroys the helper (or an hour passes)."""
         deadline = time.monotonic() + LINGER_SECONDS
@@ -1068,4 +1079,10 @@ def main(argv=None):
     parser.add_argument("--config", required=True, help="the job's config file (from MIG)")
     parser.add_argument("--work", required=True, help="directory for the progress log")
     args = parser.parse_args(argv)
-    return Helper(args.config, args.work).run()
+    helper = Helper(args.config, args.work)
+    try:
+        return helper.run()
+    finally:
+        # Also on the SIGTERM that ends its lingering: its SSH master connection and that
+        # connection's directory in /tmp go with it, not after it.
+        helper.close()

@@ -4,7 +4,6 @@ The agent's operations, its command line and its serving loop (see the package's
 
 import argparse
 import base64
-import binascii
 import errno
 import json
 import os
@@ -862,7 +861,7 @@ def serve(root):
         try:
             request, input = served_request(json.loads(line))
             reply = answer([root, *request], served=True, input=input)
-        except (ValueError, RecursionError, binascii.Error) as e:
+        except (ValueError, RecursionError) as e:  # binascii.Error (bad base64) is a ValueError
             reply = {"ok": False, "error": "OperationFailed", "message": shortened(f"bad request: {e}")}
         sys.stdout.write(json.dumps(reply) + "\n")
         sys.stdout.flush()
