@@ -638,9 +638,9 @@ def op_delta(grid, args):
     tree.send_deltas(base, sys.stdin.buffer, out, check_relpath)
 
 
+# These write their own output and read their own input: a serving agent, whose input is
+# requests and whose output is answers, cannot do them.
 STREAMING = ("follow", "scan", "delta", "supervise", "watchdog")
-# These read their own input: a serving agent, whose input is requests, cannot do them.
-NOT_SERVED = STREAMING
 # These read what they write from stdin; a serving agent takes it in the request instead.
 READS_INPUT = ("put",)
 CUTOVER_OPS = ("cutover-arm", "cutover-beat", "cutover-claim", "cutover-abandon", "cutover-close")
@@ -821,7 +821,7 @@ def answer(argv, served=False, input=None):
     grid = args = None
     try:
         args = parser().parse_args(argv)
-        if args.op == "serve" or (served and args.op in NOT_SERVED):
+        if args.op == "serve" or (served and args.op in STREAMING):
             raise AgentError(f"{args.op} cannot be asked of a serving agent")
         if input is not None and args.op not in READS_INPUT:
             raise AgentError(f"{args.op} takes no input")
