@@ -10,7 +10,8 @@ two-pass rsync cut-over (rsync while the app runs, stop, rsync again, start).
 
 Two hostgrid grids on two real OpenSSH servers on loopback (127.0.0.2 and 127.0.0.3), their
 roots on tmpfs (/dev/shm) so that disk noise does not drown what MIG does. Prints a table
-and writes it as JSON (bench/results/latest.json unless --out says otherwise).
+and writes it as JSON (bench/results/latest.json unless --out says otherwise). Exits 1 if a
+target was missed, 2 if a scenario could not run (its traceback says why).
 """
 
 import argparse
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -794,4 +796,8 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except Exception:
+        traceback.print_exc()
+        sys.exit(2)  # not 1, which says that a target was missed

@@ -41,7 +41,8 @@ def worker_exit(server, worker):
 
     Tearing down an interpreter with Django in it takes 0.1 s idle and 0.4 s on a busy
     host, and a stopping app is down meanwhile. Nothing is lost: requests are finished,
-    Django closed its database connections after each, and log lines are flushed here.
+    every transaction they committed is in SQLite's write-ahead log (the next connection
+    to open the database reads it, wherever the volume went), and log lines are flushed here.
     The status matters: it tells the arbiter that a worker failed to boot.
     """
     error = sys.exc_info()[1]

@@ -525,12 +525,12 @@ class MigrationJob(models.Model):
             return {"new_home": self.target_url} if self.target_url else {}
         return {"snapshot": reverse("snapshots") + f"#snapshot-{self.target_grid}-{self.target_app}"}
 
-    def to_dict(self, events=None):
-        """The job's protocol.Status, as MIG knows it; `events` are the ones to show (by
-        default the last EVENTS_SHOWN of an active job, every one of an ended job)."""
-        if events is None:
-            events = self.events.order_by("-created", "-pk")
-            events = list(events[: self.EVENTS_SHOWN])[::-1] if self.is_active else list(events)[::-1]
+    def to_dict(self):
+        """The job's protocol.Status, as MIG knows it, with the last EVENTS_SHOWN events of an
+        active job and every event of an ended one."""
+        # The monitor polls this every second: rows, not models (and not their data).
+        events = self.events.order_by("-created", "-pk").values_list("created", "level", "phase", "message")
+        events = list(events[: self.EVENTS_SHOWN] if self.is_active else events)[::-1]
         failure = self.failure
         downtime = self.timings or ({"total": self.downtime_seconds} if self.downtime_seconds else None)
         return protocol.Status(
@@ -552,8 +552,8 @@ class MigrationJob(models.Model):
             prediction=self.prediction or None,
             target_url=self.target_url,
             events=[
-                {"time": e.created.isoformat(), "level": e.level, "phase": e.phase, "message": e.message}
-                for e in events
+                {"time": created.isoformat(), "level": level, "phase": phase, "message": message}
+                for created, level, phase, message in events
             ],
             source={"grid": self.source_grid, "app": self.source_app},
             target={"grid": self.target_grid, "app": self.target_app},

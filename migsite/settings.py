@@ -252,6 +252,11 @@ DATABASES = {
     "default": {
         "ENGINE": "django.db.backends.sqlite3",
         "NAME": CONFIG_DIR / "mig.sqlite3",
+        # A web worker's thread keeps its connection: opening one (and SQLite reading the
+        # schema at its first query) cost more than the rest of answering a status poll.
+        # Processes that must not hold the file open between writes close it themselves
+        # (the job runner, see migration.Runner.take).
+        "CONN_MAX_AGE": None,
         "OPTIONS": {
             "timeout": 20,
             "transaction_mode": "IMMEDIATE",

@@ -1,9 +1,13 @@
 """Test settings: MIG's settings on a throw-away config volume."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ["MIG_CONFIG_DIR"] = tempfile.mkdtemp(prefix="mig-test-config-")
+# It holds a generated password and secret key: gone with the process that made it.
+atexit.register(shutil.rmtree, os.environ["MIG_CONFIG_DIR"], ignore_errors=True)
 for name in ("MIG_USERNAME", "MIG_PASSWORD", "MIG_MODE", "MIG_GRID", "MIG_APP", "SECRET_KEY"):
     os.environ.pop(name, None)
 

@@ -46,6 +46,16 @@ def test_status_json_shape(logged_in):
     assert "status_token" not in data and data["failure"] is None
 
 
+def test_an_active_status_has_the_newest_events_oldest_first(logged_in):
+    job = make_job(state="precopy")
+    for i in range(MigrationJob.EVENTS_SHOWN + 5):
+        job.event(f"step {i}", data={"big": "x" * 1000})
+    data = logged_in.get(reverse("job_status", args=[job.pk])).json()
+    shown = [e["message"] for e in data["events"]]
+    assert shown == [f"step {i}" for i in range(5, MigrationJob.EVENTS_SHOWN + 5)]
+    assert "big" not in json_module.dumps(data)
+
+
 def test_an_ended_status_has_the_whole_log_and_the_failure(logged_in):
     job = make_job(state="precopy")
     for i in range(40):
