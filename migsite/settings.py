@@ -254,8 +254,8 @@ DATABASES = {
         "NAME": CONFIG_DIR / "mig.sqlite3",
         # A web worker's thread keeps its connection: opening one (and SQLite reading the
         # schema at its first query) cost more than the rest of answering a status poll.
-        # Processes that must not hold the file open between writes close it themselves
-        # (the job runner, see migration.Runner.take).
+        # Only requests are concerned: commands keep theirs until they close it (the job
+        # runner does after each write, see migration.Runner.take).
         "CONN_MAX_AGE": None,
         "OPTIONS": {
             "timeout": 20,
