@@ -65,7 +65,7 @@ class Size:
 
 
 SIZES = {
-    "full": Size(512 * MiB, 20_000, 512 * MiB, 10 * MiB, 50, 10.0, 10, 3.0, (200_000, 2_000_000), 3),
+    "full": Size(512 * MiB, 20_000, 512 * MiB, 10 * MiB, 50, 20.0, 10, 3.0, (200_000, 2_000_000), 3),
     "smoke": Size(2 * MiB, 100, 2 * MiB, 1 * MiB, 5, 1.0, 2, 0.5, (500, 2_000), 1),
 }
 
@@ -416,10 +416,19 @@ class Bench:
             world.provision(fill=fill_data(size))
             seconds, _ = self.migrate(world)
             assert world.answering("west")
+            _, _, timeline = self.helper_events(world)
         finally:
             world.close()
         self.add(
-            Row("tiny", "command to target MIG answering", seconds, "s", target="≤ 3 s", ok=seconds <= 3)
+            Row(
+                "tiny",
+                "command to target MIG answering",
+                seconds,
+                "s",
+                target="≤ 3 s",
+                ok=seconds <= 3,
+                notes={"timeline": timeline},
+            )
         )
 
     def status(self):
@@ -433,10 +442,12 @@ class Bench:
             assert world.wait_answering("east")
             url = world.url("east")
             cookie = login(url, world.LOGIN["MIG_USERNAME"], world.LOGIN["MIG_PASSWORD"])
-            job_latencies = poll(
-                f"{url}jobs/1/status.json", cookie, self.size.pollers, self.size.poll_seconds
-            )
-            ping_latencies = poll(f"{url}ping/", cookie, self.size.pollers, self.size.poll_seconds)
+            # In alternating halves: whatever else the host does meanwhile (the app's writer,
+            # the end of MIG's startup) weighs on both sides alike.
+            job_latencies, ping_latencies = [], []
+            for _ in range(2):
+                for path, latencies in (("jobs/1/status.json", job_latencies), ("ping/", ping_latencies)):
+                    latencies += poll(url + path, cookie, self.size.pollers, self.size.poll_seconds / 2)
         finally:
             world.close()
         for q in (50, 95, 99):

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from migrations_app.grids.agent import ops
-from migrations_app.grids.hostgrid import AGENT_ARCHIVE
+from migrations_app.grids.hostgrid import agent_archive
 
 from .sshd import GRID_PYTHON
 
@@ -75,7 +75,7 @@ requests = (
 
 def serving_agent(tmp_path, root):
     archive = tmp_path / "agent.pyz"  # as MIG installs it
-    archive.write_bytes(AGENT_ARCHIVE)
+    archive.write_bytes(agent_archive())
     agent = subprocess.Popen(
         [GRID_PYTHON, str(archive), str(root), "serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
     )

@@ -60,7 +60,7 @@ def final(pair, index, clean_before_ns=None):
     source, data, copy, tmp_path = pair
     clean_before = clean_before_ns or time.time_ns()
     received = []
-    run = sync.FinalPass(source, "app", str(copy), index, clean_before, received.append)
+    run = sync.FinalPass(sync.Standby(source, "app"), str(copy), index, clean_before, received.append)
     files, sent = run.run()
     return files, sent, sync.verify(str(copy), index)
 
@@ -110,6 +110,61 @@ def test_only_changed_blocks_are_sent_and_the_tree_follows(pair):
     assert (copy / "data/new/file.txt").read_text() == "new\n"
     assert os.readlink(copy / "data/link") == "big.bin"
     assert (copy / "data/dir/small.txt").stat().st_mode & 0o777 == 0o600
+
+
+def test_agents_started_ahead_read_the_source_as_it_is_at_their_go(pair):
+    # The helper starts them as the pre-copy begins; what changes after that, before the
+    # hashing or after it, is what they find.
+    source, data, copy, tmp_path = pair
+    standby = sync.Standby(source, "app")
+    standby.start(*sync.Reader)
+    standby.start(sync.Reader.DELTA)
+    (data / "dir/small.txt").write_text("changed before the hashing\n")
+    index = sync.Index(str(tmp_path / "index.sqlite3"))
+    files, _, differing = sync.build_index(
+        source, "app", str(copy), index, scan=standby.take(sync.Reader.HASHING)
+    )
+    assert (files, differing) == (3, 1)
+    time.sleep(0.05)  # older than "now" minus the margin, as in index_now
+    (data / "new.txt").write_text("new after the hashing\n")
+    (
+        files,
+        sent,
+    ) = sync.FinalPass(standby, str(copy), index, time.time_ns(), lambda n: None).run()
+    assert files == 2
+    entries, problems = sync.verify(str(copy), index)
+    assert problems == [] and entries == 7
+    assert (copy / "data/new.txt").read_text() == "new after the hashing\n"
+    assert standby.ready == {reader: [] for reader in sync.Reader}
+
+
+def test_an_agent_that_ended_while_waiting_is_replaced_when_taken(pair):
+    # As one whose connection dropped during a long pre-copy would: the final pass must
+    # not find out after the stop.
+    source, data, copy, _ = pair
+    index, _, _ = index_now(pair)
+    standby = sync.Standby(source, "app")
+    standby.start(sync.Reader.LISTING, sync.Reader.DELTA, sync.Reader.DELTA)
+    dead = standby.ready[sync.Reader.LISTING][0]
+    dead.kill()
+    dead.wait()
+    (data / "dir/small.txt").write_text("changed\n")
+    final_pass = sync.FinalPass(standby, str(copy), index, time.time_ns(), lambda n: None)
+    final_pass.open()
+    assert final_pass.scan is not dead and final_pass.scan.poll() is None
+    assert final_pass.run()[0] == 1
+    assert sync.verify(str(copy), index)[1] == []
+
+
+def test_agents_no_step_took_are_stopped(pair):
+    source, *_ = pair
+    standby = sync.Standby(source, "app")
+    standby.start(*sync.Reader)
+    started = [proc for procs in standby.ready.values() for proc in procs]
+    assert all(proc.poll() is None for proc in started)
+    standby.close()
+    assert all(proc.poll() is not None for proc in started)
+    assert standby.ready == {}
 
 
 def test_a_file_written_within_the_clock_tick_is_read_again(pair):
@@ -351,7 +406,7 @@ def test_a_thread_that_fails_fails_the_pass_with_its_message(pair):
     index, _, _ = index_now(pair)
     (data / "dir/small.txt").write_text("changed: the final pass fetches it\n")
     index.db.execute("DROP TABLE sent")
-    run = sync.FinalPass(source, "app", str(copy), index, time.time_ns(), lambda n: None)
+    run = sync.FinalPass(sync.Standby(source, "app"), str(copy), index, time.time_ns(), lambda n: None)
     with pytest.raises(sqlite3.OperationalError, match="no such table: sent"):
         run.run()
 

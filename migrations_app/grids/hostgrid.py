@@ -12,9 +12,12 @@ set-up beyond Python, and an upgraded MIG never talks to an old agent.
 
 import base64
 import dataclasses
+import functools
 import hashlib
+import importlib.util
 import io
 import json
+import marshal
 import shlex
 import subprocess
 import tarfile
@@ -31,9 +34,16 @@ from .gridinfo import GridConfig
 from .names import validate_name
 
 
+@functools.cache
 def agent_archive() -> bytes:
     """The agent as one file: a zip archive of its package, which Python runs as a program.
-    Built the same way every time, so that its version names its content."""
+
+    Each module's bytecode is beside its source, compiled by this Python and checked
+    against that source (PEP 552): an agent then starts without compiling its 2,600 lines
+    (25 ms of the 90 a start took on the hosts we measured). A grid whose Python is of
+    another version compiles the source, as the bytecode's magic number tells it. Built the
+    same way every time, so that its version names its content; built once per process, on
+    first use (compiling takes 30 ms)."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as archive:
 
@@ -45,12 +55,25 @@ def agent_archive() -> bytes:
 
         add("__main__.py", b"import sys\n\nfrom agent.ops import main\n\nsys.exit(main())\n")
         for path in sorted(Path(__file__).with_name("agent").glob("*.py")):
-            add(f"agent/{path.name}", path.read_bytes())
+            source = path.read_bytes()
+            add(f"agent/{path.name}", source)
+            add(f"agent/{path.stem}.pyc", checked_bytecode(source, f"agent/{path.name}"))
     return buf.getvalue()
 
 
-AGENT_ARCHIVE = agent_archive()
-AGENT_VERSION = hashlib.sha256(AGENT_ARCHIVE).hexdigest()[:16]
+def checked_bytecode(source: bytes, filename: str) -> bytes:
+    """A .pyc of `source` that is used only while it matches the source beside it."""
+    code = compile(source, filename, "exec", dont_inherit=True)
+    flags = 0b11  # hash-based, checked
+    header = importlib.util.MAGIC_NUMBER + flags.to_bytes(4, "little") + importlib.util.source_hash(source)
+    return header + marshal.dumps(code)
+
+
+@functools.cache
+def agent_version() -> str:
+    return hashlib.sha256(agent_archive()).hexdigest()[:16]
+
+
 # A file up to this size travels in a serving agent's request line (base64, held in memory).
 SERVED_INPUT_LIMIT = 1 << 20
 GATE_SOURCE = Path(__file__).with_name("gate.py").read_bytes()
@@ -142,7 +165,7 @@ class HostGridDriver(Driver):
 
     @property
     def agent_path(self):
-        return f"{self.grid.root}/.mig/agent-{AGENT_VERSION}.pyz"
+        return f"{self.grid.root}/.mig/agent-{agent_version()}.pyz"
 
     def _argv(self, op, args, where=None):
         """The command that runs an agent operation (`where` names where it runs, on grids
@@ -150,7 +173,7 @@ class HostGridDriver(Driver):
         return [self.grid.python, self.agent_path, self.grid.root, op, *args]
 
     def _install_agent(self):
-        self._put_grid_file(AGENT_ARCHIVE, self.agent_path, 0o644)
+        self._put_grid_file(agent_archive(), self.agent_path, 0o644)
 
     def _put_grid_file(self, data, path, mode):
         """Write one of MIG's own files (the agent, a template's archive) into the grid."""

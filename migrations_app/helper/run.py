@@ -209,7 +209,7 @@ class Helper:
         # The parts of the downtime the last finished job measured (see DEFAULT_PARTS).
         self.recent_timings = self.config.get("recent_timings") or {}
         self.read_rate = DEFAULT_READ_RATE
-        self.source = self.target = self.final = self.heartbeat = None
+        self.source = self.target = self.final = self.standby = self.heartbeat = None
         self.target_created = self.journal.has(protocol.TARGET_DEFINING)
         # A refresh writes into an earlier snapshot copy: the app of this owner is kept.
         self.refresh_owner = self.config.get("refresh_owner") or None
@@ -410,15 +410,21 @@ class Helper:
         ).to_dict()
 
     def close(self):
-        """Let go of the grids: the final pass's agents, then the connections."""
-        if self.final is not None:
-            self.final.close()
+        """Let go of the grids: the source's agents, then the connections."""
+        self.stop_readers()
         for grid in (self.source, self.target):
             if grid is not None:
                 try:
                     grid.close()
                 except Exception as e:  # the helper is ending: say so, and go on ending
                     print(f"closing the connection to a grid: {type(e).__name__}: {e}", file=sys.stderr)
+
+    def stop_readers(self):
+        """Stop the source's agents that still run: the final pass's, and those that were
+        started ahead and not taken (after a failure)."""
+        for readers in (self.final, self.standby):
+            if readers is not None:
+                readers.close()
 
     def linger(self):
         """Keep answering status until MIG destroys the helper (or an hour passes)."""
@@ -510,6 +516,10 @@ class Helper:
             if self.refresh_owner
             else previous_start or int((time.time() + self.source_clock_offset - RACY_MARGIN) * 1e9)
         )
+        # While the target is defined and the data copied, the agents that hash the source
+        # and list it after the stop start, ready when their steps come.
+        self.standby = sync.Standby(self.source, self.source_app)
+        self.standby.start(sync.Reader.HASHING, sync.Reader.LISTING, sync.Reader.DELTA, sync.Reader.DELTA)
         target = self.define_target()
         self.apps["target"] = "copying"
         self.volumes_path = target.volumes_dir
@@ -691,7 +701,13 @@ class Helper:
             self.log.progress(hashed, self.total_bytes, rate, eta, "hashing for the final pass")
 
         files, read, differing = sync.build_index(
-            self.source, self.source_app, self.volumes_path, self.index, self.copy_began_ns, on_progress
+            self.source,
+            self.source_app,
+            self.volumes_path,
+            self.index,
+            self.copy_began_ns,
+            on_progress,
+            self.standby.take(sync.Reader.HASHING),
         )
         seconds = time.time() - started
         if hashed_bytes >= 16 << 20:  # enough to tell how fast the source reads
@@ -731,8 +747,7 @@ class Helper:
             self.log.progress(received, 0, received / elapsed, None, "final pass: changed blocks")
 
         self.final = sync.FinalPass(
-            self.source,
-            self.source_app,
+            self.standby,
             self.volumes_path,
             self.index,
             self.clean_before_ns,
@@ -946,8 +961,7 @@ class Helper:
             fact=protocol.FAILING,
             failure=failure.to_dict(),
         )
-        if self.final is not None:
-            self.final.close()
+        self.stop_readers()
         notes = self.roll_back(failure.summary)
         if self.heartbeat is not None:
             self.heartbeat.stop()

@@ -45,6 +45,9 @@ from .processes import RESTART_DELAYS, Processes, supervise
 
 WATCH_INTERVAL = 0.2
 WATCHDOG_START_ATTEMPTS = 5
+# How often `follow` looks for new lines, and whether the app still runs (seconds).
+FOLLOW_POLL = 0.05
+FOLLOW_STATE_EVERY = 0.5
 
 
 def op_info(grid, args):
@@ -496,6 +499,9 @@ def op_follow(grid, args):
     offset = args.offset
     pending = b""
     deadline = time.monotonic() + args.max_time
+    # A line is passed on soon (the helper waits for MIG's answer to some); whether the app
+    # still runs, which reads its manifest and state, is asked less often.
+    state_due = 0.0
     while time.monotonic() < deadline:
         try:
             with open_app_file(grid, args.app, args.path) as f:
@@ -511,9 +517,11 @@ def op_follow(grid, args):
                 sys.stdout.buffer.write(line + b"\n")
             sys.stdout.flush()
             continue
-        if not grid.exists(args.app) or safe_state(grid, args.app) not in ("running", "starting"):
-            break
-        time.sleep(0.2)
+        if time.monotonic() >= state_due:
+            if not grid.exists(args.app) or safe_state(grid, args.app) not in ("running", "starting"):
+                break
+            state_due = time.monotonic() + FOLLOW_STATE_EVERY
+        time.sleep(FOLLOW_POLL)
     return None
 
 

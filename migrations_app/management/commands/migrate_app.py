@@ -5,7 +5,7 @@ import sys
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from migrations_app import migration, snapshots
+from migrations_app import config, migration, snapshots
 from migrations_app.helper import protocol
 from migrations_app.helper.progress import human_bytes
 from migrations_app.management.prompts import confirm
@@ -110,6 +110,12 @@ class Command(BaseCommand):
         if bwlimit is not None and bwlimit <= 0:
             raise CommandError("--bwlimit must be a positive number of KiB/s")
         budget = self.budget(options["max_downtime"], options["over_budget"])
+        # One connection to each grid, from pre-flight to the end: each new one would cost
+        # an SSH handshake and an agent start, on a job's way.
+        with config.keeping_drivers():
+            self.migrate(options, action, bwlimit, refresh, budget)
+
+    def migrate(self, options, action, bwlimit, refresh, budget):
         try:
             plan = migration.preflight(
                 options["target_grid"], options["target_app"], action, bwlimit, refresh, budget

@@ -4,7 +4,7 @@ import sys
 
 from django.core.management.base import BaseCommand, CommandError
 
-from migrations_app import migration
+from migrations_app import config, migration
 from migrations_app.models import MigrationJob
 
 
@@ -33,7 +33,9 @@ class Command(BaseCommand):
 
         runner = migration.Runner(job, show, on_hands_off=silence)
         try:
-            outcome = runner.run()
+            # Provisioning's connection to the target grid is the one the journal is followed on.
+            with config.keeping_drivers():
+                outcome = runner.run()
         except migration.RunnerBusy as e:
             raise CommandError(str(e)) from None
         if not runner.write_db:
