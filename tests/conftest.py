@@ -55,6 +55,9 @@ from .sshd import GRID_PYTHON, free_port, keygen, start_sshd  # noqa: E402
 WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
 GRID_HOSTS = (f"127.0.{WORKER}.2", f"127.0.{WORKER}.3")
 
+# A small or full filesystem for a grid is a tmpfs, which only root can mount (CI runs as root).
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="a small filesystem is a tmpfs only root can mount")
+
 WEB_TEMPLATE = {
     "manifest.json": json.dumps(
         {

@@ -4,10 +4,10 @@ import threading
 
 import pytest
 
-pytestmark = pytest.mark.django_db
-
 from migrations_app import config
 from migrations_app.grids import AppNotFound
+
+pytestmark = pytest.mark.django_db
 
 
 def connected(driver):

@@ -20,6 +20,7 @@ import pytest
 
 from migrations_app.grids import AppState, OperationFailed, open_grid
 
+from .conftest import needs_root
 from .world import MANY_FILES, journal, many_files, wait_for
 
 HELPER = "MigHelper_shop"
@@ -360,9 +361,6 @@ def fill(path):
                 f.flush()
         except OSError:
             pass
-
-
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="a full disk is a tmpfs mounted by root")
 
 
 @needs_root

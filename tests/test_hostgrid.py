@@ -12,7 +12,7 @@ from migrations_app import catalog
 from migrations_app.grids import AppNotFound, AppState, GridError, OperationFailed
 from migrations_app.grids.errors import CommandTimeout
 
-from .conftest import GRID_HOSTS
+from .conftest import GRID_HOSTS, needs_root
 from .sshd import GRID_PYTHON
 from .test_driver_contract import answers, listener_app, provision_web, wait_for
 
@@ -126,7 +126,7 @@ def test_init_refuses_a_root_that_is_another_grid(grid):
         grid.init()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="a full disk is a tmpfs mounted by root")
+@needs_root
 def test_a_template_that_does_not_fit_says_disk_full(tmp_path, client_key):
     import subprocess
 

@@ -8,6 +8,8 @@ from django.urls import reverse
 
 from migrations_app.models import Grid, Lock, MigrationJob
 
+from .conftest import needs_root
+
 pytestmark = pytest.mark.django_db
 
 
@@ -88,9 +90,8 @@ def test_failed_check_is_recorded_for_the_form(logged_in, grids):
     assert grid.check_ok is False and "HOST KEY MISMATCH" in grid.check_message
 
 
+@needs_root
 def test_not_enough_space(logged_in, grids, tmp_path, settings):
-    if __import__("os").geteuid() != 0:
-        pytest.skip("a small filesystem for the target needs root to mount")
     import subprocess
 
     from migrations_app.grids import gridinfo, open_grid

@@ -445,7 +445,7 @@ class FinalPass:
                 else:
                     db.execute(
                         "INSERT INTO final VALUES (?, ?, ?, ?)",
-                        (src.path, src.kind, src.inode, src.to_wire()),
+                        (src.path, src.kind, src.inode, src.wire),
                     )
                     self.reconcile(src, dst)
                 if count % BATCH == 0:

@@ -207,6 +207,8 @@ class Entry:
     digest: str | None = None  # hashed files, and the end of a file sent
     blocks: bytes | None = None  # hashed files: the block hashes, HASH_BYTES each
     ctime_ns: int | None = None  # hashed files: the change time once read
+    # The line it was read from (from_wire): a listing kept as it came costs no encoding.
+    wire: str | None = field(default=None, compare=False, repr=False)
 
     # On the wire, one letter per field: a listing of millions of entries stays small.
     WIRE = {
@@ -227,6 +229,7 @@ class Entry:
         "blocks": "b",
         "ctime_ns": "c",
     }
+    FROM_WIRE = {key: name for name, key in WIRE.items()}
 
     def to_wire(self) -> str:
         data = {}
@@ -242,11 +245,13 @@ class Entry:
         data = json.loads(text)
         if not isinstance(data, dict) or "p" not in data:
             raise SyncError(f"not an entry: {str(text)[:200]}")
-        fields = {name: data[key] for name, key in cls.WIRE.items() if key in data}
+        names = cls.FROM_WIRE
+        fields = {names[key]: value for key, value in data.items() if key in names}
         fields["kind"] = Kind(fields["kind"])
         if "blocks" in fields:
             fields["blocks"] = bytes.fromhex(fields["blocks"])
-        return cls(**fields)
+        line = text.decode() if isinstance(text, bytes) else text
+        return cls(**fields, wire=line.rstrip("\n"))
 
     @classmethod
     def of(cls, rel, st, dir_fd, name) -> "Entry":
