@@ -32,6 +32,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 from ..grids import (
     AppExists,
@@ -458,6 +459,19 @@ class Helper:
     def step_open(self):
         self.source = self.open_source()
         self.target = open_grid(self.target_grid, self.key_file)
+        # The target's agent starts while the source is reached (each is a session and an
+        # interpreter): defining the target then costs a round trip.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="target") as pool:
+            target_ready = pool.submit(self.target.info)
+            try:
+                self.look_at_source()
+            except BaseException:
+                if error := target_ready.exception():
+                    self.log.event(f"reaching {self.target_grid.name}: {error}", level="warning")
+                raise
+            target_ready.result()
+
+    def look_at_source(self):
         # File times on the source are in its clock; mind the difference to ours.
         info = self.retrying(self.source.info, f"reaching {self.source_grid.name}")
         self.source_clock_offset = info.time - time.time()
