@@ -127,10 +127,7 @@ def test_agents_started_ahead_read_the_source_as_it_is_at_their_go(pair):
     assert (files, differing) == (3, 1)
     time.sleep(0.05)  # older than "now" minus the margin, as in index_now
     (data / "new.txt").write_text("new after the hashing\n")
-    (
-        files,
-        sent,
-    ) = sync.FinalPass(standby, str(copy), index, time.time_ns(), lambda n: None).run()
+    files, _ = sync.FinalPass(standby, str(copy), index, time.time_ns(), lambda n: None).run()
     assert files == 2
     entries, problems = sync.verify(str(copy), index)
     assert problems == [] and entries == 7
