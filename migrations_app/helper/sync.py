@@ -178,6 +178,7 @@ class Standby:
 
 
 def stop(proc):
+    """Kill an agent that still runs, and reap it."""
     if proc.poll() is None:
         proc.kill()
         proc.wait()
@@ -261,8 +262,7 @@ def build_index(source, source_app, target_base, index, copy_began_ns=None, on_p
                 to_read.put(e.path)
                 read += 1
     except BaseException:
-        proc.kill()  # a listing cut short (a cancel, an error) is not needed any more
-        proc.wait()
+        stop(proc)  # a listing cut short (a cancel, an error) is not needed any more
         to_read.put(None)
         reader.join()
         db.execute("ROLLBACK")
@@ -340,9 +340,7 @@ def forecast(source, source_app, target_base, index, clean_before_ns, on_entry=N
                 files += 1
                 size += src.size
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+        stop(proc)
         db.close()
     seconds = (time.monotonic() - first) * count / max(count - 1, 1) if first else 0.0
     return Forecast(count, seconds, files, size)
