@@ -3,6 +3,9 @@
 import os
 import shutil
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -190,3 +193,40 @@ def test_openssh_reuses_one_master_connection(ssh_hosts, client_key):
         ]
         assert len(sockets) == 2  # known_hosts and the master's socket
     assert not os.path.exists(t.control_dir)
+
+
+def test_a_killed_helpers_control_directory_is_removed_by_the_next(
+    ssh_hosts, client_key, tmp_path, monkeypatch
+):
+    # A helper killed outright (kill -9, its host's OOM killer) cannot remove its OpenSSH
+    # control directory; the next transport made on that host removes it, and only it.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    host = ssh_hosts[0]
+    code = (
+        "import sys\nfrom migrations_app.grids.transport import OpenSSHTransport\n"
+        f"with OpenSSHTransport({host.address!r}, {host.port}, {host.user!r}, {host.host_key!r}, "
+        f"{str(client_key)!r}) as t:\n    print(t.control_dir, flush=True)\n    sys.stdin.read()"
+    )
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+
+    def helper():
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
+        return proc, proc.stdout.readline().strip()
+
+    killed, killed_dir = helper()
+    running, running_dir = helper()
+    try:
+        killed.kill()
+        killed.wait()
+        not_ours = tmp_path / "mig-ssh-1-1-somebody"  # a name alone proves nothing
+        not_ours.symlink_to(running_dir)
+        with openssh(host, client_key) as t:
+            assert os.path.isdir(t.control_dir)
+            assert not os.path.exists(killed_dir)
+            assert os.path.isfile(os.path.join(running_dir, "known_hosts"))
+            assert not_ours.is_symlink()
+    finally:
+        running.communicate("")
+    assert not os.path.exists(running_dir)  # closed as a helper closes it: by its own exit

@@ -10,6 +10,7 @@ connection; use it as a context manager.
 import base64
 import hashlib
 import os
+import re
 import selectors
 import shlex
 import shutil
@@ -22,6 +23,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from .agent.procs import have_proc, pid_alive, proc_stat
 from .errors import AuthError, CommandFailed, CommandTimeout, GridError, HostKeyError, TransportError
 
 CHUNK = 64 * 1024
@@ -550,8 +552,7 @@ class OpenSSHTransport(LocalTransport):
         self.host, self.port, self.user = host, port, user
         self.restricted = restricted
         self.name = f"ssh {user}@{host}:{port}"
-        # Socket paths are limited to ~100 bytes: keep them in a short private directory.
-        self.control_dir = tempfile.mkdtemp(prefix="mig-ssh-")
+        self.control_dir = control_dir()
         known_hosts = os.path.join(self.control_dir, "known_hosts")
         with open(known_hosts, "w") as f:
             f.write(f"{known_hosts_name(host, port)} {host_key}\n")
@@ -645,6 +646,34 @@ class OpenSSHTransport(LocalTransport):
             check=False,
         )
         shutil.rmtree(self.control_dir, ignore_errors=True)
+
+
+# A control directory's name: mig-ssh-<its process's pid>-<that process's start time>-<random>.
+CONTROL_DIR_RE = re.compile(r"mig-ssh-(\d+)-(\d+)-")
+
+
+def control_dir() -> str:
+    """A private directory for an OpenSSH transport's master socket and known_hosts.
+
+    Socket paths are limited to ~100 bytes, so it lives in the temporary directory, not
+    the helper's work directory. A helper killed outright cannot remove its own: each new
+    one removes those of this user whose process has ended (the name says which process;
+    its start time tells a reused pid apart).
+    """
+    base = tempfile.gettempdir()
+    for entry in os.scandir(base):
+        if (match := CONTROL_DIR_RE.match(entry.name)) is None:
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        mine = stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+        if mine and not pid_alive(int(match[1]), match[2]):
+            shutil.rmtree(entry.path, ignore_errors=True)
+    pid = os.getpid()
+    started = proc_stat(pid)[2] if have_proc() else "0"
+    return tempfile.mkdtemp(prefix=f"mig-ssh-{pid}-{started}-", dir=base)
 
 
 def open_transport(grid, key_file, ssh_client="paramiko"):
