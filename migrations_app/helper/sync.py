@@ -826,20 +826,36 @@ class Copy:
             os.replace(temporary, name, src_dir_fd=fd, dst_dir_fd=fd)
 
 
+# The stopped source's listing, in its order, with what verify needs to judge each file's
+# content: whether the final pass settled it (and its digests matched), and what the index
+# holds of both sides. One query, not three lookups a file.
+VERIFY_LISTING = (
+    "SELECT final.entry, sent.ok, src.size, src.mtime, src.digest, dst.size, dst.mtime, dst.digest "
+    "FROM final LEFT JOIN sent ON sent.path = final.path LEFT JOIN src ON src.path = final.path "
+    "LEFT JOIN dst ON dst.path = final.path"
+)
+
+
 def verify(target_base, index):
     """Every entry of the copy against the stopped source. Returns (entries, problems)."""
     db = index.db
     db.execute("DELETE FROM links")
     listing = index.connect()
-    source = (
-        Entry.from_wire(entry) for (entry,) in listing.execute("SELECT entry FROM final ORDER BY rowid")
-    )
+    content = {}  # path: its content facts, for the few entries merged() holds at a time
+
+    def source():
+        for entry, *facts in listing.execute(f"{VERIFY_LISTING} ORDER BY final.rowid"):
+            src = Entry.from_wire(entry)
+            content[src.path] = facts
+            yield src
+
     problems, count = [], 0
     db.execute("BEGIN")
     try:
-        for src, dst in merged(source, target_base):
+        for src, dst in merged(source(), target_base):
             count += 1
-            if problem := entry_problem(db, src, dst):
+            facts = content.pop(src.path) if src is not None else None
+            if problem := entry_problem(db, src, dst, facts):
                 problems.append(problem)
             if src is not None and dst is not None and (src.inode or dst.inode):
                 db.execute("INSERT INTO links VALUES (?, ?, ?)", (src.path, src.inode, dst.inode))
@@ -852,7 +868,7 @@ def verify(target_base, index):
     return count, problems
 
 
-def entry_problem(db, src: Entry | None, dst: Entry | None):
+def entry_problem(db, src: Entry | None, dst: Entry | None, facts):
     rel = (src or dst).path
     if dst is None:
         return f"{rel}: missing from the copy"
@@ -863,7 +879,7 @@ def entry_problem(db, src: Entry | None, dst: Entry | None):
         return f"{rel}: " + ", ".join(difference(f, src, dst) for f in differ) + " (source ≠ copy)"
     if src.kind != Kind.FILE:
         return None
-    if not content_verified(db, src):
+    if not content_verified(db, src, facts):
         return f"{rel}: content differs"
     # A sparse file stays sparse: the copy may take a little more room, not the holes.
     if src.allocated < src.size and dst.allocated > src.allocated + max(BLOCK, src.size // 64):
@@ -882,23 +898,22 @@ def difference(field, src: Entry, dst: Entry):
     return f"{NAMES[field]} {getattr(src, field)} ≠ {getattr(dst, field)}"
 
 
-def content_verified(db, src: Entry):
+def content_verified(db, src: Entry, facts):
     """Whether a file's content is known to match: its digests matched when the final pass
     sent it, or at the index with both sides unchanged since. Another name of one source
-    file has the content of its first name (verify checks that they are one file)."""
-    path = src.path
+    file has the content of its first name (verify checks that they are one file).
+    `facts`: the file's row of VERIFY_LISTING, beyond its entry."""
     if src.inode:
-        path = db.execute(
+        (first,) = db.execute(
             "SELECT path FROM final WHERE ino = ? ORDER BY rowid LIMIT 1", (src.inode,)
-        ).fetchone()[0]
-    if (row := db.execute("SELECT ok FROM sent WHERE path = ?", (path,)).fetchone()) is not None:
-        return bool(row[0])
-    row = db.execute(
-        "SELECT src.digest = dst.digest FROM src JOIN dst USING (path) "
-        "WHERE path = ? AND src.size = ? AND src.mtime = ? AND dst.size = ? AND dst.mtime = ?",
-        (path, src.size, src.mtime_ns, src.size, src.mtime_ns),
-    ).fetchone()
-    return bool(row and row[0])
+        ).fetchone()
+        if first != src.path:
+            facts = db.execute(f"{VERIFY_LISTING} WHERE final.path = ?", (first,)).fetchone()[1:]
+    sent_ok, src_size, src_mtime, src_digest, dst_size, dst_mtime, dst_digest = facts
+    if sent_ok is not None:
+        return bool(sent_ok)
+    unchanged = (src_size, src_mtime, dst_size, dst_mtime) == (src.size, src.mtime_ns, src.size, src.mtime_ns)
+    return unchanged and src_digest is not None and src_digest == dst_digest
 
 
 def link_problems(db):
