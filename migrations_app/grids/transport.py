@@ -661,16 +661,17 @@ def control_dir() -> str:
     its start time tells a reused pid apart).
     """
     base = tempfile.gettempdir()
-    for entry in os.scandir(base):
-        if (match := CONTROL_DIR_RE.match(entry.name)) is None:
-            continue
-        try:
-            st = entry.stat(follow_symlinks=False)
-        except FileNotFoundError:
-            continue
-        mine = stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
-        if mine and not pid_alive(int(match[1]), match[2]):
-            shutil.rmtree(entry.path, ignore_errors=True)
+    with os.scandir(base) as entries:
+        for entry in entries:
+            if (match := CONTROL_DIR_RE.match(entry.name)) is None:
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            mine = stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+            if mine and not pid_alive(int(match[1]), match[2]):
+                shutil.rmtree(entry.path, ignore_errors=True)
     pid = os.getpid()
     started = proc_stat(pid)[2] if have_proc() else "0"
     return tempfile.mkdtemp(prefix=f"mig-ssh-{pid}-{started}-", dir=base)
