@@ -395,6 +395,31 @@ def test_verify_notices_each_property(pair, damage):
     assert any(expected in p for p in problems), problems
 
 
+def test_verify_judges_content_by_what_the_pass_and_the_index_recorded(pair):
+    # Verify trusts a copy only the helper writes, and the final pass leaves no content
+    # differing, so a copy whose content differs cannot be made for real here: the records
+    # verify judges by are altered instead, one of each kind.
+    source, data, copy, _ = pair
+    index, _, _ = index_now(pair)
+    make_special_entries(data)  # hard links among them
+    final(pair, index)
+    db = index.db
+    assert sync.verify(str(copy), index)[1] == []
+    # Unchanged since the hashing, so judged at the index: the digests recorded differ.
+    assert db.execute("SELECT 1 FROM sent WHERE path = 'data/big.bin'").fetchone() is None
+    db.execute("UPDATE dst SET digest = 'damaged' WHERE path = 'data/big.bin'")
+    # Fetched by the final pass, whose digests then did not match.
+    (sent_path,) = db.execute("SELECT path FROM sent WHERE path LIKE '%tagged.txt'").fetchone()
+    db.execute("UPDATE sent SET ok = 0 WHERE path = ?", (sent_path,))
+    # Two names of one file: the second's content is the first's.
+    first, second = [p for (p,) in db.execute("SELECT path FROM final WHERE ino IS NOT NULL ORDER BY rowid")]
+    db.execute("INSERT OR REPLACE INTO sent VALUES (?, 0)", (first,))
+    problems = sync.verify(str(copy), index)[1]
+    assert sorted(problems) == sorted(
+        f"{path}: content differs" for path in ("data/big.bin", sent_path, first, second)
+    )
+
+
 def test_a_thread_that_fails_fails_the_pass_with_its_message(pair):
     # Only the fetchers write the results of what they fetched: with that table gone, a
     # fetcher meets a real SQLite error. The pass must fail with it, not return as if every
