@@ -826,14 +826,20 @@ class Copy:
             os.replace(temporary, name, src_dir_fd=fd, dst_dir_fd=fd)
 
 
-# The stopped source's listing, in its order, with what verify needs to judge each file's
-# content: whether the final pass settled it (and its digests matched), and what the index
-# holds of both sides. One query, not three lookups a file.
-VERIFY_LISTING = (
-    "SELECT final.entry, sent.ok, src.size, src.mtime, src.digest, dst.size, dst.mtime, dst.digest "
-    "FROM final LEFT JOIN sent ON sent.path = final.path LEFT JOIN src ON src.path = final.path "
-    "LEFT JOIN dst ON dst.path = final.path"
+# What verify judges a file's content by: whether the final pass settled it (and its digests
+# matched), and what the index holds of both sides; joined on `path` to each table by its key.
+CONTENT_FACTS = "sent.ok, src.size, src.mtime, src.digest, dst.size, dst.mtime, dst.digest"
+CONTENT_JOINS = (
+    "LEFT JOIN sent ON sent.path = {0}.path LEFT JOIN src ON src.path = {0}.path "
+    "LEFT JOIN dst ON dst.path = {0}.path"
 )
+# The stopped source's listing, in its order, with each entry's content facts: one query,
+# not three lookups a file.
+VERIFY_LISTING = (
+    f"SELECT final.entry, {CONTENT_FACTS} FROM final {CONTENT_JOINS.format('final')} ORDER BY final.rowid"
+)
+# The content facts of one path.
+FACTS_OF = f"SELECT {CONTENT_FACTS} FROM (SELECT ? AS path) AS one {CONTENT_JOINS.format('one')}"
 
 
 def verify(target_base, index):
@@ -844,7 +850,7 @@ def verify(target_base, index):
     content = {}  # path: its content facts, for the few entries merged() holds at a time
 
     def source():
-        for entry, *facts in listing.execute(f"{VERIFY_LISTING} ORDER BY final.rowid"):
+        for entry, *facts in listing.execute(VERIFY_LISTING):
             src = Entry.from_wire(entry)
             content[src.path] = facts
             yield src
@@ -902,13 +908,13 @@ def content_verified(db, src: Entry, facts):
     """Whether a file's content is known to match: its digests matched when the final pass
     sent it, or at the index with both sides unchanged since. Another name of one source
     file has the content of its first name (verify checks that they are one file).
-    `facts`: the file's row of VERIFY_LISTING, beyond its entry."""
+    `facts`: the file's CONTENT_FACTS."""
     if src.inode:
         (first,) = db.execute(
             "SELECT path FROM final WHERE ino = ? ORDER BY rowid LIMIT 1", (src.inode,)
         ).fetchone()
         if first != src.path:
-            facts = db.execute(f"{VERIFY_LISTING} WHERE final.path = ?", (first,)).fetchone()[1:]
+            facts = db.execute(FACTS_OF, (first,)).fetchone()
     sent_ok, src_size, src_mtime, src_digest, dst_size, dst_mtime, dst_digest = facts
     if sent_ok is not None:
         return bool(sent_ok)
