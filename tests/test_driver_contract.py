@@ -375,6 +375,24 @@ def test_the_listing_and_the_deltas_stream(any_grid, web_port):
     assert answers_[3] == tree.Gone("www/nothere")
 
 
+def test_a_survey_lists_then_sweeps_for_what_changed(any_grid):
+    # The protocol through each driver; what a sweep finds and leaves out is test_sync's.
+    any_grid.define("box", {"volumes": ["work"], "components": []})
+    any_grid.put_file("box", "volumes/work/before", b"listed\n", 0o644)
+    survey = any_grid.open_scan("box", wait=True, survey=True)
+    survey.stdin.write(b"go\n")
+    survey.stdin.flush()
+    assert [e.path for e in tree.entries(survey, "listing")] == ["work", "work/before"]
+    assert survey.poll() is None, "a survey waits for its sweep"
+    any_grid.put_file("box", "volumes/work/after", b"new\n", 0o644)
+    survey.stdin.write(b'{"sweep": ["work"]}\n')
+    survey.stdin.close()
+    found = list(tree.swept(survey, "sweeping"))
+    assert survey.wait() == 0
+    assert {e.path for e in found if isinstance(e, tree.Entry)} >= {"work/after", "work/before"}
+    assert tree.Names("work", ["after", "before"]) in found
+
+
 def test_rsync_reads_an_app_where_the_grid_says(any_grid, web_port, tmp_path, client_key):
     # What the helper does on its target's host: rsync pulls the app's volumes, through the
     # grid's transport as the helper has it (OpenSSH: rsync cannot use paramiko's).

@@ -412,7 +412,7 @@ def test_verify_judges_content_by_what_the_pass_and_the_index_recorded(pair):
     (sent_path,) = db.execute("SELECT path FROM sent WHERE path LIKE '%tagged.txt'").fetchone()
     db.execute("UPDATE sent SET ok = 0 WHERE path = ?", (sent_path,))
     # Two names of one file: the second's content is the first's.
-    first, second = [p for (p,) in db.execute("SELECT path FROM final WHERE ino IS NOT NULL ORDER BY rowid")]
+    first, second = [p for (p,) in db.execute("SELECT path FROM final WHERE ino IS NOT NULL ORDER BY key")]
     db.execute("INSERT OR REPLACE INTO sent VALUES (?, 0)", (first,))
     problems = sync.verify(str(copy), index)[1]
     assert sorted(problems) == sorted(
@@ -431,6 +431,146 @@ def test_a_thread_that_fails_fails_the_pass_with_its_message(pair):
     run = sync.FinalPass(sync.Standby(source, "app"), str(copy), index, time.time_ns(), lambda n: None)
     with pytest.raises(sqlite3.OperationalError, match="no such table: sent"):
         run.run()
+
+
+# --- the live pass, and the sweep after the stop -------------------------------------------
+
+
+def tree_state(base):
+    """Everything verify compares of each entry under `base`, with the content itself, and
+    which names are one file: equal for the source and a faithful copy."""
+    found, groups = {}, {}
+    for e in tree.local_entries(str(base)):
+        content = (Path(base) / e.path).read_bytes() if e.kind == Kind.FILE else None
+        found[e.path] = (e.kind, e.mode, e.uid, e.gid, e.mtime_ns, e.size, e.link, e.rdev, e.xattrs, content)
+        if e.inode:
+            groups.setdefault(e.inode, set()).add(e.path)
+    return found, sorted(sorted(names) for names in groups.values())
+
+
+def settled(data):
+    """Wait until every entry under `data` changed longer ago than a survey's racy margin,
+    so that the survey fingerprints them (see tree.RACY_NS), rather than describing each
+    again whatever happens."""
+    newest = max(os.lstat(p).st_ctime_ns for p in [data, *Path(data).rglob("*")])
+    while time.time_ns() <= newest + tree.RACY_NS:
+        time.sleep(0.05)
+
+
+def live_then_swept(pair, change, harm=None):
+    """The live pass and its verify, then `change(the survey agent)` on the source (the app
+    still running, or stopping), then the final pass and verify, as the helper runs them.
+    `harm()` damages the copy before the live verify. Returns (the final pass, files,
+    bytes, verify's)."""
+    source, data, copy, tmp_path = pair
+    index, _, _ = index_now(pair)
+    settled(data)
+    standby = sync.Standby(source, "app")
+    clean_before = time.time_ns()
+    live = sync.FinalPass(standby, str(copy), index, clean_before, lambda n: None)
+    live.run(live=True)
+    if harm is not None:
+        harm()
+    changing = set()
+    sync.verify(str(copy), index, problem_paths=changing)
+    change(live.scan)
+    forced = {rel.rpartition("/")[0] for rel in changing}
+    final_pass = sync.FinalPass(
+        standby, str(copy), index, clean_before, lambda n: None, survey=live.scan, forced=forced
+    )
+    files, sent = final_pass.run()
+    return final_pass, files, sent, sync.verify(str(copy), index, swept=final_pass.swept)
+
+
+def test_after_a_live_pass_the_final_pass_settles_only_what_changed(pair):
+    source, data, copy, tmp_path = pair
+    make_special_entries(data)
+    for i in range(50):
+        (data / f"dir/still-{i}").write_text(f"untouched {i}\n")
+    (data / "tree/deep").mkdir(parents=True)
+    (data / "tree/deep/leaf.txt").write_text("leaf\n")
+    (data / "becomes-a-file").mkdir()
+    (data / "becomes-a-file/inner.txt").write_text("inner\n")
+    (data / "becomes-a-dir").write_text("a file\n")
+    shutil.rmtree(copy)  # as rsync left it: all of it, the special entries too
+    subprocess.run(["rsync", "-aHAXS", f"{data.parent}/", f"{copy}/"], check=True)
+
+    def change(survey):
+        with open(data / "big.bin", "r+b") as f:  # one block
+            f.seek(3 * BLOCK + 10)
+            f.write(b"changed")
+        small = data / "dir/small.txt"  # same size, and the time set back: only ctime tells
+        before = os.stat(small)
+        small.write_text("SMALL\n")
+        os.utime(small, ns=(before.st_atime_ns, before.st_mtime_ns))
+        (data / "gone.txt").unlink()
+        (data / "new/deeper").mkdir(parents=True)
+        (data / "new/deeper/file.txt").write_text("new\n")
+        (data / "link").unlink()
+        os.symlink("big.bin", data / "link")
+        os.chmod(data / "acl.txt", 0o600)
+        os.setxattr(data / "tagged.txt", "user.mig.colour", b"red")
+        shutil.rmtree(data / "becomes-a-file")
+        (data / "becomes-a-file").write_text("now a file\n")
+        (data / "becomes-a-dir").unlink()
+        (data / "becomes-a-dir").mkdir()
+        (data / "becomes-a-dir/inside.txt").write_text("inside\n")
+        os.rename(data / "tree", data / "moved")  # a directory moved, all it holds with it
+        with open(data / "dir/two.txt", "a") as f:  # through one name of two
+            f.write("appended\n")
+        os.link(data / "dir/still-7", data / "still-7-again")  # a name more for an old file
+
+    final_pass, files, sent, (entries, problems) = live_then_swept(pair, change)
+    assert final_pass.swept
+    assert problems == []
+    assert tree_state(data.parent) == tree_state(copy)
+    assert (copy / "data/dir/small.txt").read_text() == "SMALL\n"
+    # Looked at: what changed, and the directories it is in; not the 50 untouched files,
+    # nor the untouched special entries.
+    touched = {p for (p,) in final_pass.index.db.execute("SELECT path FROM touched")}
+    assert not any("still-" in p and p != "data/dir/still-7" and "again" not in p for p in touched)
+    assert "data/fifo" not in touched and "data/sparse.bin" not in touched
+    assert entries == len(touched) - 2  # all but what neither side has now: gone.txt, tree
+    assert sent < 2 * BLOCK + 1000  # big.bin's block, and the small files
+
+
+def test_a_sweep_of_a_source_unchanged_since_the_live_pass_finds_nothing(pair):
+    source, data, copy, _ = pair
+    final_pass, files, sent, (entries, problems) = live_then_swept(pair, lambda survey: None)
+    assert final_pass.swept
+    assert (files, sent, entries, problems) == (0, 0, 0, [])
+    assert tree_state(data.parent) == tree_state(copy)
+
+
+def test_what_the_live_verify_found_is_looked_at_again_after_the_stop(pair):
+    # A copy whose entry differs without the source changing cannot be made by the app:
+    # the copy is damaged by hand between the live pass and its verify.
+    source, data, copy, _ = pair
+    os.setxattr(data / "dir/small.txt", "user.mig.colour", b"blue")
+    os.setxattr(copy / "data/dir/small.txt", "user.mig.colour", b"blue")
+
+    def harm():
+        os.removexattr(copy / "data/dir/small.txt", "user.mig.colour")
+
+    final_pass, files, sent, (entries, problems) = live_then_swept(pair, lambda survey: None, harm)
+    assert final_pass.swept and problems == []
+    assert os.getxattr(copy / "data/dir/small.txt", "user.mig.colour") == b"blue"
+    assert tree_state(data.parent) == tree_state(copy)
+
+
+def test_without_its_survey_the_final_pass_lists_the_stopped_source_in_full(pair):
+    # As after a connection to the source that dropped between the two passes.
+    source, data, copy, _ = pair
+
+    def change(survey):
+        survey.kill()
+        survey.wait()
+        (data / "dir/small.txt").write_text("changed once the survey had ended\n")
+
+    final_pass, files, sent, (entries, problems) = live_then_swept(pair, change)
+    assert not final_pass.swept
+    assert files == 1 and problems == [] and entries == 6
+    assert tree_state(data.parent) == tree_state(copy)
 
 
 # --- symlinks the app made: nothing outside the app is ever read or written --------------

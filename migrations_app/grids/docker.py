@@ -223,10 +223,9 @@ class DockerDriver(HostGridDriver):
             self.transport.remote_shell(self.docker("exec", "-i")),
         )
 
-    def open_scan(self, app, hashes=False, wait=False):
-        return self._sidecar_popen(
-            app, "scan", *(["--hashes"] if hashes else []), *(["--wait"] if wait else [])
-        )
+    def open_scan(self, app, hashes=False, wait=False, survey=False):
+        flags = {"--hashes": hashes, "--wait": wait, "--survey": survey}
+        return self._sidecar_popen(app, "scan", *(flag for flag, wanted in flags.items() if wanted))
 
     def open_delta(self, app):
         return self._sidecar_popen(app, "delta")

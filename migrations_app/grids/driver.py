@@ -318,10 +318,11 @@ class Driver(abc.ABC):
         GridError otherwise."""
 
     @abc.abstractmethod
-    def open_scan(self, app: str, hashes: bool = False, wait: bool = False):
+    def open_scan(self, app: str, hashes: bool = False, wait: bool = False, survey: bool = False):
         """Start listing the app's volumes, one JSON entry per line (see the sync module);
         a process-like object. With `wait`, the listing begins once a line is written to
-        its stdin."""
+        its stdin. With `survey`, the agent then waits for a sweep request and answers it
+        (see the agent's tree module, "the survey")."""
 
     @abc.abstractmethod
     def open_delta(self, app: str):

@@ -433,14 +433,15 @@ class HostGridDriver(Driver):
             protect_args=not self.grid.restricted,
         )
 
-    def open_scan(self, app, hashes=False, wait=False):
+    def open_scan(self, app, hashes=False, wait=False, survey=False):
         """Start listing the app's volumes (see the agent's `scan`); returns the process.
         With `wait`, the listing begins once a line is written to its stdin.
 
         Streaming operations cannot install the agent on the fly: call another operation
         (describe, state) on this grid first.
         """
-        args = [validate_name(app)] + (["--hashes"] if hashes else []) + (["--wait"] if wait else [])
+        flags = {"--hashes": hashes, "--wait": wait, "--survey": survey}
+        args = [validate_name(app)] + [flag for flag, wanted in flags.items() if wanted]
         return self.transport.popen(self._argv("scan", args))
 
     def open_delta(self, app):

@@ -210,7 +210,8 @@ class Helper:
         # The parts of the downtime the last finished job measured (see DEFAULT_PARTS).
         self.recent_timings = self.config.get("recent_timings") or {}
         self.read_rate = DEFAULT_READ_RATE
-        self.source = self.target = self.final = self.standby = self.heartbeat = None
+        self.source = self.target = self.live = self.final = self.standby = self.heartbeat = None
+        self.forced = set()  # directories the final pass's sweep describes whole (see step_live_pass)
         self.target_created = self.journal.has(protocol.TARGET_DEFINING)
         # A refresh writes into an earlier snapshot copy: the app of this owner is kept.
         self.refresh_owner = self.config.get("refresh_owner") or None
@@ -272,6 +273,7 @@ class Helper:
             if not self.resume_cutover():
                 for step in (
                     self.step_precopy,
+                    self.step_live_pass,
                     self.step_prepare_final,
                     self.step_arm,
                     self.step_stop_source,
@@ -423,7 +425,7 @@ class Helper:
     def stop_readers(self):
         """Stop the source's agents that still run: the final pass's, and those that were
         started ahead and not taken (after a failure)."""
-        for readers in (self.final, self.standby):
+        for readers in (self.live, self.final, self.standby):
             if readers is not None:
                 readers.close()
 
@@ -754,19 +756,56 @@ class Helper:
                 return
             time.sleep(0.05)
 
-    def step_prepare_final(self):
+    def step_live_pass(self):
+        """The final pass once while the source runs, and verify after it: the pass after
+        the stop then settles, and verify checks, only what changed since (sync.FinalPass).
+        What verify finds now is described whole after the stop, whatever the sweep says."""
+        self.log.event("Settling the copy while the source runs, so that the final pass has little to do")
+        started = time.monotonic()
+        self.live = sync.FinalPass(
+            self.standby,
+            self.volumes_path,
+            self.index,
+            self.clean_before_ns,
+            self.pass_progress(started, "settling the copy while the source runs"),
+            self.bwlimit,
+        )
+        files, received = self.live.run(live=True)
+        self.moved += received
+        self.check_cancel()
+        changing = set()
+        entries, _ = sync.verify(self.volumes_path, self.index, problem_paths=changing)
+        self.forced = {rel.rpartition("/")[0] for rel in changing}
+        # The final pass's senders of changed blocks: these ended with the live pass.
+        self.standby.start(sync.Reader.DELTA, sync.Reader.DELTA)
+        self.log.event(
+            f"Settled the copy while the source runs in {time.monotonic() - started:.1f}s: {files} "
+            f"file(s) fetched ({human_bytes(received)} of changed blocks), {entries} entries verified, "
+            f"{len(changing)} of them changing meanwhile (looked at again after the stop)",
+            files=files,
+            changed_bytes=received,
+            changing=len(changing),
+            seconds=round(time.monotonic() - started, 3),
+        )
+
+    def pass_progress(self, started, what):
         def on_progress(received):
             # How much changed is found as the source is listed: no total, no ETA.
-            elapsed = max(time.monotonic() - self.final_started, 1e-3)
-            self.log.progress(received, 0, received / elapsed, None, "final pass: changed blocks")
+            elapsed = max(time.monotonic() - started, 1e-3)
+            self.log.progress(received, 0, received / elapsed, None, what)
 
+        return on_progress
+
+    def step_prepare_final(self):
         self.final = sync.FinalPass(
             self.standby,
             self.volumes_path,
             self.index,
             self.clean_before_ns,
-            on_progress,
+            None,
             self.bwlimit,
+            survey=self.live.scan,
+            forced=self.forced,
         )
         self.final.open()
 
@@ -801,13 +840,19 @@ class Helper:
     def step_final_sync(self):
         self.check_heartbeat()
         self.log.event("Final pass with the source stopped", phase=protocol.FINAL_SYNC)
-        self.final_started = started = time.monotonic()
+        started = time.monotonic()
+        self.final.on_progress = self.pass_progress(started, "final pass: changed blocks")
         files, received = self.final.run()
         seconds = time.monotonic() - started
         self.moved += received
+        found = (
+            "found by a sweep of the stopped source"
+            if self.final.swept
+            else "listing the stopped source in full (the live pass's survey had ended)"
+        )
         self.log.event(
-            f"Final pass: {files} file(s) changed since hashed; {human_bytes(received)} of changed "
-            f"blocks sent in {seconds:.1f}s",
+            f"Final pass: {files} file(s) changed since the copy was settled, {found}; "
+            f"{human_bytes(received)} of changed blocks sent in {seconds:.1f}s",
             fact=protocol.FINAL_PASS_DONE,
             files=files,
             changed_bytes=received,
@@ -817,14 +862,19 @@ class Helper:
     def step_verify(self):
         self.check_heartbeat()
         self.log.event("Verifying the copy entry by entry", phase=protocol.VERIFYING)
-        entries, problems = sync.verify(self.volumes_path, self.index)
+        entries, problems = sync.verify(self.volumes_path, self.index, swept=self.final.swept)
         self.check_cancel()
         if problems:
             shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
             raise Failure(f"verify failed, {len(problems)} difference(s): {shown}")
         self.verified = True
+        which = (
+            f"the {entries} entries changed since verified while the source ran"
+            if self.final.swept
+            else (f"{entries} entries")
+        )
         self.log.event(
-            f"Verified {entries} entries against the stopped source: type, mode, owner, size, time, "
+            f"Verified {which} against the stopped source: type, mode, owner, size, time, "
             "links, xattrs, sparseness and content",
             fact=protocol.VERIFIED,
         )

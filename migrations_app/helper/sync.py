@@ -29,6 +29,7 @@ connection of its own; the listing commits in batches, so no writer waits long.
 import ctypes
 import enum
 import hashlib
+import json
 import os
 import queue
 import shutil
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 
 from ..grids.agent.tree import (
     BLOCK,
+    DIRECTORY,
     HASH_BYTES,
     SPECIAL,
     ZEROS,
@@ -49,6 +51,7 @@ from ..grids.agent.tree import (
     FileStart,
     Gone,
     Kind,
+    Names,
     SyncError,
     Zeros,
     all_zeros,
@@ -56,12 +59,15 @@ from ..grids.agent.tree import (
     delta_request,
     entries,
     file_digest,
+    join,
     leaf_path,
     merged,
     not_there,
     open_regular,
+    order_key,
     parent_dir,
     read_deltas,
+    swept,
     xattrs,
 )
 from .progress import human_bytes
@@ -103,15 +109,24 @@ class Index:
         self.db = self.connect()
         self.db.executescript(
             """
-            CREATE TABLE src (path TEXT PRIMARY KEY, size INT, mtime INT, digest TEXT);
+            -- ctime: the change time once hashed.
+            CREATE TABLE src (path TEXT PRIMARY KEY, size INT, mtime INT, digest TEXT, ctime INT);
             CREATE TABLE dst (path TEXT PRIMARY KEY, size INT, mtime INT, digest TEXT, blocks BLOB);
-            -- The stopped source, in listing order (rowid), for verify; ino: "dev:inode" of
-            -- files with more than one name.
-            CREATE TABLE final (path TEXT, kind TEXT, ino TEXT, entry TEXT);
+            -- The source as the final pass listed it, in listing order (key: order_key),
+            -- for verify; ino: "dev:inode" of files with more than one name; dir: the
+            -- directory it is in.
+            CREATE TABLE final (key BLOB PRIMARY KEY, path TEXT, kind TEXT, ino TEXT, dir TEXT, entry TEXT)
+                WITHOUT ROWID;
             -- The hard-link fix-up and verify look up the names of one source file.
             CREATE INDEX final_ino ON final (ino) WHERE ino IS NOT NULL;
+            -- A sweep's Names look up what a directory held.
+            CREATE INDEX final_dir ON final (dir);
             -- Paths only the copy has, removed once the listing is done.
             CREATE TABLE doomed (path TEXT);
+            -- What a sweep changed (described: the sweep described it; else it is a
+            -- directory whose contents changed, or a name removed): the pass after it
+            -- settles, and verify checks, these.
+            CREATE TABLE touched (key BLOB PRIMARY KEY, path TEXT, described INT) WITHOUT ROWID;
             -- Files the final pass settled: sent, or only their metadata set; ok = digests matched.
             CREATE TABLE sent (path TEXT PRIMARY KEY, ok INT);
             -- Verify's record of linked files on either side.
@@ -133,7 +148,7 @@ class Reader(enum.Enum):
     """The source's agents the steps read with."""
 
     HASHING = "hashing"  # build_index
-    LISTING = "listing"  # the final pass's listing
+    LISTING = "listing"  # the final pass's listing: a survey (see FinalPass)
     DELTA = "delta"  # the final pass's senders of changed blocks
 
 
@@ -157,7 +172,9 @@ class Standby:
     def open(self, reader: Reader):
         if reader == Reader.DELTA:
             return self.source.open_delta(self.source_app)
-        return self.source.open_scan(self.source_app, hashes=reader == Reader.HASHING, wait=True)
+        if reader == Reader.LISTING:
+            return self.source.open_scan(self.source_app, wait=True, survey=True)
+        return self.source.open_scan(self.source_app, hashes=True, wait=True)
 
     def take(self, reader: Reader):
         """An agent started ahead that still runs, or one started now."""
@@ -184,10 +201,13 @@ def stop(proc):
         proc.wait()
 
 
-def go(scan):
-    """Let a listing started with wait begin."""
+def go(scan, survey=False):
+    """Let a listing started with wait begin; a survey's input stays open for its sweep."""
     scan.stdin.write(b"go\n")
-    scan.stdin.close()
+    if survey:
+        scan.stdin.flush()
+    else:
+        scan.stdin.close()
 
 
 def build_index(source, source_app, target_base, index, copy_began_ns=None, on_progress=None, scan=None):
@@ -252,7 +272,10 @@ def build_index(source, source_app, target_base, index, copy_began_ns=None, on_p
                 on_progress(hashed)
             trusted = untouched_since_copied(e)
             with lock:
-                db.execute("INSERT INTO src VALUES (?, ?, ?, ?)", (e.path, e.size, e.mtime_ns, e.digest))
+                db.execute(
+                    "INSERT INTO src VALUES (?, ?, ?, ?, ?)",
+                    (e.path, e.size, e.mtime_ns, e.digest, e.ctime_ns),
+                )
                 if trusted:
                     db.execute(
                         "INSERT INTO dst VALUES (?, ?, ?, ?, ?)",
@@ -292,9 +315,10 @@ class Forecast:
 
 def hashed(db, path):
     """What the index holds of `path` on both sides: (source size, mtime, digest, copy size,
-    mtime, digest, block hashes), or None if the source's side was never hashed."""
+    mtime, digest, block hashes, source change time), or None if the source's side was
+    never hashed."""
     return db.execute(
-        "SELECT src.size, src.mtime, src.digest, dst.size, dst.mtime, dst.digest, dst.blocks "
+        "SELECT src.size, src.mtime, src.digest, dst.size, dst.mtime, dst.digest, dst.blocks, src.ctime "
         "FROM src LEFT JOIN dst USING (path) WHERE path = ?",
         (path,),
     ).fetchone()
@@ -302,12 +326,15 @@ def hashed(db, path):
 
 def same_content(src: Entry, dst: Entry | None, row, clean_before_ns: int) -> bool:
     """Both sides hashed equal (`row` from hashed()), and neither changed since: the copy's
-    content is right.
+    content is right. The source's change time says so (an app may set a file's time back
+    after writing it, never its change time); the copy is the helper's alone.
 
     Its time may still be off: rsync sets the time it listed, and the app may have written
     between that listing and the read.
     """
-    if dst is None or dst.kind != Kind.FILE or src.mtime_ns >= clean_before_ns or row is None:
+    if dst is None or dst.kind != Kind.FILE or row is None:
+        return False
+    if src.ctime_ns is None or src.ctime_ns != row[7] or max(src.mtime_ns, src.ctime_ns) >= clean_before_ns:
         return False
     return (row[0], row[1], row[2], row[3], row[4]) == (
         src.size,
@@ -347,9 +374,29 @@ def forecast(source, source_app, target_base, index, clean_before_ns, on_entry=N
 
 
 class FinalPass:
-    """Bring the copy in line with the stopped source; see the module's docstring."""
+    """Bring the copy in line with the source; see the module's docstring.
 
-    def __init__(self, standby, target_base, index, clean_before_ns, on_progress, bwlimit_kbps=None):
+    Run twice. The live pass, while the app still runs, lists the source in full (by a
+    survey: see the agent's tree module) and settles the whole copy; its survey agent is
+    left waiting. The pass after the stop, given that agent (`survey`), asks it what
+    changed since, with one lstat an entry on the source, and lists, sends and settles
+    only that: the stopped time follows what changed, not how many files the app has.
+    Without a survey agent that still runs, it lists the stopped source in full.
+    `forced`: directories the sweep describes whole (where the live verify found a
+    difference).
+    """
+
+    def __init__(
+        self,
+        standby,
+        target_base,
+        index,
+        clean_before_ns,
+        on_progress,
+        bwlimit_kbps=None,
+        survey=None,
+        forced=(),
+    ):
         self.standby = standby
         self.bwlimit = bwlimit_kbps * 1024 if bwlimit_kbps else None
         self.copy = Copy(target_base)
@@ -357,6 +404,9 @@ class FinalPass:
         self.index = index
         self.clean_before_ns = clean_before_ns
         self.on_progress = on_progress
+        self.survey, self.forced = survey, set(forced)
+        self.swept = False  # whether this pass settled only what a sweep found changed
+        self.live = False  # whether it runs while the app runs (see run())
         # (path, the copy's block hashes) to ask the source for, as the listing finds them
         self.requests = queue.SimpleQueue()
         self.fetched = 0
@@ -367,7 +417,10 @@ class FinalPass:
     def open(self):
         """Take the source's agents, before the app stops: the stopped time need not
         include starting one (see Standby). The listing waits for run()."""
-        self.scan = self.standby.take(Reader.LISTING)
+        if self.survey is not None and self.survey.poll() is None:
+            self.scan, self.swept = self.survey, True
+        else:
+            self.scan = self.standby.take(Reader.LISTING)
         self.deltas = [self.standby.take(Reader.DELTA) for _ in range(2)]
 
     def close(self):
@@ -376,12 +429,14 @@ class FinalPass:
             if proc is not None:
                 stop(proc)
 
-    def run(self):
-        """Returns (files fetched, bytes of changed blocks received)."""
+    def run(self, live=False):
+        """Returns (files fetched, bytes of changed blocks received). `live`: the app still
+        runs, and the listing's survey agent is left waiting for the pass after the stop."""
         # Files that were changing while the app ran will have changed again: fetch them
-        # while the source is being listed. Files the listing finds changed are fetched
-        # as it finds them. The source is read by three agents at once, the copy's tree
-        # is walked meanwhile, and the stopped time is the longest of these, not their sum.
+        # while the source is being listed (unless a sweep says what changed). Files the
+        # listing finds changed are fetched as it finds them. The source is read by three
+        # agents at once, the copy's tree is walked meanwhile, and the stopped time is the
+        # longest of these, not their sum.
         failures = []
 
         def fetching(proc, requests, gone_ok, name):
@@ -397,14 +452,23 @@ class FinalPass:
 
         if self.scan is None:
             self.open()
-        go(self.scan)
+        if not self.swept:
+            go(self.scan, survey=True)
+        self.live = live
         hot_delta, delta = self.deltas
         fetchers = [
-            fetching(hot_delta, self.hot(), True, "fetch-hot"),
-            fetching(delta, iter(self.requests.get, None), False, "fetch-changed"),
+            fetching(hot_delta, iter(()) if self.swept else self.hot(), True, "fetch-hot"),
+            # While the app runs, a file may go before it is fetched: verify finds it, and
+            # the sweep after the stop describes it again.
+            fetching(delta, iter(self.requests.get, None), live, "fetch-changed"),
         ]
         try:
-            self.reconcile_all()
+            if self.swept:
+                self.reconcile_swept()
+            else:
+                self.reconcile_all()
+                if not live:
+                    self.scan.stdin.close()  # no sweep: the survey agent ends
         finally:
             self.requests.put(None)  # the end of the requests
             for thread in fetchers:
@@ -431,20 +495,19 @@ class FinalPass:
             db.close()
 
     def reconcile_all(self):
-        """List the stopped source, and make the copy's tree like it, file contents aside."""
+        """List the source, and make the copy's tree like it, file contents aside."""
         db = self.index.db
         db.execute("BEGIN IMMEDIATE")
         try:
+            for table in ("final", "doomed", "touched"):
+                db.execute(f"DELETE FROM {table}")
             for count, (src, dst) in enumerate(
                 merged(entries(self.scan, "listing the source"), self.base), 1
             ):
                 if src is None:
                     db.execute("INSERT INTO doomed VALUES (?)", (dst.path,))
                 else:
-                    db.execute(
-                        "INSERT INTO final VALUES (?, ?, ?, ?)",
-                        (src.path, src.kind, src.inode, src.wire),
-                    )
+                    self.record(src)
                     self.reconcile(src, dst)
                 if count % BATCH == 0:
                     db.execute("COMMIT")
@@ -455,6 +518,88 @@ class FinalPass:
         db.execute("COMMIT")
         for (rel,) in db.execute("SELECT path FROM doomed ORDER BY rowid DESC"):  # deepest first
             self.copy.remove(rel)
+
+    def record(self, src: Entry):
+        """`src` as the source has it now, in `final`."""
+        self.index.db.execute(
+            "INSERT OR REPLACE INTO final VALUES (?, ?, ?, ?, ?, ?)",
+            (order_key(src.path), src.path, src.kind, src.inode, src.path.rpartition("/")[0], src.wire),
+        )
+
+    def reconcile_swept(self):
+        """Ask the survey what changed since the live pass, record it in `final`, and make
+        the copy's tree like it, file contents aside (see FinalPass)."""
+        db = self.index.db
+        self.scan.stdin.write(json.dumps({"sweep": sorted(self.forced)}).encode() + b"\n")
+        self.scan.stdin.close()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for table in ("doomed", "touched"):
+                db.execute(f"DELETE FROM {table}")
+            for record in swept(self.scan, "sweeping the stopped source"):
+                if isinstance(record, Names):
+                    self.drop_others(record)
+                    continue
+                self.forget(record.path, unless_kind=record.kind)
+                self.record(record)
+                self.touch(record.path, described=True)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        for (rel,) in db.execute("SELECT path FROM doomed ORDER BY rowid DESC"):
+            self.copy.remove(rel)
+        described = self.index.connect()  # read while this connection writes
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for (entry,) in described.execute(
+                "SELECT final.entry FROM touched JOIN final USING (key) WHERE described ORDER BY key"
+            ):
+                src = Entry.from_wire(entry)
+                self.reconcile(src, self.copy.entry(src.path))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        finally:
+            described.close()
+
+    def touch(self, rel, described=False):
+        """Note `rel` and its directory as changed by the sweep (see the touched table)."""
+        db = self.index.db
+        db.execute(
+            "INSERT INTO touched VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE SET described = "
+            "described OR excluded.described",
+            (order_key(rel), rel, described),
+        )
+        parent = rel.rpartition("/")[0]
+        if parent:
+            db.execute("INSERT OR IGNORE INTO touched VALUES (?, ?, 0)", (order_key(parent), parent))
+
+    def forget(self, rel, unless_kind=None):
+        """Drop what `final` holds under `rel` (all of it, unless it stays a directory)."""
+        db = self.index.db
+        key = order_key(rel)
+        if unless_kind != Kind.DIRECTORY:
+            db.execute("DELETE FROM final WHERE key > ? AND key < ?", (key + b"\0", key + b"\1"))
+        if unless_kind is None:
+            db.execute("DELETE FROM final WHERE key = ?", (key,))
+
+    def drop_others(self, names: Names):
+        """A directory the sweep gave the names of: any other name goes, from `final` and
+        from the copy."""
+        db = self.index.db
+        wanted = set(names.names)
+        listed = [rel for (rel,) in db.execute("SELECT path FROM final WHERE dir = ?", (names.dir,))]
+        for rel in listed:
+            if rel.rpartition("/")[2] not in wanted:
+                self.forget(rel)
+                self.touch(rel)
+        for name in self.copy.names(names.dir):
+            if name not in wanted:
+                rel = join(names.dir, name)
+                db.execute("INSERT INTO doomed VALUES (?)", (rel,))
+                self.touch(rel)
 
     def reconcile(self, src: Entry, dst: Entry | None):
         if dst is not None and (dst.kind != src.kind or dst.rdev != src.rdev):
@@ -479,13 +624,13 @@ class FinalPass:
         if (
             src.inode
             and db.execute(
-                "SELECT 1 FROM final WHERE ino = ? AND path != ? LIMIT 1", (src.inode, src.path)
+                "SELECT 1 FROM final WHERE ino = ? AND key < ? LIMIT 1", (src.inode, order_key(src.path))
             ).fetchone()
         ):
             return  # another name of this source file came first: link_names makes it that one
         row = hashed(db, src.path)
         hashed_both = row is not None and row[5] is not None
-        if hashed_both and (row[2] != row[5] or row[1] >= self.clean_before_ns):
+        if not self.swept and hashed_both and (row[2] != row[5] or row[1] >= self.clean_before_ns):
             return  # changing while hashed: the hot fetch has it
         # One file in the copy, but not on the source: a file of its own, content kept.
         unlinked = dst is not None and dst.nlink and not src.inode
@@ -552,6 +697,18 @@ class FinalPass:
                         ok = current.finish(entry, gone_ok)
                         if ok is not None:
                             db.execute("INSERT OR REPLACE INTO sent VALUES (?, ?)", (current.rel, int(ok)))
+                            # What the copy holds now: the pass after a live one sends only
+                            # the blocks that differ from it.
+                            db.execute(
+                                "INSERT OR REPLACE INTO dst VALUES (?, ?, ?, ?, ?)",
+                                (
+                                    current.rel,
+                                    entry.size,
+                                    entry.mtime_ns,
+                                    entry.digest,
+                                    current.blocks(entry),
+                                ),
+                            )
                             with self.counting:
                                 self.fetched += 1
                         current = None
@@ -593,18 +750,24 @@ class FinalPass:
         link to the group's first name, whose content and metadata the pass settled."""
         current = anchor = None
         for ino, rel in self.index.db.execute(
-            "SELECT ino, path FROM final WHERE ino IS NOT NULL ORDER BY ino, rowid"
+            "SELECT ino, path FROM final WHERE ino IS NOT NULL ORDER BY ino, key"
         ):
             if ino != current:
                 current, anchor = ino, rel
                 continue
-            self.copy.link(anchor, rel)
+            try:
+                self.copy.link(anchor, rel)
+            except OSError as e:
+                if not (self.live and not_there(e)):
+                    raise  # while the app runs, a name may go before it was fetched: see run()
 
     def settle_dirs(self):
         """Directories' mode, owner, xattrs and time, now that their contents are in:
-        deepest first, so that nothing changes a directory after it was settled."""
+        deepest first, so that nothing changes a directory after it was settled. After a
+        sweep, those whose contents it changed."""
         db = self.index.db
-        for (entry,) in db.execute("SELECT entry FROM final WHERE kind = 'd' ORDER BY rowid DESC"):
+        touched = "JOIN touched USING (key)" if self.swept else ""
+        for (entry,) in db.execute(f"SELECT entry FROM final {touched} WHERE kind = 'd' ORDER BY key DESC"):
             self.copy.settle(Entry.from_wire(entry))
 
 
@@ -652,6 +815,10 @@ class Receiving:
         digest = ZERO_HASH if length == BLOCK else hashlib.sha256(bytes(length)).digest()[:HASH_BYTES]
         self.note(number, digest)
 
+    def blocks(self, end: Entry) -> bytes:
+        """The block hashes of the file as written (after finish)."""
+        return b"".join(self.hashes[: -(-end.size // BLOCK)])
+
     def finish(self, end: Entry, gone_ok=False):
         """Size and metadata as the source has them; True if the digests match. With
         `gone_ok`, None if the file's directory was removed meanwhile (see receive())."""
@@ -668,8 +835,7 @@ class Receiving:
             set_metadata(self.dir_fd, self.name, end)
         finally:
             self.parent.close()
-        blocks = -(-end.size // BLOCK)
-        return file_digest(self.hashes[:blocks]) == end.digest
+        return file_digest(self.hashes[: -(-end.size // BLOCK)]) == end.digest
 
     def abandon(self):
         self.file.close()
@@ -770,6 +936,33 @@ class Copy:
         with self.parent(rel) as (fd, name):
             return os.stat(name, dir_fd=fd, follow_symlinks=False)
 
+    def entry(self, rel) -> Entry | None:
+        """What `rel` is in the copy; None if nothing."""
+        try:
+            with self.parent(rel) as (fd, name):
+                return Entry.of(rel, os.stat(name, dir_fd=fd, follow_symlinks=False), fd, name)
+        except OSError as e:
+            if not_there(e):
+                return None
+            raise
+
+    def names(self, rel) -> list[str]:
+        """The names in the directory `rel` ("": the base); none if it is not one."""
+        try:
+            if not rel:
+                fd = os.open(self.base, DIRECTORY)
+            else:
+                with self.parent(rel) as (parent_fd, name):
+                    fd = os.open(name, DIRECTORY, dir_fd=parent_fd)
+        except OSError as e:
+            if not_there(e):
+                return []
+            raise
+        try:
+            return os.listdir(fd)
+        finally:
+            os.close(fd)
+
     def open(self, rel):
         """A regular file, for reading (FileNotFoundError if it is something else)."""
         with self.parent(rel) as (fd, name):
@@ -833,20 +1026,63 @@ CONTENT_JOINS = (
     "LEFT JOIN sent ON sent.path = {0}.path LEFT JOIN src ON src.path = {0}.path "
     "LEFT JOIN dst ON dst.path = {0}.path"
 )
-# The stopped source's listing, in its order, with each entry's content facts: one query,
-# not three lookups a file.
+# The source's listing, in its order, with each entry's content facts: one query, not
+# three lookups a file.
 VERIFY_LISTING = (
-    f"SELECT final.entry, {CONTENT_FACTS} FROM final {CONTENT_JOINS.format('final')} ORDER BY final.rowid"
+    f"SELECT final.entry, {CONTENT_FACTS} FROM final {CONTENT_JOINS.format('final')} ORDER BY final.key"
+)
+# What a sweep touched, in the same order: (path, its entry in the listing or NULL, content facts).
+VERIFY_TOUCHED = (
+    f"SELECT touched.path, final.entry, {CONTENT_FACTS} FROM touched LEFT JOIN final USING (key) "
+    f"{CONTENT_JOINS.format('touched')} ORDER BY touched.key"
 )
 # The content facts of one path.
 FACTS_OF = f"SELECT {CONTENT_FACTS} FROM (SELECT ? AS path) AS one {CONTENT_JOINS.format('one')}"
 
 
-def verify(target_base, index):
-    """Every entry of the copy against the stopped source. Returns (entries, problems)."""
+def verify(target_base, index, swept=False, problem_paths: set[str] | None = None):
+    """Every entry of the copy against the source as the final pass listed it. After a
+    sweep (`swept`), what it touched: the live pass's verify checked the rest against the
+    same listing, and neither side changed since. Returns (entries, problems); each
+    problem's paths are added to `problem_paths`."""
     db = index.db
-    db.execute("DELETE FROM links")
     listing = index.connect()
+    problems, count = [], 0
+
+    def found(paths, text):
+        problems.append(text)
+        if problem_paths is not None:
+            problem_paths.update(paths)
+
+    db.execute("BEGIN")
+    try:
+        if not swept:
+            db.execute("DELETE FROM links")
+        for rel, src, dst, facts in (
+            touched_pairs(listing, target_base) if swept else listed_pairs(listing, target_base)
+        ):
+            if swept:
+                db.execute("DELETE FROM links WHERE path = ?", (rel,))
+            if src is None and dst is None:
+                continue  # gone from both sides
+            count += 1
+            if problem := entry_problem(db, src, dst, facts):
+                found((rel,), problem)
+            if src is not None and dst is not None and (src.inode or dst.inode):
+                db.execute("INSERT INTO links VALUES (?, ?, ?)", (rel, src.inode, dst.inode))
+    finally:
+        db.execute("COMMIT")
+        listing.close()
+    for names, text in link_problems(db):
+        found(names, text)
+    if len(problems) > PROBLEMS_SHOWN:
+        problems[PROBLEMS_SHOWN:] = [f"and {len(problems) - PROBLEMS_SHOWN} more"]
+    return count, problems
+
+
+def listed_pairs(listing, target_base):
+    """(path, source entry or None, copy entry or None, content facts) of every entry on
+    either side, walking the listing and the copy in step."""
     content = {}  # path: its content facts, for the few entries merged() holds at a time
 
     def source():
@@ -855,23 +1091,16 @@ def verify(target_base, index):
             content[src.path] = facts
             yield src
 
-    problems, count = [], 0
-    db.execute("BEGIN")
-    try:
-        for src, dst in merged(source(), target_base):
-            count += 1
-            facts = content.pop(src.path) if src is not None else None
-            if problem := entry_problem(db, src, dst, facts):
-                problems.append(problem)
-            if src is not None and dst is not None and (src.inode or dst.inode):
-                db.execute("INSERT INTO links VALUES (?, ?, ?)", (src.path, src.inode, dst.inode))
-    finally:
-        db.execute("COMMIT")
-        listing.close()
-    problems += link_problems(db)
-    if len(problems) > PROBLEMS_SHOWN:
-        problems[PROBLEMS_SHOWN:] = [f"and {len(problems) - PROBLEMS_SHOWN} more"]
-    return count, problems
+    for src, dst in merged(source(), target_base):
+        yield (src or dst).path, src, dst, content.pop(src.path) if src is not None else None
+
+
+def touched_pairs(listing, target_base):
+    """The same, of what a sweep touched (a name it removed: on neither side, if all went
+    well)."""
+    copy = Copy(target_base)
+    for rel, entry, *facts in listing.execute(VERIFY_TOUCHED):
+        yield rel, Entry.from_wire(entry) if entry is not None else None, copy.entry(rel), facts
 
 
 def entry_problem(db, src: Entry | None, dst: Entry | None, facts):
@@ -911,7 +1140,7 @@ def content_verified(db, src: Entry, facts):
     `facts`: the file's CONTENT_FACTS."""
     if src.inode:
         (first,) = db.execute(
-            "SELECT path FROM final WHERE ino = ? ORDER BY rowid LIMIT 1", (src.inode,)
+            "SELECT path FROM final WHERE ino = ? ORDER BY key LIMIT 1", (src.inode,)
         ).fetchone()
         if first != src.path:
             facts = db.execute(FACTS_OF, (first,)).fetchone()
@@ -923,16 +1152,18 @@ def content_verified(db, src: Entry, facts):
 
 
 def link_problems(db):
-    """Names that are one file on one side must be one file on the other."""
+    """Names that are one file on one side must be one file on the other: (names, what)."""
     problems = []
     for (names,) in db.execute(
-        "SELECT group_concat(path, ', ') FROM links WHERE src_ino IS NOT NULL GROUP BY src_ino "
+        "SELECT json_group_array(path) FROM links WHERE src_ino IS NOT NULL GROUP BY src_ino "
         "HAVING count(DISTINCT coalesce(dst_ino, 'alone:' || path)) > 1"
     ):
-        problems.append(f"{names}: one file on the source, not one in the copy")
+        names = json.loads(names)
+        problems.append((names, f"{', '.join(names)}: one file on the source, not one in the copy"))
     for (names,) in db.execute(
-        "SELECT group_concat(path, ', ') FROM links WHERE dst_ino IS NOT NULL GROUP BY dst_ino "
+        "SELECT json_group_array(path) FROM links WHERE dst_ino IS NOT NULL GROUP BY dst_ino "
         "HAVING count(DISTINCT coalesce(src_ino, 'alone:' || path)) > 1"
     ):
-        problems.append(f"{names}: separate files on the source, one file in the copy")
+        names = json.loads(names)
+        problems.append((names, f"{', '.join(names)}: separate files on the source, one file in the copy"))
     return problems

@@ -630,11 +630,26 @@ def op_scan(grid, args):
 
     --wait: first wait for a line on stdin (and list nothing if it closes instead), so the
     listing can be set up before the app stops and begin the moment it has.
+    --survey: a survey (see tree.py): after the listing, wait for the sweep request on
+    stdin (and end if it closes instead), and answer it.
     """
     base = volumes_dir(grid, args.app)
     if args.wait and not sys.stdin.readline():
         return
-    tree.scan(base, sys.stdout.write, hashes=args.hashes)
+    if not args.survey:
+        tree.scan(base, sys.stdout.write, hashes=args.hashes)
+        sys.stdout.flush()
+        return
+    survey = tree.Survey(base)
+    survey.scan(sys.stdout.write)
+    sys.stdout.write(tree.LISTED.decode() + "\n")
+    sys.stdout.flush()
+    if not (line := sys.stdin.readline()):
+        return
+    forced = json.loads(line).get("sweep")
+    if not isinstance(forced, list) or not all(isinstance(d, str) for d in forced):
+        raise Invalid(f"not a sweep request: {line[:200]!r}")
+    survey.sweep(set(forced), sys.stdout.write)
     sys.stdout.flush()
 
 
@@ -792,6 +807,7 @@ def parser():
     s.add_argument("app")
     s.add_argument("--hashes", action="store_true")
     s.add_argument("--wait", action="store_true")
+    s.add_argument("--survey", action="store_true")
     sub.add_parser("delta").add_argument("app")
     s = sub.add_parser("supervise")
     s.add_argument("app")

@@ -30,7 +30,10 @@ import hashlib
 import json
 import os
 import stat
-from collections.abc import Iterable, Iterator
+import time
+from array import array
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 BLOCK = 64 * 1024
@@ -158,6 +161,12 @@ def sort_key(rel):
     return rel.split("/")
 
 
+def order_key(rel) -> bytes:
+    """sort_key() as bytes, for a database to order by: the names joined by a byte no name
+    holds, lower than any other, so that byte order is sort_key()'s order."""
+    return rel.replace("/", "\0").encode("utf-8", "surrogatepass")
+
+
 # --- entries ----------------------------------------------------------------------------
 
 
@@ -206,7 +215,9 @@ class Entry:
     nlink: int | None = None  # likewise: how many names
     digest: str | None = None  # hashed files, and the end of a file sent
     blocks: bytes | None = None  # hashed files: the block hashes, HASH_BYTES each
-    ctime_ns: int | None = None  # hashed files: the change time once read
+    # files: the change time, which every change sets and no program can set back (hashed
+    # files: once read); each side's own, never compared
+    ctime_ns: int | None = field(default=None, compare=False)
     # The line it was read from (from_wire): a listing kept as it came costs no encoding.
     wire: str | None = field(default=None, compare=False, repr=False)
 
@@ -260,7 +271,7 @@ class Entry:
         kind = KINDS[stat.S_IFMT(st.st_mode)]
         entry = cls(rel, kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns)
         if kind == Kind.FILE:
-            entry.size, entry.allocated = st.st_size, st.st_blocks * 512
+            entry.size, entry.allocated, entry.ctime_ns = st.st_size, st.st_blocks * 512, st.st_ctime_ns
             if st.st_nlink > 1:
                 entry.inode, entry.nlink = f"{st.st_dev}:{st.st_ino}", st.st_nlink
         elif kind == Kind.SYMLINK:
@@ -363,16 +374,25 @@ def scan(base, write, hashes=False):
             write(entry.to_wire() + "\n")
 
 
-def entries(proc, what) -> Iterator[Entry]:
-    """The receiving side of a listing: the entries a scanning agent (`proc`, a process)
-    sends; raises SyncError if it failed."""
+def agent_lines(proc, what) -> Iterator[bytes]:
+    """The lines an agent (`proc`, a process) sends; raises SyncError if it failed."""
     for raw in proc.stdout:
         if raw.startswith(b'{"ok"'):  # the agent's error answer
             raise SyncError(f"{what}: {json.loads(raw).get('message')}")
-        yield Entry.from_wire(raw)
+        yield raw
     err = proc.stderr.read().decode("utf-8", "replace").strip()
     if proc.wait() != 0:
         raise SyncError(f"{what} failed (status {proc.returncode}): {err[-400:]}")
+
+
+def entries(proc, what) -> Iterator[Entry]:
+    """The receiving side of a listing: the entries a scanning agent sends. A survey's
+    listing (see Survey) ends at its LISTED line, and its agent goes on to wait for the
+    sweep."""
+    for raw in agent_lines(proc, what):
+        if raw.startswith(LISTED):
+            return
+        yield Entry.from_wire(raw)
 
 
 def local_entries(base) -> Iterator[Entry]:
@@ -400,6 +420,124 @@ def merged(source: Iterator[Entry], target_base) -> Iterator[tuple[Entry | None,
         else:
             yield src, dst
             src, dst = next(source, None), next(target, None)
+
+
+# --- the survey: what changed since a listing, found with one lstat an entry ------------
+#
+# A survey lists the running source like scan(), ends the listing with a LISTED line, and
+# keeps each directory's entries as fingerprints, 8 bytes each. After the app stopped, it
+# reads a sweep request, {"sweep": [directories to describe whole]}, and answers with what
+# changed since: an Entry line for each entry that is new or changed (every entry of a
+# directory it did not list), and a Names line with a directory's names now for each one
+# that may have lost a name; then it ends. So the final pass lists, sends and settles what
+# changed, not everything the app has.
+
+LISTED = b'{"survey":"listed"}'
+# An entry changed this close to the moment it was listed may change again without its
+# change time changing (a coarse clock tick): the sweep describes it again, whatever.
+RACY_NS = 1_000_000_000
+
+
+def fingerprint(name, st) -> int:
+    """What changes whenever anything of an entry does: every write, chmod, chown, xattr or
+    ACL change, link, unlink or rename sets its change time, which no program can set back.
+    (Python's hash: the seed is this process's, so an app cannot aim for a collision.)"""
+    return hash(
+        (name, st.st_ino, st.st_ctime_ns, st.st_mtime_ns, st.st_mode, st.st_size, st.st_nlink)
+        + (st.st_uid, st.st_gid, st.st_rdev)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Names:
+    """A directory's names, from a sweep: in the copy, any other name goes."""
+
+    dir: str
+    names: list[str]
+
+
+def join(rel_dir, name):
+    return f"{rel_dir}/{name}" if rel_dir else name
+
+
+class Survey:
+    """The listing half and the sweep half of a survey, in one agent (see above)."""
+
+    def __init__(self, base):
+        self.base = base
+        self.seen: dict[str, array] = {}  # directory: its entries' fingerprints, sorted
+
+    def scan(self, write: Callable[[str], object]):
+        """Every entry under the base, a line each, as scan() sends them; remembered."""
+        seen = {"": array("q")}
+        for rel, st, dir_fd, name in tree_entries(self.base):
+            try:
+                entry = Entry.of(rel, st, dir_fd, name)
+            except OSError as e:
+                if not_there(e):
+                    continue  # removed while the app runs: the sweep will not find it either
+                raise
+            if entry.kind == Kind.DIRECTORY:
+                seen[rel] = array("q")
+            if st.st_ctime_ns < time.time_ns() - RACY_NS:
+                seen.setdefault(rel.rpartition("/")[0], array("q")).append(fingerprint(name, st))
+            write(entry.to_wire() + "\n")
+        for fingerprints in seen.values():
+            fingerprints[:] = array("q", sorted(fingerprints))
+        self.seen = seen
+
+    def sweep(self, forced: set[str], write: Callable[[str], object]):
+        """What changed since scan() (see above); `forced`: directories described whole."""
+        empty = array("q")
+        try:
+            root = os.open(self.base, DIRECTORY)
+        except FileNotFoundError:
+            return
+        stack = [("", root)]
+        try:
+            while stack:
+                rel_dir, fd = stack.pop()
+                try:
+                    listed = self.seen.get(rel_dir, empty)
+                    whole = rel_dir in forced
+                    names, subdirs, kept = [], [], 0
+                    for name in sorted(os.listdir(fd)):
+                        try:
+                            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue
+                        names.append(name)
+                        mark = fingerprint(name, st)
+                        at = bisect_left(listed, mark)
+                        if not whole and at < len(listed) and listed[at] == mark:
+                            kept += 1
+                        else:
+                            write(Entry.of(join(rel_dir, name), st, fd, name).to_wire() + "\n")
+                        if stat.S_ISDIR(st.st_mode):
+                            subdirs.append(name)
+                    if kept < len(listed) or whole:
+                        write(json.dumps({"names": rel_dir, "n": names}) + "\n")
+                    for name in reversed(subdirs):  # depth first, in name order
+                        try:
+                            stack.append((join(rel_dir, name), os.open(name, DIRECTORY, dir_fd=fd)))
+                        except OSError as e:
+                            if not not_there(e):
+                                raise
+                finally:
+                    os.close(fd)
+        finally:
+            for _, fd in stack:
+                os.close(fd)
+
+
+def swept(proc, what) -> Iterator[Entry | Names]:
+    """The receiving side of a sweep: what the survey agent `proc` says changed."""
+    for raw in agent_lines(proc, what):
+        if raw.startswith(b'{"names"'):
+            data = json.loads(raw)
+            yield Names(data["names"], data["n"])
+        else:
+            yield Entry.from_wire(raw)
 
 
 # --- deltas -----------------------------------------------------------------------------
