@@ -176,6 +176,19 @@ def test_a_file_written_within_the_clock_tick_is_read_again(pair):
     assert (copy / "data/dir/small.txt").read_text() == "SMALL\n"
 
 
+def test_a_file_written_after_the_hashing_with_its_time_set_back_is_read_again(pair):
+    # Same size, and the time it had when hashed, long before: only its change time tells.
+    source, data, copy, _ = pair
+    index, _, _ = index_now(pair)
+    clean_before = time.time_ns()
+    st = os.stat(data / "dir/small.txt")
+    (data / "dir/small.txt").write_text("SMALL\n")
+    os.utime(data / "dir/small.txt", ns=(st.st_atime_ns, st.st_mtime_ns))
+    files, sent, (entries, problems) = final(pair, index, clean_before_ns=clean_before)
+    assert problems == [] and sent == len("SMALL\n")
+    assert (copy / "data/dir/small.txt").read_text() == "SMALL\n"
+
+
 def test_right_content_with_the_wrong_time_gets_the_time(pair):
     # rsync sets the time it listed; the app may have written before rsync read the file.
     source, data, copy, _ = pair

@@ -3,16 +3,20 @@ The final pass and the verification, on block hashes kept from the pre-copy.
 
 rsync moves the bulk while the app runs. Then, still before the stop, `build_index` hashes
 the source in 64 KiB blocks (by its agent), and the copies of the files that changed since
-the copy began (here, at the same time), and keeps, per file, the source's metadata, the
-copy's block hashes, and whether the two matched. After the stop, `FinalPass` lists the
-source and sends for only the files that changed since (or might have: modified too close
-to the hashing) the blocks that differ: the source is read once, the copy not at all. It
-settles everything else an entry has: kind, mode, owner, times, symlink targets, special
-files (fifos, sockets, devices), extended attributes and POSIX ACLs, sparseness, and which
-names are one file (hard links). `verify` then compares every entry of the copy with the
-stopped source's listing, each of those properties and the content: a file's content
-counts as verified when its digests matched, at the index for files unchanged since (for a
-file untouched since the copy began, by rsync's check as it sent it), or at the final pass.
+the copy began (here, at the same time), and keeps, per file, the source's metadata (its
+change time too), the copy's block hashes, and whether the two matched. `FinalPass` then
+lists the source and sends for only the files that changed since (or might have: changed
+too close to the hashing) the blocks that differ: the source is read once, the copy not at
+all. It settles everything else an entry has: kind, mode, owner, times, symlink targets,
+special files (fifos, sockets, devices), extended attributes and POSIX ACLs, sparseness,
+and which names are one file (hard links). `verify` then compares the copy's entries with
+the source's listing, each of those properties and the content: a file's content counts as
+verified when its digests matched, at the index for files unchanged since (for a file
+untouched since the copy began, by rsync's check as it sent it), or when the pass sent it.
+
+The pass and verify run once while the app runs (the live pass), and again after the stop,
+when a sweep of the stopped source by the live pass's listing agent says what changed
+since: only that is listed, settled and verified again (see FinalPass).
 
 Between the hashing and verify the copy is the helper's alone: a copy file whose size and
 time are unchanged since it was hashed is taken to hold what was hashed.
@@ -1021,7 +1025,7 @@ class Copy:
 
 # What verify judges a file's content by: whether the final pass settled it (and its digests
 # matched), and what the index holds of both sides; joined on `path` to each table by its key.
-CONTENT_FACTS = "sent.ok, src.size, src.mtime, src.digest, dst.size, dst.mtime, dst.digest"
+CONTENT_FACTS = "sent.ok, src.size, src.mtime, src.ctime, src.digest, dst.size, dst.mtime, dst.digest"
 CONTENT_JOINS = (
     "LEFT JOIN sent ON sent.path = {0}.path LEFT JOIN src ON src.path = {0}.path "
     "LEFT JOIN dst ON dst.path = {0}.path"
@@ -1135,19 +1139,25 @@ def difference(field, src: Entry, dst: Entry):
 
 def content_verified(db, src: Entry, facts):
     """Whether a file's content is known to match: its digests matched when the final pass
-    sent it, or at the index with both sides unchanged since. Another name of one source
-    file has the content of its first name (verify checks that they are one file).
-    `facts`: the file's CONTENT_FACTS."""
+    sent it, or at the index with both sides unchanged since (the source by its change time
+    too). Another name of one source file has the content of its first name (verify checks
+    that they are one file). `facts`: the file's CONTENT_FACTS."""
     if src.inode:
         (first,) = db.execute(
             "SELECT path FROM final WHERE ino = ? ORDER BY key LIMIT 1", (src.inode,)
         ).fetchone()
         if first != src.path:
             facts = db.execute(FACTS_OF, (first,)).fetchone()
-    sent_ok, src_size, src_mtime, src_digest, dst_size, dst_mtime, dst_digest = facts
+    sent_ok, src_size, src_mtime, src_ctime, src_digest, dst_size, dst_mtime, dst_digest = facts
     if sent_ok is not None:
         return bool(sent_ok)
-    unchanged = (src_size, src_mtime, dst_size, dst_mtime) == (src.size, src.mtime_ns, src.size, src.mtime_ns)
+    unchanged = (src_size, src_mtime, src_ctime, dst_size, dst_mtime) == (
+        src.size,
+        src.mtime_ns,
+        src.ctime_ns,
+        src.size,
+        src.mtime_ns,
+    )
     return unchanged and src_digest is not None and src_digest == dst_digest
 
 
