@@ -5,6 +5,7 @@ download is not available on these machines. Screenshots go to test-artifacts/.
 """
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -29,16 +30,20 @@ ORDER = [*MigrationJob.ACTIVE_STATES, *MigrationJob.ENDED_STATES]
 
 
 def free_port_pair():
-    for _ in range(50):
+    """Two free ports in a row for the demo, outside the range the kernel hands out (for
+    a bind to port 0, and to each connection): a port from it, another test's, once took
+    the second one between this check and the target's bind."""
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    candidates = [*range(10_000, low - 1), *range(high + 1, 65_534)]
+    for _ in range(100):
+        port = random.choice(candidates)
         with socket.socket() as a, socket.socket() as b:
             try:
-                a.bind(("127.0.0.1", 0))
-                port = a.getsockname()[1]
+                a.bind(("127.0.0.1", port))
                 b.bind(("127.0.0.1", port + 1))
             except OSError:
                 continue
-            if port + 1 < 65535:
-                return port
+            return port
     raise RuntimeError("no two free ports in a row")
 
 

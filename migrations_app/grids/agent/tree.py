@@ -358,16 +358,24 @@ def widen_pipe(stream):
         pass
 
 
-def scan(base, write, hashes=False):
-    """The sending side of a listing: every entry under `base`, a line each, through
-    `write`; with `hashes`, files with their block hashes."""
+def described_entries(base):
+    """(Entry, lstat, descriptor of its directory, name) of everything under `base`, as
+    tree_entries() finds it; an entry removed before it could be described is left out (the
+    app runs: what lists the stopped source, or sweeps it, will not find it either)."""
     for rel, st, dir_fd, name in tree_entries(base):
         try:
             entry = Entry.of(rel, st, dir_fd, name)
         except OSError as e:
             if not_there(e):
-                continue  # removed while the app runs: the final pass lists the stopped source
+                continue
             raise
+        yield entry, st, dir_fd, name
+
+
+def scan(base, write, hashes=False):
+    """The sending side of a listing: every entry under `base`, a line each, through
+    `write`; with `hashes`, files with their block hashes."""
+    for entry, _, dir_fd, name in described_entries(base):
         if hashes and entry.kind == Kind.FILE:
             entry = hashed(entry, dir_fd, name)
         if entry is not None:
@@ -397,12 +405,8 @@ def entries(proc, what) -> Iterator[Entry]:
 
 def local_entries(base) -> Iterator[Entry]:
     """Every entry under `base`, described here."""
-    for rel, st, dir_fd, name in tree_entries(base):
-        try:
-            yield Entry.of(rel, st, dir_fd, name)
-        except OSError as e:
-            if not not_there(e):
-                raise
+    for entry, *_ in described_entries(base):
+        yield entry
 
 
 def merged(source: Iterator[Entry], target_base) -> Iterator[tuple[Entry | None, Entry | None]]:
@@ -470,17 +474,11 @@ class Survey:
     def scan(self, write: Callable[[str], object]):
         """Every entry under the base, a line each, as scan() sends them; remembered."""
         seen = {"": array("q")}
-        for rel, st, dir_fd, name in tree_entries(self.base):
-            try:
-                entry = Entry.of(rel, st, dir_fd, name)
-            except OSError as e:
-                if not_there(e):
-                    continue  # removed while the app runs: the sweep will not find it either
-                raise
+        for entry, st, _, name in described_entries(self.base):
             if entry.kind == Kind.DIRECTORY:
-                seen[rel] = array("q")
+                seen[entry.path] = array("q")
             if st.st_ctime_ns < time.time_ns() - RACY_NS:
-                seen.setdefault(rel.rpartition("/")[0], array("q")).append(fingerprint(name, st))
+                seen.setdefault(entry.path.rpartition("/")[0], array("q")).append(fingerprint(name, st))
             write(entry.to_wire() + "\n")
         for fingerprints in seen.values():
             fingerprints[:] = array("q", sorted(fingerprints))
