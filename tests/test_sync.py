@@ -1,6 +1,5 @@
 """The helper's final pass and verify, step by step, on a real source app and a real copy."""
 
-import contextlib
 import os
 import shutil
 import socket
@@ -312,10 +311,14 @@ def make_special_entries(data):
     (data / "one.txt").write_text("one file, two names\n")
     os.link(data / "one.txt", data / "dir/two.txt")
     os.mkfifo(data / "fifo")
-    # Bound by its name from within `data`: a socket's path may be 108 bytes at most, and a
-    # test's temporary directory may be longer.
-    with socket.socket(socket.AF_UNIX) as s, contextlib.chdir(data):
-        s.bind("socket")
+    # Bound through a descriptor of `data`: a socket's path may be 108 bytes at most, and a
+    # test's temporary directory may be longer (a chdir would move every thread of the worker).
+    data_fd = os.open(data, os.O_DIRECTORY)
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(tree.leaf_path(data_fd, "socket"))
+    finally:
+        os.close(data_fd)
     (data / "empty").mkdir()
     (data / "setuid").write_text("#!/bin/sh\n")
     if AS_ROOT:  # before the mode: a change of owner clears set-id bits
