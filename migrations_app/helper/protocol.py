@@ -162,7 +162,7 @@ class Prediction:
     seconds: float
     budget: float
     parts: dict
-    changed_seconds: float  # of the final pass: reading what changes while the live pass runs
+    changed_seconds: float  # of the final pass: reading what changed since the last live sweep
     entries: int
     files: int  # changed since the hashing
     bytes: int  # their sizes

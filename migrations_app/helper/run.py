@@ -44,6 +44,7 @@ from ..grids import (
     TransportError,
     open_grid,
 )
+from ..grids.agent.tree import RACY_NS
 from ..grids.errors import OperationFailed
 from ..grids.gridinfo import GridConfig
 from . import failures, protocol, sync
@@ -75,10 +76,10 @@ HEARTBEAT_TIMEOUT = 15.0
 RETRY_DELAYS = (1, 2, 4, 8, 16)
 # Parts of a downtime as multiples of a listing of the running source walked in step with
 # the copy (sync.forecast). The live pass lists and settles every entry (1.3 listings, as
-# the final pass took when it ran after the stop). After the stop, the sweep costs one
-# lstat an entry and verify looks only at what the pass touched: measured with ./dev bench
-# (downtime scenario, 20,000 and 200,000 files), a sweep is 0.1-0.15 of a listing, verify
-# under 0.02 of one.
+# the final pass took when it ran after the stop). A sweep, live or after the stop, costs
+# one lstat an entry, and verify looks only at what the pass touched: measured with
+# ./dev bench (downtime scenario, 20,000 and 200,000 files), a sweep is 0.1-0.15 of a
+# listing, verify under 0.02 of one.
 LIVE_PASS_PER_LISTING = 1.3
 SWEEP_PER_LISTING = 0.15
 VERIFY_PER_LISTING = 0.02
@@ -90,6 +91,8 @@ DEFAULT_PARTS = {"stop": 0.3, "start": 0.5, "health": 0.2}
 DEFAULT_READ_RATE = 500 << 20
 # Pre-copy rounds at most (the first included) to bring a downtime within its budget.
 BUDGET_ROUNDS = 3
+# Sweeps of the running source at most, after the live pass (see step_live_sweeps).
+LIVE_SWEEPS = 4
 
 
 class Failure(Exception):
@@ -214,7 +217,7 @@ class Helper:
         self.recent_timings = self.config.get("recent_timings") or {}
         self.read_rate = DEFAULT_READ_RATE
         self.source = self.target = self.live = self.final = self.standby = self.heartbeat = None
-        self.forced = set()  # directories the final pass's sweep describes whole (see step_live_pass)
+        self.forced = set()  # directories the next sweep describes whole (see verify_live)
         self.target_created = self.journal.has(protocol.TARGET_DEFINING)
         # A refresh writes into an earlier snapshot copy: the app of this owner is kept.
         self.refresh_owner = self.config.get("refresh_owner") or None
@@ -277,6 +280,7 @@ class Helper:
                 for step in (
                     self.step_precopy,
                     self.step_live_pass,
+                    self.step_live_sweeps,
                     self.step_prepare_final,
                     self.step_arm,
                     self.step_stop_source,
@@ -618,17 +622,27 @@ class Helper:
             self.clean_before_ns,
             lambda: self.check_cancel(every=0.5),
         )
-        # What changed since the hashing, the live pass settles; what the final pass then
-        # reads is what the app changes while the live pass runs: at the rate it changed
-        # files since the hashing began.
+
+        # What changed since the hashing, the live pass settles; the live sweeps, what the
+        # app changes meanwhile. What the final pass then reads is what the app changed
+        # since the last live sweep looked (and in the second before: see the agent's
+        # tree.RACY_NS), up to the stop. Each is taken at the rate the app changed files
+        # since the hashing began, and is at most all of those files (one changed twice is
+        # read once).
+        def changed_within(seconds):
+            return changed_since_hashing * min(1.0, seconds / since_hashing)
+
         changed_since_hashing = forecast.bytes / self.read_rate
-        live_pass = forecast.listing_seconds * LIVE_PASS_PER_LISTING + changed_since_hashing
         since_hashing = max(time.monotonic() - self.hashing_began, 1e-3)
-        changed_seconds = changed_since_hashing * live_pass / since_hashing
         measured = {k: v for k, v in self.recent_timings.items() if isinstance(v, int | float)}
+        stop = measured.get("stop", DEFAULT_PARTS["stop"])
+        live_pass = forecast.listing_seconds * LIVE_PASS_PER_LISTING + changed_since_hashing
+        sweep = forecast.listing_seconds * SWEEP_PER_LISTING
+        live_sweep = sweep + forecast.listing_seconds * VERIFY_PER_LISTING + changed_within(live_pass)
+        changed_seconds = changed_within(RACY_NS / 1e9 + live_sweep + stop)
         parts = {
-            "stop": measured.get("stop", DEFAULT_PARTS["stop"]),
-            "final_pass": forecast.listing_seconds * SWEEP_PER_LISTING + changed_seconds,
+            "stop": stop,
+            "final_pass": sweep + changed_seconds,
             "verify": forecast.listing_seconds * VERIFY_PER_LISTING,
             "start": measured.get("start", DEFAULT_PARTS["start"]),
             "health": measured.get("health", DEFAULT_PARTS["health"]),
@@ -767,9 +781,9 @@ class Helper:
             time.sleep(0.05)
 
     def step_live_pass(self):
-        """The final pass once while the source runs, and verify after it: the pass after
-        the stop then settles, and verify checks, only what changed since (sync.FinalPass).
-        What verify finds now is described whole after the stop, whatever the sweep says."""
+        """The final pass once while the source runs, and verify after it: the passes after
+        it then settle, and verify checks, only what changed since (sync.FinalPass). What
+        verify finds now is described whole by the next sweep, whatever it finds."""
         self.log.event("Settling the copy while the source runs, so that the final pass has little to do")
         started = time.monotonic()
         self.live = sync.FinalPass(
@@ -782,21 +796,67 @@ class Helper:
         )
         files, received = self.live.run(live=True)
         self.moved += received
-        self.check_cancel()
-        changing = set()
-        entries, _ = sync.verify(self.volumes_path, self.index, problem_paths=changing)
-        self.forced = {rel.rpartition("/")[0] for rel in changing}
-        # The final pass's senders of changed blocks: these ended with the live pass.
-        self.standby.start(sync.Reader.DELTA, sync.Reader.DELTA)
+        entries, changing = self.verify_live(swept=False)
         self.log.event(
             f"Settled the copy while the source runs in {time.monotonic() - started:.1f}s: {files} "
             f"file(s) fetched ({human_bytes(received)} of changed blocks), {entries} entries verified, "
-            f"{len(changing)} of them changing meanwhile (looked at again after the stop)",
+            f"{changing} of them changing meanwhile (looked at again)",
             files=files,
             changed_bytes=received,
-            changing=len(changing),
+            changing=changing,
             seconds=round(time.monotonic() - started, 3),
         )
+
+    def step_live_sweeps(self):
+        """Sweep the running source for what changed since the last look, and settle and
+        verify that, until a sweep finds no less than three quarters of what the one before
+        found: the sweep after the stop then finds what the app changed during the last of
+        these (a second, say, with many files), not during the live pass (many seconds)."""
+        found_before = None
+        for number in range(1, LIVE_SWEEPS + 1):
+            survey = self.live.scan
+            if survey is None or survey.poll() is not None:
+                return  # the connection dropped: the final pass lists the stopped source in full
+            started = time.monotonic()
+            self.live = sync.FinalPass(
+                self.standby,
+                self.volumes_path,
+                self.index,
+                self.clean_before_ns,
+                self.pass_progress(started, "settling what changed while the source runs"),
+                self.bwlimit,
+                survey=survey,
+                forced=self.forced,
+            )
+            files, received = self.live.run(live=True)
+            self.moved += received
+            _, changing = self.verify_live(swept=True)
+            found = self.live.described
+            self.log.event(
+                f"Swept the running source ({number} of {LIVE_SWEEPS} at most) in "
+                f"{time.monotonic() - started:.1f}s: {found} entries changed since the last look, "
+                f"{files} file(s) fetched ({human_bytes(received)}), {changing} changing meanwhile",
+                files=files,
+                changed_bytes=received,
+                described=found,
+                changing=changing,
+                seconds=round(time.monotonic() - started, 3),
+            )
+            if found == 0 or (found_before is not None and found > found_before * 3 / 4):
+                return
+            found_before = found
+
+    def verify_live(self, swept):
+        """Verify what the pass just run while the source runs (`self.live`) settled, and
+        have the next sweep describe whole the directories of what differs (the app was
+        writing there). Returns (entries verified, how many differed)."""
+        self.check_cancel()
+        changing = set()
+        entries, _ = sync.verify(self.volumes_path, self.index, swept=swept, problem_paths=changing)
+        self.forced = {rel.rpartition("/")[0] for rel in changing}
+        # The next pass's senders of changed blocks: these ended with this one.
+        self.standby.start(sync.Reader.DELTA, sync.Reader.DELTA)
+        return entries, len(changing)
 
     def pass_progress(self, started, what):
         def on_progress(received):

@@ -380,13 +380,14 @@ def forecast(source, source_app, target_base, index, clean_before_ns, on_entry=N
 class FinalPass:
     """Bring the copy in line with the source; see the module's docstring.
 
-    Run twice. The live pass, while the app still runs, lists the source in full (by a
-    survey: see the agent's tree module) and settles the whole copy; its survey agent is
-    left waiting. The pass after the stop, given that agent (`survey`), asks it what
-    changed since, with one lstat an entry on the source, and lists, sends and settles
-    only that: the stopped time follows what changed, not how many files the app has.
-    Without a survey agent that still runs, it lists the stopped source in full.
-    `forced`: directories the sweep describes whole (where the live verify found a
+    The live pass, while the app still runs, lists the source in full (by a survey: see
+    the agent's tree module) and settles the whole copy; its survey agent is left waiting.
+    A pass given that agent (`survey`) asks it what changed since it last looked, with one
+    lstat an entry on the source, and lists, sends and settles only that: run while the
+    app runs (live sweeps, until little changes between two), then once after the stop,
+    whose stopped time so follows what changed, not how many files the app has. Without a
+    survey agent that still runs, the pass after the stop lists the stopped source in full.
+    `forced`: directories the sweep describes whole (where the last verify found a
     difference).
     """
 
@@ -410,6 +411,7 @@ class FinalPass:
         self.on_progress = on_progress
         self.survey, self.forced = survey, set(forced)
         self.swept = False  # whether this pass settled only what a sweep found changed
+        self.described = 0  # entries the sweep described (new or changed since the last look)
         self.live = False  # whether it runs while the app runs (see run())
         # (path, the copy's block hashes) to ask the source for, as the listing finds them
         self.requests = queue.SimpleQueue()
@@ -435,7 +437,7 @@ class FinalPass:
 
     def run(self, live=False):
         """Returns (files fetched, bytes of changed blocks received). `live`: the app still
-        runs, and the listing's survey agent is left waiting for the pass after the stop."""
+        runs, and the listing's survey agent is left waiting for the next sweep."""
         # Files that were changing while the app ran will have changed again: fetch them
         # while the source is being listed (unless a sweep says what changed). Files the
         # listing finds changed are fetched as it finds them. The source is read by three
@@ -531,19 +533,25 @@ class FinalPass:
         )
 
     def reconcile_swept(self):
-        """Ask the survey what changed since the live pass, record it in `final`, and make
-        the copy's tree like it, file contents aside (see FinalPass)."""
+        """Ask the survey what changed since it last looked, record it in `final`, and make
+        the copy's tree like it, file contents aside (see FinalPass). After the stop, the
+        survey is asked nothing more: its agent ends."""
         db = self.index.db
         self.scan.stdin.write(json.dumps({"sweep": sorted(self.forced)}).encode() + b"\n")
-        self.scan.stdin.close()
+        if self.live:
+            self.scan.stdin.flush()
+        else:
+            self.scan.stdin.close()
+        what = "sweeping the source" if self.live else "sweeping the stopped source"
         db.execute("BEGIN IMMEDIATE")
         try:
             for table in ("doomed", "touched"):
                 db.execute(f"DELETE FROM {table}")
-            for record in swept(self.scan, "sweeping the stopped source"):
+            for record in swept(self.scan, what):
                 if isinstance(record, Names):
                     self.drop_others(record)
                     continue
+                self.described += 1
                 self.forget(record.path, unless_kind=record.kind)
                 self.record(record)
                 self.touch(record.path, described=True)

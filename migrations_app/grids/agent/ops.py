@@ -630,8 +630,8 @@ def op_scan(grid, args):
 
     --wait: first wait for a line on stdin (and list nothing if it closes instead), so the
     listing can be set up before the app stops and begin the moment it has.
-    --survey: a survey (see tree.py): after the listing, wait for the sweep request on
-    stdin (and end if it closes instead), and answer it.
+    --survey: a survey (see tree.py): after the listing, answer each sweep request read
+    on stdin, until it closes.
     """
     base = volumes_dir(grid, args.app)
     if args.wait and not sys.stdin.readline():
@@ -644,13 +644,13 @@ def op_scan(grid, args):
     survey.scan(sys.stdout.write)
     sys.stdout.write(tree.LISTED.decode() + "\n")
     sys.stdout.flush()
-    if not (line := sys.stdin.readline()):
-        return
-    forced = json.loads(line).get("sweep")
-    if not isinstance(forced, list) or not all(isinstance(d, str) for d in forced):
-        raise Invalid(f"not a sweep request: {line[:200]!r}")
-    survey.sweep(set(forced), sys.stdout.write)
-    sys.stdout.flush()
+    while line := sys.stdin.readline():
+        forced = json.loads(line).get("sweep")
+        if not isinstance(forced, list) or not all(isinstance(d, str) for d in forced):
+            raise Invalid(f"not a sweep request: {line[:200]!r}")
+        survey.sweep(set(forced), sys.stdout.write)
+        sys.stdout.write(tree.SWEPT.decode() + "\n")
+        sys.stdout.flush()
 
 
 def op_delta(grid, args):

@@ -429,16 +429,20 @@ def merged(source: Iterator[Entry], target_base) -> Iterator[tuple[Entry | None,
 # --- the survey: what changed since a listing, found with one lstat an entry ------------
 #
 # A survey lists the running source like scan(), ends the listing with a LISTED line, and
-# keeps each directory's entries as fingerprints, 8 bytes each. After the app stopped, it
-# reads a sweep request, {"sweep": [directories to describe whole]}, and answers with what
-# changed since: an Entry line for each entry that is new or changed (every entry of a
-# directory it did not list), and a Names line with a directory's names now for each one
-# that may have lost a name; then it ends. So the final pass lists, sends and settles what
-# changed, not everything the app has.
+# keeps each directory's entries as fingerprints, 8 bytes each. Then it reads sweep
+# requests, {"sweep": [directories to describe whole]}, one at a time, and answers each
+# with what changed since it last looked: an Entry line for each entry that is new or
+# changed (every entry of a directory it had not seen), and a Names line with a
+# directory's names now for each one that may have lost a name; then a SWEPT line. Each
+# sweep remembers what it found, so the next one answers what changed since it. The
+# helper sweeps while the app runs until little changes between two sweeps, then once
+# more after the app stopped, and closes the request stream: the agent ends. So the
+# final pass lists, sends and settles what changed, not everything the app has.
 
 LISTED = b'{"survey":"listed"}'
-# An entry changed this close to the moment it was listed may change again without its
-# change time changing (a coarse clock tick): the sweep describes it again, whatever.
+SWEPT = b'{"survey":"swept"}'
+# An entry changed this close to the moment it was looked at may change again without its
+# change time changing (a coarse clock tick): the next sweep describes it again, whatever.
 RACY_NS = 1_000_000_000
 
 
@@ -464,56 +468,89 @@ def join(rel_dir, name):
     return f"{rel_dir}/{name}" if rel_dir else name
 
 
+class Seen:
+    """What a survey found in one directory: its entries' fingerprints (sorted), and how
+    many names it had. An entry changed within RACY_NS of the look has no fingerprint, so
+    it never matches; the count still has it, so that its going is noticed."""
+
+    __slots__ = ("fingerprints", "names")
+
+    def __init__(self):
+        self.fingerprints = array("q")
+        self.names = 0
+
+    def add(self, mark, st, now_ns):
+        """An entry (`mark`: its fingerprint) found as `st` says, at `now_ns`."""
+        self.names += 1
+        if st.st_ctime_ns < now_ns - RACY_NS:
+            self.fingerprints.append(mark)
+
+    def done(self):
+        self.fingerprints = array("q", sorted(self.fingerprints))
+        return self
+
+    def has(self, mark) -> bool:
+        at = bisect_left(self.fingerprints, mark)
+        return at < len(self.fingerprints) and self.fingerprints[at] == mark
+
+
 class Survey:
     """The listing half and the sweep half of a survey, in one agent (see above)."""
 
     def __init__(self, base):
         self.base = base
-        self.seen: dict[str, array] = {}  # directory: its entries' fingerprints, sorted
+        self.seen: dict[str, Seen] = {}  # directory: what the last look found in it
 
     def scan(self, write: Callable[[str], object]):
         """Every entry under the base, a line each, as scan() sends them; remembered."""
-        seen = {"": array("q")}
+        seen = {"": Seen()}
+        now = time.time_ns()
         for entry, st, _, name in described_entries(self.base):
             if entry.kind == Kind.DIRECTORY:
-                seen[entry.path] = array("q")
-            if st.st_ctime_ns < time.time_ns() - RACY_NS:
-                seen.setdefault(entry.path.rpartition("/")[0], array("q")).append(fingerprint(name, st))
+                seen[entry.path] = Seen()
+            seen.setdefault(entry.path.rpartition("/")[0], Seen()).add(fingerprint(name, st), st, now)
             write(entry.to_wire() + "\n")
-        for fingerprints in seen.values():
-            fingerprints[:] = array("q", sorted(fingerprints))
-        self.seen = seen
+        self.seen = {rel: found.done() for rel, found in seen.items()}
 
     def sweep(self, forced: set[str], write: Callable[[str], object]):
-        """What changed since scan() (see above); `forced`: directories described whole."""
-        empty = array("q")
+        """What changed since the last look (see above); `forced`: directories described
+        whole. While the app runs, an entry may go at any moment: it is left out, as the
+        listing does."""
+        unseen = Seen()
+        seen: dict[str, Seen] = {}
+        now = time.time_ns()
         try:
             root = os.open(self.base, DIRECTORY)
         except FileNotFoundError:
+            self.seen = seen
             return
         stack = [("", root)]
         try:
             while stack:
                 rel_dir, fd = stack.pop()
                 try:
-                    listed = self.seen.get(rel_dir, empty)
+                    before = self.seen.get(rel_dir, unseen)
                     whole = rel_dir in forced
+                    found = seen[rel_dir] = Seen()
                     names, subdirs, kept = [], [], 0
                     for name in sorted(os.listdir(fd)):
                         try:
                             st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                        except FileNotFoundError:
-                            continue
+                            mark = fingerprint(name, st)
+                            if whole or not before.has(mark):
+                                write(Entry.of(join(rel_dir, name), st, fd, name).to_wire() + "\n")
+                            else:
+                                kept += 1
+                        except OSError as e:
+                            if not_there(e):
+                                continue
+                            raise
                         names.append(name)
-                        mark = fingerprint(name, st)
-                        at = bisect_left(listed, mark)
-                        if not whole and at < len(listed) and listed[at] == mark:
-                            kept += 1
-                        else:
-                            write(Entry.of(join(rel_dir, name), st, fd, name).to_wire() + "\n")
+                        found.add(mark, st, now)
                         if stat.S_ISDIR(st.st_mode):
                             subdirs.append(name)
-                    if kept < len(listed) or whole:
+                    found.done()
+                    if kept < before.names or whole:
                         write(json.dumps({"names": rel_dir, "n": names}) + "\n")
                     for name in reversed(subdirs):  # depth first, in name order
                         try:
@@ -526,16 +563,21 @@ class Survey:
         finally:
             for _, fd in stack:
                 os.close(fd)
+        self.seen = seen
 
 
 def swept(proc, what) -> Iterator[Entry | Names]:
-    """The receiving side of a sweep: what the survey agent `proc` says changed."""
+    """The receiving side of a sweep: what the survey agent `proc` says changed, up to its
+    SWEPT line (SyncError if it ends before)."""
     for raw in agent_lines(proc, what):
+        if raw.startswith(SWEPT):
+            return
         if raw.startswith(b'{"names"'):
             data = json.loads(raw)
             yield Names(data["names"], data["n"])
         else:
             yield Entry.from_wire(raw)
+    raise SyncError(f"{what}: the survey ended before its sweep did")
 
 
 # --- deltas -----------------------------------------------------------------------------
