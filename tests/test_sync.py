@@ -6,6 +6,7 @@ import socket
 import sqlite3
 import stat
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -642,6 +643,29 @@ def test_a_name_listed_just_after_it_was_made_and_then_removed_goes_from_the_cop
     assert final_pass.swept and problems == []
     assert not (copy / "data/dir/brief.txt").exists()
     assert tree_state(data.parent) == tree_state(copy)
+
+
+def test_a_sweep_holds_a_descriptor_a_level_not_one_a_directory(tmp_path):
+    # An app may keep thousands of directories side by side (a cache, a mail store): more
+    # than a process may have open. The survey runs with a limit of 64 here.
+    for i in range(200):
+        (tmp_path / "many" / f"d{i:03d}").mkdir(parents=True)
+        (tmp_path / "many" / f"d{i:03d}" / "f").write_text(f"{i}\n")
+    settled(tmp_path)
+    program = f"""
+import resource, sys
+sys.path.insert(0, {str(Path(__file__).parents[1])!r})
+from migrations_app.grids.agent import tree
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+survey = tree.Survey({str(tmp_path)!r})
+survey.scan(lambda line: None)
+found = []
+survey.sweep({{"many/d007"}}, found.append)
+print(len(found))
+"""
+    run = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["2"]  # the forced directory's file, and its names
 
 
 def test_without_its_survey_the_final_pass_lists_the_stopped_source_in_full(pair):

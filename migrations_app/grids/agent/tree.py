@@ -32,7 +32,6 @@ import os
 import stat
 import time
 from array import array
-from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -468,30 +467,17 @@ def join(rel_dir, name):
     return f"{rel_dir}/{name}" if rel_dir else name
 
 
+@dataclass(frozen=True, slots=True)
 class Seen:
-    """What a survey found in one directory: its entries' fingerprints (sorted), and how
-    many names it had. An entry changed within RACY_NS of the look has no fingerprint, so
-    it never matches; the count still has it, so that its going is noticed."""
+    """What a survey found in one directory: its entries' fingerprints, and how many names
+    it had. An entry changed within RACY_NS of the look has no fingerprint, so it never
+    matches; the count still has it, so that its going is noticed."""
 
-    __slots__ = ("fingerprints", "names")
+    fingerprints: array  # 8 bytes an entry: a survey keeps one for every entry the app has
+    names: int
 
-    def __init__(self):
-        self.fingerprints = array("q")
-        self.names = 0
 
-    def add(self, mark, st, now_ns):
-        """An entry (`mark`: its fingerprint) found as `st` says, at `now_ns`."""
-        self.names += 1
-        if st.st_ctime_ns < now_ns - RACY_NS:
-            self.fingerprints.append(mark)
-
-    def done(self):
-        self.fingerprints = array("q", sorted(self.fingerprints))
-        return self
-
-    def has(self, mark) -> bool:
-        at = bisect_left(self.fingerprints, mark)
-        return at < len(self.fingerprints) and self.fingerprints[at] == mark
+NOTHING_SEEN = Seen(array("q"), 0)
 
 
 class Survey:
@@ -503,67 +489,81 @@ class Survey:
 
     def scan(self, write: Callable[[str], object]):
         """Every entry under the base, a line each, as scan() sends them; remembered."""
-        seen = {"": Seen()}
-        now = time.time_ns()
+        found = {"": (array("q"), [0])}  # directory: (fingerprints, [names])
+        cutoff = time.time_ns() - RACY_NS
         for entry, st, _, name in described_entries(self.base):
             if entry.kind == Kind.DIRECTORY:
-                seen[entry.path] = Seen()
-            seen.setdefault(entry.path.rpartition("/")[0], Seen()).add(fingerprint(name, st), st, now)
+                found[entry.path] = (array("q"), [0])
+            marks, names = found.setdefault(entry.path.rpartition("/")[0], (array("q"), [0]))
+            names[0] += 1
+            if st.st_ctime_ns < cutoff:
+                marks.append(fingerprint(name, st))
             write(entry.to_wire() + "\n")
-        self.seen = {rel: found.done() for rel, found in seen.items()}
+        self.seen = {rel: Seen(marks, names[0]) for rel, (marks, names) in found.items()}
 
     def sweep(self, forced: set[str], write: Callable[[str], object]):
         """What changed since the last look (see above); `forced`: directories described
         whole. While the app runs, an entry may go at any moment: it is left out, as the
-        listing does."""
-        unseen = Seen()
+        listing does. Descriptors held: one a level, as tree_entries() does."""
+        cutoff = time.time_ns() - RACY_NS
         seen: dict[str, Seen] = {}
-        now = time.time_ns()
         try:
             root = os.open(self.base, DIRECTORY)
         except FileNotFoundError:
             self.seen = seen
             return
-        stack = [("", root)]
+        stack = [("", root, None)]  # (directory, its descriptor, its subdirectories left)
         try:
             while stack:
-                rel_dir, fd = stack.pop()
-                try:
-                    before = self.seen.get(rel_dir, unseen)
-                    whole = rel_dir in forced
-                    found = seen[rel_dir] = Seen()
-                    names, subdirs, kept = [], [], 0
-                    for name in sorted(os.listdir(fd)):
-                        try:
-                            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                            mark = fingerprint(name, st)
-                            if whole or not before.has(mark):
-                                write(Entry.of(join(rel_dir, name), st, fd, name).to_wire() + "\n")
-                            else:
-                                kept += 1
-                        except OSError as e:
-                            if not_there(e):
-                                continue
-                            raise
-                        names.append(name)
-                        found.add(mark, st, now)
-                        if stat.S_ISDIR(st.st_mode):
-                            subdirs.append(name)
-                    found.done()
-                    if kept < before.names or whole:
-                        write(json.dumps({"names": rel_dir, "n": names}) + "\n")
-                    for name in reversed(subdirs):  # depth first, in name order
-                        try:
-                            stack.append((join(rel_dir, name), os.open(name, DIRECTORY, dir_fd=fd)))
-                        except OSError as e:
-                            if not not_there(e):
-                                raise
-                finally:
+                rel_dir, fd, subdirs = stack[-1]
+                if subdirs is None:
+                    stack[-1] = (rel_dir, fd, iter(self.look(rel_dir, fd, forced, cutoff, seen, write)))
+                    continue
+                name = next(subdirs, None)
+                if name is None:
                     os.close(fd)
+                    stack.pop()
+                    continue
+                try:
+                    inner = os.open(name, DIRECTORY, dir_fd=fd)
+                except OSError as e:
+                    if not not_there(e):
+                        raise
+                    continue  # removed, or replaced by a symlink, while the app runs
+                stack.append((join(rel_dir, name), inner, None))
         finally:
-            for _, fd in stack:
+            for _, fd, _ in stack:
                 os.close(fd)
         self.seen = seen
+
+    def look(self, rel_dir, fd, forced, cutoff, seen, write) -> list[str]:
+        """Sweep one directory (see sweep()); returns its subdirectories' names, in order.
+        The inner loop of a sweep: every entry the app has goes through it."""
+        before = self.seen.get(rel_dir, NOTHING_SEEN)
+        # A set for the look up: memory for one directory at a time, as its listing takes.
+        known = frozenset() if rel_dir in forced else frozenset(before.fingerprints)
+        names, marks, subdirs, kept = [], array("q"), [], 0
+        for name in sorted(os.listdir(fd)):
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                mark = fingerprint(name, st)
+                if mark in known:
+                    kept += 1
+                else:
+                    write(Entry.of(join(rel_dir, name), st, fd, name).to_wire() + "\n")
+            except OSError as e:
+                if not_there(e):
+                    continue
+                raise
+            names.append(name)
+            if st.st_ctime_ns < cutoff:
+                marks.append(mark)
+            if stat.S_ISDIR(st.st_mode):
+                subdirs.append(name)
+        seen[rel_dir] = Seen(marks, len(names))
+        if kept < before.names or rel_dir in forced:
+            write(json.dumps({"names": rel_dir, "n": names}) + "\n")
+        return subdirs
 
 
 def swept(proc, what) -> Iterator[Entry | Names]:
