@@ -113,6 +113,25 @@ def test_only_changed_blocks_are_sent_and_the_tree_follows(pair):
     assert (copy / "data/dir/small.txt").stat().st_mode & 0o777 == 0o600
 
 
+def test_a_file_read_by_threads_sends_just_its_changed_blocks_and_holes(pair):
+    source, data, copy, _ = pair
+    blocks = tree.THREADED_FROM // BLOCK + 5
+    with open(data / "huge.bin", "wb") as f:
+        f.write(os.urandom(blocks * BLOCK + 123))
+    shutil.copy2(data / "huge.bin", copy / "data/huge.bin")
+    index, _, _ = index_now(pair)
+    with open(data / "huge.bin", "r+b") as f:
+        for number in (0, blocks // 2, blocks):  # the first, one in the middle, the short last
+            f.seek(number * BLOCK)
+            f.write(b"changed")
+        f.seek(7 * BLOCK)
+        f.write(bytes(BLOCK))  # now a block of zeros: sent as such, not as data
+    files, sent, (entries, problems) = final(pair, index)
+    assert problems == []
+    assert (files, sent) == (1, 2 * BLOCK + 123)
+    assert (copy / "data/huge.bin").read_bytes() == (data / "huge.bin").read_bytes()
+
+
 def test_agents_started_ahead_read_the_source_as_it_is_at_their_go(pair):
     # The helper starts them as the pre-copy begins; what changes after that, before the
     # hashing or after it, is what they find.

@@ -27,12 +27,15 @@ import enum
 import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import stat
+import threading
 import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 BLOCK = 64 * 1024
@@ -314,16 +317,54 @@ def all_zeros(data):
     return data == ZEROS if len(data) == BLOCK else data.count(0) == len(data)
 
 
+# A file this large is read and hashed by threads, each its own part (reading and sha256
+# let go of the interpreter's lock): a big file the app changed is read whole to find the
+# blocks that differ, after the stop too. 512 MiB took 0.44 s in one thread, 0.25 in two.
+THREADED_FROM = 16 << 20
+HASHING_THREADS = 4
+
+
 def block_hashes(f, on_block=None):
-    """(block hashes, file digest) of an open file; on_block(index, data, hash) sees each
-    block."""
+    """(block hashes, file digest) of an open file, read to its end; on_block(index, data,
+    hash) sees each block, one at a time, not necessarily in order."""
     hashes = []
+    threads = min(HASHING_THREADS, os.cpu_count() or 1)
+    size = os.fstat(f.fileno()).st_size
+    if size >= THREADED_FROM and threads > 1:
+        hashes = threaded_hashes(f.fileno(), -(-size // BLOCK), threads, on_block)
+        while hashes and not hashes[-1]:  # it shrank while read (the app runs)
+            hashes.pop()
+        f.seek(len(hashes) * BLOCK)  # and it may have grown
     while data := f.read(BLOCK):
         h = hashlib.sha256(data).digest()[:HASH_BYTES]
         if on_block:
             on_block(len(hashes), data, h)
         hashes.append(h)
     return hashes, file_digest(hashes)
+
+
+def threaded_hashes(fd, blocks, threads, on_block) -> list[bytes]:
+    """The hashes of blocks [0, blocks) of the file `fd`, each thread reading a part; a
+    block past the end (it shrank meanwhile) has an empty hash, which no digest of what
+    the file holds can match."""
+    hashes = [b""] * blocks
+    one_at_a_time = threading.Lock()
+
+    def part(first, end):
+        for index in range(first, end):
+            data = os.pread(fd, BLOCK, index * BLOCK)
+            if not data:
+                return
+            hashes[index] = h = hashlib.sha256(data).digest()[:HASH_BYTES]
+            if on_block:
+                with one_at_a_time:
+                    on_block(index, data, h)
+
+    bounds = [blocks * k // threads for k in range(threads + 1)]
+    with ThreadPoolExecutor(threads) as pool:
+        for done in [pool.submit(part, a, b) for a, b in itertools.pairwise(bounds)]:
+            done.result()
+    return hashes
 
 
 def file_digest(hashes):
