@@ -538,6 +538,7 @@ def helper_config(job):
         "recent_timings": MigrationJob.objects.measured_timings(),
         "stall_timeout": settings.MIG_STALL_TIMEOUT,
         "heartbeat_timeout": settings.MIG_HEARTBEAT_TIMEOUT,
+        "freeze_after": settings.MIG_HELPER_FREEZE_AFTER,
         "bytes_total": job.bytes_total,
         "refresh_owner": job.refresh_of.owner if job.refresh_of else "",
     }

@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 import environ
 from django.core.exceptions import ImproperlyConfigured
 
+from migrations_app.helper.protocol import FREEZE_POINTS
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
@@ -151,6 +153,8 @@ MIG_STALL_TIMEOUT = env_number("MIG_STALL_TIMEOUT", 60, 1, 86400)
 MIG_HELPER_WAIT = env_number("MIG_HELPER_WAIT", 60, 1, 86400)
 # Helper silence (no heartbeat) after which the source grid's watchdog rolls a cut-over back.
 MIG_HEARTBEAT_TIMEOUT = env_number("MIG_HEARTBEAT_TIMEOUT", 15, 2, 3600)
+# For fault tests only: the helper freezes itself once it has journaled this fact.
+MIG_HELPER_FREEZE_AFTER = env_choice("MIG_HELPER_FREEZE_AFTER", ("", *FREEZE_POINTS), "")
 
 SECRET_KEY = env.str("SECRET_KEY", default="") or kept_secret(CONFIG_DIR / "secret_key", 50)
 DEBUG = env_bool("DEBUG")

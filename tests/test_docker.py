@@ -15,10 +15,11 @@ import threading
 import pytest
 
 from migrations_app.grids import gridinfo, open_grid
+from migrations_app.helper import protocol
 
 from .test_faults import HELPER, PHASES, Watch, assert_nothing_lost, settle, wait_journal
 from .test_guide import answers
-from .world import DockerWorld, many_files, wait_for
+from .world import DockerWorld, wait_for
 
 
 class Acks(socketserver.ThreadingTCPServer):
@@ -156,12 +157,14 @@ def test_a_helper_container_gone_for_good_after_the_stop_is_rolled_back(docker_w
     the source grid's own container, rolls back once the heartbeat is silent, and restarts
     the source, whose MIG ends the job."""
     world = docker_world
-    provision(world, fill=many_files)
+    provision(world)
     env_file = world.volume("east", "shop", "config") / "mig.env"
-    env_file.write_text(env_file.read_text() + "MIG_HEARTBEAT_TIMEOUT='3'\n")
+    # Frozen the moment the source has stopped (a kill there, not in a window after it).
+    freeze = f"MIG_HELPER_FREEZE_AFTER='{protocol.SOURCE_STOPPED}'\n"
+    env_file.write_text(env_file.read_text() + "MIG_HEARTBEAT_TIMEOUT='3'\n" + freeze)
     result = world.manage("east", "shop", "migrate_app", "--yes", "west", "shop", "--action", "migrate")
     assert result.returncode == 0, result.stdout + result.stderr
-    wait_journal(world, lambda line: line.get("fact") == "source_stopped")
+    wait_journal(world, lambda line: line.get("fact") == protocol.SOURCE_STOPPED)
     world.kill_helper_app("west", HELPER)
     grid, job = settle(world)
     assert (grid, job["state"]) == ("east", "failed"), job

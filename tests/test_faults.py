@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from migrations_app.grids import AppState, OperationFailed, open_grid
+from migrations_app.helper import protocol
 
 from .conftest import needs_root
 from .world import MANY_FILES, journal, many_files, wait_for
@@ -147,6 +148,15 @@ def start_migration(world, bwlimit=None):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def set_mig_env(world, grid="east", **values):
+    """Settings for the app's MIG on `grid` (its mig.env, which travels with the app);
+    a value of None removes one."""
+    env_file = world.app_dir(grid, "shop") / "volumes/config/mig.env"
+    lines = [line for line in env_file.read_text().splitlines() if line.split("=")[0] not in values]
+    lines += [f"{k}='{v}'" for k, v in values.items() if v is not None]
+    env_file.write_text("".join(f"{line}\n" for line in lines))
+
+
 def wait_journal(world, predicate, timeout=120):
     assert wait_for(
         lambda: any(predicate(line) for line in world.helper_log("west", HELPER)), timeout, 0.01
@@ -210,11 +220,11 @@ def test_helper_gone_for_good_after_the_stop(faulty):
     would have been): the watchdog on the source grid rolls back once the heartbeat is
     silent, and restarts the source, whose MIG ends the job."""
     world = faulty
-    world.provision_acked(fill=many_files)
-    env_file = world.app_dir("east", "shop") / "volumes/config/mig.env"
-    env_file.write_text(env_file.read_text() + "MIG_HEARTBEAT_TIMEOUT='3'\n")
+    world.provision_acked()
+    # Frozen the moment the source has stopped (a kill there, not in a window after it).
+    set_mig_env(world, MIG_HEARTBEAT_TIMEOUT=3, MIG_HELPER_FREEZE_AFTER=protocol.SOURCE_STOPPED)
     start_migration(world)
-    wait_journal(world, lambda line: line.get("fact") == "source_stopped")
+    wait_journal(world, lambda line: line.get("fact") == protocol.SOURCE_STOPPED)
     world.kill_helper_app("west", HELPER)
     for pid in processes(b"run_job", world.app_dir("east", "shop") / "volumes/code"):
         os.kill(pid, signal.SIGKILL)
@@ -223,6 +233,7 @@ def test_helper_gone_for_good_after_the_stop(faulty):
     assert "rolled back by the watchdog" in job["error"] and "no sign of life" in job["error"]
     assert world.state("west", "shop") is None and world.state("west", HELPER) is None
     assert world.watch.longest_neither < 60
+    set_mig_env(world, MIG_HELPER_FREEZE_AFTER=None)
     migrate_on(world, assert_nothing_lost(world))
 
 
@@ -231,16 +242,14 @@ def test_helper_gone_for_good_between_commit_and_start_is_recovered(faulty):
     start the source, and nothing starts the target by itself. `recover` does, from the
     source's MIG; the target's MIG then finishes the job."""
     world = faulty
-    world.provision_acked(fill=many_files)
+    world.provision_acked()
+    # Frozen the moment it has journaled its commit, then killed.
+    set_mig_env(world, MIG_HELPER_FREEZE_AFTER=protocol.DECISION)
     start_migration(world)
-    # Frozen while it verifies, then killed: the state a helper dying right after its
-    # commit leaves, made without a race: the commit is claimed for it.
-    wait_journal(world, PHASES["verifying"])
-    world.kill_helper_app("west", HELPER, signal.SIGSTOP)
-    east = world.drivers["east"]
-    job_uid = east.read_cutover("shop").job
-    assert east.claim_cutover("shop", job_uid, "commit", "helper", "verified").decision == "commit"
+    wait_journal(world, lambda line: line.get("fact") == protocol.DECISION)
     world.kill_helper_app("west", HELPER)
+    east = world.drivers["east"]
+    assert east.read_cutover("shop").decision == "commit"
     with pytest.raises(OperationFailed, match="refusing to start shop: it moved to west/shop"):
         east.start("shop")
     recovered = world.manage("east", "shop", "recover", "1")
@@ -248,6 +257,7 @@ def test_helper_gone_for_good_between_commit_and_start_is_recovered(faulty):
     assert "started west/shop: its MIG finishes the job" in recovered.stdout
     grid, job = settle(world)
     assert (grid, job["state"]) == ("west", "done"), job
+    set_mig_env(world, "west", MIG_HELPER_FREEZE_AFTER=None)
     migrate_on(world, assert_nothing_lost(world))
 
 

@@ -67,6 +67,10 @@ def test_secret_key_from_environment_is_not_written(config_dir):
         ),
         ({"MIG_APP_URL": "ftp://host/"}, "MIG_APP_URL must be an http:// or https:// URL with a host"),
         ({"MIG_APP_URL": "http:///path"}, "MIG_APP_URL must be an http:// or https:// URL with a host"),
+        (
+            {"MIG_HELPER_FREEZE_AFTER": "verifying"},
+            "MIG_HELPER_FREEZE_AFTER must be one of , source_stopped, decision (got 'verifying')",
+        ),
     ],
 )
 def test_contradictions_are_refused(config_dir, env, message):

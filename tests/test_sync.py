@@ -519,9 +519,8 @@ def live_then_swept(pair, change, harm=None, fresh=None, live_sweeps=()):
     for write in live_sweeps:
         write(live.scan)
         standby.start(sync.Reader.DELTA, sync.Reader.DELTA)
-        forced = {rel.rpartition("/")[0] for rel in changing}
         live = sync.FinalPass(
-            standby, str(copy), index, clean_before, lambda n: None, survey=live.scan, forced=forced
+            standby, str(copy), index, clean_before, lambda n: None, survey=live.scan, forced=changing
         )
         live.run(live=True)
         assert live.swept
@@ -529,9 +528,8 @@ def live_then_swept(pair, change, harm=None, fresh=None, live_sweeps=()):
         sync.verify(str(copy), index, swept=True, problem_paths=changing)
     change(live.scan)
     standby.start(sync.Reader.DELTA, sync.Reader.DELTA)
-    forced = {rel.rpartition("/")[0] for rel in changing}
     final_pass = sync.FinalPass(
-        standby, str(copy), index, clean_before, lambda n: None, survey=live.scan, forced=forced
+        standby, str(copy), index, clean_before, lambda n: None, survey=live.scan, forced=changing
     )
     files, sent = final_pass.run()
     return final_pass, files, sent, sync.verify(str(copy), index, swept=final_pass.swept)
@@ -603,6 +601,9 @@ def test_what_the_live_verify_found_is_looked_at_again_after_the_stop(pair):
     source, data, copy, _ = pair
     os.setxattr(data / "dir/small.txt", "user.mig.colour", b"blue")
     os.setxattr(copy / "data/dir/small.txt", "user.mig.colour", b"blue")
+    for i in range(20):
+        (data / f"dir/sibling-{i}").write_text(f"{i}\n")
+        shutil.copy2(data / f"dir/sibling-{i}", copy / f"data/dir/sibling-{i}")
 
     def harm():
         os.removexattr(copy / "data/dir/small.txt", "user.mig.colour")
@@ -610,6 +611,9 @@ def test_what_the_live_verify_found_is_looked_at_again_after_the_stop(pair):
     final_pass, files, sent, (entries, problems) = live_then_swept(pair, lambda survey: None, harm)
     assert final_pass.swept and problems == []
     assert os.getxattr(copy / "data/dir/small.txt", "user.mig.colour") == b"blue"
+    # That entry, and its directory for its names: not every entry beside it.
+    touched = {p for (p,) in final_pass.index.db.execute("SELECT path FROM touched")}
+    assert touched == {"data/dir", "data/dir/small.txt"}
     assert tree_state(data.parent) == tree_state(copy)
 
 
@@ -684,7 +688,7 @@ print(len(found))
 """
     run = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.split() == ["2"]  # the forced directory's file, and its names
+    assert run.stdout.split() == ["2"]  # the directory described again, and its directory's names
 
 
 def test_without_its_survey_the_final_pass_lists_the_stopped_source_in_full(pair):

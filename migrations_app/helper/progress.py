@@ -104,6 +104,8 @@ class ProgressLog:
         self.events = self.summary.events[-EVENTS_KEPT:]
         # Extra fields for every line (the helper adds the states of the three apps).
         self.context = dict
+        # Called with each fact once its line is written (the helper's freeze, for tests).
+        self.after_fact = None
 
     def _append(self, data):
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -132,7 +134,10 @@ class ProgressLog:
     def event(self, message, level="info", phase=None, **data):
         if phase:
             self.phase = phase
-        return self._write({"kind": protocol.EVENT, "level": level, "message": message, **data})
+        line = self._write({"kind": protocol.EVENT, "level": level, "message": message, **data})
+        if self.after_fact is not None and "fact" in data:
+            self.after_fact(data["fact"])
+        return line
 
     def progress(self, done, total, rate, eta, message="", force=False):
         """How far the current step is (see protocol.StepProgress), written at most every

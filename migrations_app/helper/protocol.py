@@ -89,6 +89,10 @@ CANCEL_REFUSED = "cancel_refused"
 # The helper failed, or was cancelled, and rolls back ("failure": why, a Failure).
 FAILING = "failing"
 RESULT = "result"
+# For fault tests only (MIG_HELPER_FREEZE_AFTER): the facts after which the helper may be
+# asked to freeze itself (SIGSTOP), so that a test kills it exactly there, not somewhere in
+# a window of a few milliseconds it would have to hit.
+FREEZE_POINTS = (SOURCE_STOPPED, DECISION)
 
 
 class Result(enum.StrEnum):

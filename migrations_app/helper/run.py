@@ -217,7 +217,7 @@ class Helper:
         self.recent_timings = self.config.get("recent_timings") or {}
         self.read_rate = DEFAULT_READ_RATE
         self.source = self.target = self.live = self.final = self.standby = self.heartbeat = None
-        self.forced = set()  # directories the next sweep describes whole (see verify_live)
+        self.forced = set()  # entries the next sweep describes again (see verify_live)
         self.target_created = self.journal.has(protocol.TARGET_DEFINING)
         # A refresh writes into an earlier snapshot copy: the app of this owner is kept.
         self.refresh_owner = self.config.get("refresh_owner") or None
@@ -234,6 +234,8 @@ class Helper:
         self.moved = self.journal.bytes_moved
         self.rsync_pid_file = os.path.join(work_dir, "rsync.pid")
         self.cancel_path = os.path.join(work_dir, protocol.CANCEL_NAME)
+        self.freeze_after = self.config.get("freeze_after") or None
+        self.log.after_fact = self.freeze_if_asked
         self.cancel_answered = self.journal.cancel is not None
         self.cancel_checked = 0.0
         # What the monitor shows about the three apps; every line carries it.
@@ -455,6 +457,11 @@ class Helper:
                     f"{what}: {error}; trying again in {delay}s (attempt {attempt})", level="warning"
                 )
                 time.sleep(delay)
+
+    def freeze_if_asked(self, fact):
+        """Stop right here if a fault test asked to (see protocol.FREEZE_POINTS)."""
+        if fact == self.freeze_after:
+            os.kill(os.getpid(), signal.SIGSTOP)
 
     def check_heartbeat(self):
         if self.heartbeat is not None and self.heartbeat.error is not None:
@@ -848,12 +855,12 @@ class Helper:
 
     def verify_live(self, swept):
         """Verify what the pass just run while the source runs (`self.live`) settled, and
-        have the next sweep describe whole the directories of what differs (the app was
-        writing there). Returns (entries verified, how many differed)."""
+        have the next sweep describe again what differs (the app was writing to it), with
+        its directory's names. Returns (entries verified, how many differed)."""
         self.check_cancel()
         changing = set()
         entries, _ = sync.verify(self.volumes_path, self.index, swept=swept, problem_paths=changing)
-        self.forced = {rel.rpartition("/")[0] for rel in changing}
+        self.forced = changing
         # The next pass's senders of changed blocks: these ended with this one.
         self.standby.start(sync.Reader.DELTA, sync.Reader.DELTA)
         return entries, len(changing)

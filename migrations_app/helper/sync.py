@@ -387,8 +387,8 @@ class FinalPass:
     app runs (live sweeps, until little changes between two), then once after the stop,
     whose stopped time so follows what changed, not how many files the app has. Without a
     survey agent that still runs, the pass after the stop lists the stopped source in full.
-    `forced`: directories the sweep describes whole (where the last verify found a
-    difference).
+    `forced`: entries the sweep describes again, with their directories' names (where the
+    last verify found a difference).
     """
 
     def __init__(

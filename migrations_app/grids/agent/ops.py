@@ -645,10 +645,10 @@ def op_scan(grid, args):
     sys.stdout.write(tree.LISTED.decode() + "\n")
     sys.stdout.flush()
     while line := sys.stdin.readline():
-        forced = json.loads(line).get("sweep")
-        if not isinstance(forced, list) or not all(isinstance(d, str) for d in forced):
+        again = json.loads(line).get("sweep")
+        if not isinstance(again, list) or not all(isinstance(rel, str) for rel in again):
             raise Invalid(f"not a sweep request: {line[:200]!r}")
-        survey.sweep(set(forced), sys.stdout.write)
+        survey.sweep(set(again), sys.stdout.write)
         sys.stdout.write(tree.SWEPT.decode() + "\n")
         sys.stdout.flush()
 

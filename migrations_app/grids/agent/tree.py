@@ -542,11 +542,17 @@ class Survey:
             write(entry.to_wire() + "\n")
         self.seen = {rel: Seen(marks, names[0]) for rel, (marks, names) in found.items()}
 
-    def sweep(self, forced: set[str], write: Callable[[str], object]):
-        """What changed since the last look (see above); `forced`: directories described
-        whole. While the app runs, an entry may go at any moment: it is left out, as the
-        listing does. Descriptors held: one a level, as tree_entries() does."""
+    def sweep(self, again: set[str], write: Callable[[str], object]):
+        """What changed since the last look (see above); `again`: entries described again
+        whatever their fingerprints say, with their directories' names (where a verify
+        found the copy different). While the app runs, an entry may go at any moment: it
+        is left out, as the listing does. Descriptors held: one a level, as tree_entries()
+        does."""
         cutoff = time.time_ns() - RACY_NS
+        forced: dict[str, set[str]] = {}  # directory: its names in `again`
+        for rel in again:
+            rel_dir, _, name = rel.rpartition("/")
+            forced.setdefault(rel_dir, set()).add(name)
         seen: dict[str, Seen] = {}
         try:
             root = os.open(self.base, DIRECTORY)
@@ -581,14 +587,15 @@ class Survey:
         """Sweep one directory (see sweep()); returns its subdirectories' names, in order.
         The inner loop of a sweep: every entry the app has goes through it."""
         before = self.seen.get(rel_dir, NOTHING_SEEN)
+        again = forced.get(rel_dir, ())
         # A set for the look up: memory for one directory at a time, as its listing takes.
-        known = frozenset() if rel_dir in forced else frozenset(before.fingerprints)
+        known = frozenset(before.fingerprints)
         names, marks, subdirs, kept = [], array("q"), [], 0
         for name in sorted(os.listdir(fd)):
             try:
                 st = os.stat(name, dir_fd=fd, follow_symlinks=False)
                 mark = fingerprint(name, st)
-                if mark in known:
+                if mark in known and name not in again:
                     kept += 1
                 else:
                     write(Entry.of(join(rel_dir, name), st, fd, name).to_wire() + "\n")
@@ -602,7 +609,7 @@ class Survey:
             if stat.S_ISDIR(st.st_mode):
                 subdirs.append(name)
         seen[rel_dir] = Seen(marks, len(names))
-        if kept < before.names or rel_dir in forced:
+        if kept < before.names or again:
             write(json.dumps({"names": rel_dir, "n": names}) + "\n")
         return subdirs
 
