@@ -217,7 +217,7 @@ class Helper:
         self.recent_timings = self.config.get("recent_timings") or {}
         self.read_rate = DEFAULT_READ_RATE
         self.source = self.target = self.live = self.final = self.standby = self.heartbeat = None
-        self.forced = set()  # entries the next sweep describes again (see verify_live)
+        self.forced = set()  # entries the next sweep describes again (see live_round)
         self.target_created = self.journal.has(protocol.TARGET_DEFINING)
         # A refresh writes into an earlier snapshot copy: the app of this owner is kept.
         self.refresh_owner = self.config.get("refresh_owner") or None
@@ -790,20 +790,11 @@ class Helper:
     def step_live_pass(self):
         """The final pass once while the source runs, and verify after it: the passes after
         it then settle, and verify checks, only what changed since (sync.FinalPass). What
-        verify finds now is described whole by the next sweep, whatever it finds."""
+        verify finds now the next sweep describes again, whatever its fingerprint says."""
         self.log.event("Settling the copy while the source runs, so that the final pass has little to do")
         started = time.monotonic()
-        self.live = sync.FinalPass(
-            self.standby,
-            self.volumes_path,
-            self.index,
-            self.clean_before_ns,
-            self.pass_progress(started, "settling the copy while the source runs"),
-            self.bwlimit,
-        )
-        files, received = self.live.run(live=True)
-        self.moved += received
-        entries, changing = self.verify_live(swept=False)
+        what = "settling the copy while the source runs"
+        files, received, entries, changing = self.live_round(started, what)
         self.log.event(
             f"Settled the copy while the source runs in {time.monotonic() - started:.1f}s: {files} "
             f"file(s) fetched ({human_bytes(received)} of changed blocks), {entries} entries verified, "
@@ -825,19 +816,9 @@ class Helper:
             if survey is None or survey.poll() is not None:
                 return  # the connection dropped: the final pass lists the stopped source in full
             started = time.monotonic()
-            self.live = sync.FinalPass(
-                self.standby,
-                self.volumes_path,
-                self.index,
-                self.clean_before_ns,
-                self.pass_progress(started, "settling what changed while the source runs"),
-                self.bwlimit,
-                survey=survey,
-                forced=self.forced,
+            files, received, _, changing = self.live_round(
+                started, "settling what changed while the source runs", survey
             )
-            files, received = self.live.run(live=True)
-            self.moved += received
-            _, changing = self.verify_live(swept=True)
             found = self.live.described
             self.log.event(
                 f"Swept the running source ({number} of {LIVE_SWEEPS} at most) in "
@@ -853,17 +834,31 @@ class Helper:
                 return
             found_before = found
 
-    def verify_live(self, swept):
-        """Verify what the pass just run while the source runs (`self.live`) settled, and
-        have the next sweep describe again what differs (the app was writing to it), with
-        its directory's names. Returns (entries verified, how many differed)."""
+    def live_round(self, started, what, survey=None):
+        """The final pass while the source runs (the live pass; given the survey agent, a
+        live sweep), then verify of what it settled; what differs (the app was writing to
+        it) the next sweep describes again. Returns (files fetched, bytes received, entries
+        verified, how many differed)."""
+        self.live = sync.FinalPass(
+            self.standby,
+            self.volumes_path,
+            self.index,
+            self.clean_before_ns,
+            self.pass_progress(started, what),
+            self.bwlimit,
+            survey=survey,
+            forced=self.forced if survey is not None else (),
+        )
+        files, received = self.live.run(live=True)
+        self.moved += received
         self.check_cancel()
         changing = set()
+        swept = survey is not None
         entries, _ = sync.verify(self.volumes_path, self.index, swept=swept, problem_paths=changing)
         self.forced = changing
         # The next pass's senders of changed blocks: these ended with this one.
         self.standby.start(sync.Reader.DELTA, sync.Reader.DELTA)
-        return entries, len(changing)
+        return files, received, entries, len(changing)
 
     def pass_progress(self, started, what):
         def on_progress(received):

@@ -145,17 +145,22 @@ def tree_entries(base):
             except FileNotFoundError:  # removed while the app runs
                 continue
             yield rel, st, fd, name
-            if stat.S_ISDIR(st.st_mode):
-                try:
-                    inner = os.open(name, DIRECTORY, dir_fd=fd)
-                except OSError as e:
-                    if not not_there(e):
-                        raise
-                    continue  # removed, or replaced by a symlink, while the app runs
+            if stat.S_ISDIR(st.st_mode) and (inner := open_subdir(fd, name)) is not None:
                 stack.append((rel, inner, iter(sorted(os.listdir(inner)))))
     finally:
         for _, fd, _ in stack:
             os.close(fd)
+
+
+def open_subdir(dir_fd, name) -> int | None:
+    """The directory `name` in `dir_fd`, opened with no symlink followed; None if it was
+    removed, or replaced by a symlink, while the app runs."""
+    try:
+        return os.open(name, DIRECTORY, dir_fd=dir_fd)
+    except OSError as e:
+        if not_there(e):
+            return None
+        raise
 
 
 def sort_key(rel):
@@ -571,13 +576,8 @@ class Survey:
                     os.close(fd)
                     stack.pop()
                     continue
-                try:
-                    inner = os.open(name, DIRECTORY, dir_fd=fd)
-                except OSError as e:
-                    if not not_there(e):
-                        raise
-                    continue  # removed, or replaced by a symlink, while the app runs
-                stack.append((join(rel_dir, name), inner, None))
+                if (inner := open_subdir(fd, name)) is not None:
+                    stack.append((join(rel_dir, name), inner, None))
         finally:
             for _, fd, _ in stack:
                 os.close(fd)
