@@ -651,6 +651,25 @@ def test_sweeps_while_the_app_runs_leave_the_last_sweep_only_what_changed_since(
     assert files == 1 and sent == len("written after the last live sweep\n")
 
 
+def test_after_the_stop_a_big_file_and_small_ones_are_fetched_side_by_side(pair):
+    # The big one goes to the second agent (FinalPass.big_requests): both arrive, whole.
+    source, data, copy, _ = pair
+    with open(data / "huge.bin", "wb") as f:
+        f.write(os.urandom(tree.THREADED_FROM + 3 * BLOCK))
+    shutil.copy2(data / "huge.bin", copy / "data/huge.bin")
+
+    def change(survey):
+        with open(data / "huge.bin", "r+b") as f:
+            f.seek(tree.THREADED_FROM + BLOCK)
+            f.write(b"changed after the live pass")
+        (data / "dir/small.txt").write_text("changed after the live pass\n")
+
+    final_pass, files, sent, (entries, problems) = live_then_swept(pair, change)
+    assert final_pass.swept and problems == []
+    assert files == 2 and sent == BLOCK + len("changed after the live pass\n")
+    assert tree_state(data.parent) == tree_state(copy)
+
+
 def test_a_name_listed_just_after_it_was_made_and_then_removed_goes_from_the_copy(pair):
     # Made within the clock-tick margin of the listing, it has no fingerprint (tree.RACY_NS):
     # its going must still be noticed, though every fingerprint of its directory matches.

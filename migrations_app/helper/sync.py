@@ -48,6 +48,7 @@ from ..grids.agent.tree import (
     DIRECTORY,
     HASH_BYTES,
     SPECIAL,
+    THREADED_FROM,
     ZEROS,
     Block,
     Entry,
@@ -415,6 +416,9 @@ class FinalPass:
         self.live = False  # whether it runs while the app runs (see run())
         # (path, the copy's block hashes) to ask the source for, as the listing finds them
         self.requests = queue.SimpleQueue()
+        # After a sweep, the agent the hot files would take asks for the big files instead:
+        # one (read whole, by threads) does not hold up the small ones behind it.
+        self.big_requests = queue.SimpleQueue()
         self.fetched = 0
         self.bytes_received = 0
         self.counting = threading.Lock()
@@ -463,7 +467,9 @@ class FinalPass:
         self.live = live
         hot_delta, delta = self.deltas
         fetchers = [
-            fetching(hot_delta, iter(()) if self.swept else self.hot(), True, "fetch-hot"),
+            fetching(hot_delta, iter(self.big_requests.get, None), live, "fetch-big")
+            if self.swept
+            else fetching(hot_delta, self.hot(), True, "fetch-hot"),
             # While the app runs, a file may go before it is fetched: verify finds it, and
             # the sweep after the stop describes it again.
             fetching(delta, iter(self.requests.get, None), live, "fetch-changed"),
@@ -477,6 +483,7 @@ class FinalPass:
                     self.scan.stdin.close()  # no sweep: the survey agent ends
         finally:
             self.requests.put(None)  # the end of the requests
+            self.big_requests.put(None)
             for thread in fetchers:
                 thread.join()
         if failures:
@@ -661,7 +668,8 @@ class FinalPass:
             and (row[3], row[4]) == (dst.size, dst.mtime_ns)
         ):
             known = row[6]
-        self.requests.put((src.path, known))
+        big = self.swept and src.size >= THREADED_FROM
+        (self.big_requests if big else self.requests).put((src.path, known))
 
     def fetch(self, proc, requests, gone_ok):
         """Ask the source's agent (`proc`, see open()) for the blocks that differ, and write
