@@ -710,6 +710,31 @@ print(len(found))
     assert run.stdout.split() == ["2"]  # the directory described again, and its directory's names
 
 
+def test_the_last_sweep_in_processes_side_by_side_finds_what_one_would(tmp_path):
+    for i in range(40):
+        (tmp_path / f"d{i:02d}" / "inner").mkdir(parents=True)
+        for j in range(5):
+            (tmp_path / f"d{i:02d}" / f"f{j}").write_text(f"{i} {j}\n")
+    settled(tmp_path)
+    survey = tree.Survey(str(tmp_path))
+    survey.scan(lambda line: None)
+    listed = survey.seen
+    (tmp_path / "d03/f1").write_text("changed\n")
+    (tmp_path / "d17/f4").unlink()
+    (tmp_path / "d29/inner/new").write_text("new\n")
+    (tmp_path / "d40").mkdir()
+
+    def swept(**last):
+        survey.seen = listed
+        found = []
+        survey.sweep({"d08/f2"}, found.append, **last)
+        return sorted("".join(found).splitlines())
+
+    one = swept()
+    assert any('"d03/f1"' in line for line in one) and any('"names": "d17"' in line for line in one)
+    assert swept(last=True) == one
+
+
 def test_without_its_survey_the_final_pass_lists_the_stopped_source_in_full(pair):
     # As after a connection to the source that dropped between the two passes.
     source, data, copy, _ = pair

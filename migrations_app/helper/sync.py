@@ -544,7 +544,8 @@ class FinalPass:
         the copy's tree like it, file contents aside (see FinalPass). After the stop, the
         survey is asked nothing more: its agent ends."""
         db = self.index.db
-        self.scan.stdin.write(json.dumps({"sweep": sorted(self.forced)}).encode() + b"\n")
+        request = {"sweep": sorted(self.forced), "last": not self.live}  # see tree.Survey.sweep
+        self.scan.stdin.write(json.dumps(request).encode() + b"\n")
         if self.live:
             self.scan.stdin.flush()
         else:

@@ -645,10 +645,11 @@ def op_scan(grid, args):
     sys.stdout.write(tree.LISTED.decode() + "\n")
     sys.stdout.flush()
     while line := sys.stdin.readline():
-        again = json.loads(line).get("sweep")
+        request = json.loads(line)
+        again = request.get("sweep")
         if not isinstance(again, list) or not all(isinstance(rel, str) for rel in again):
             raise Invalid(f"not a sweep request: {line[:200]!r}")
-        survey.sweep(set(again), sys.stdout.write)
+        survey.sweep(set(again), sys.stdout.write, last=request.get("last") is True)
         sys.stdout.write(tree.SWEPT.decode() + "\n")
         sys.stdout.flush()
 
