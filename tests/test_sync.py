@@ -735,6 +735,25 @@ def test_the_last_sweep_in_processes_side_by_side_finds_what_one_would(tmp_path)
     assert swept(last=True) == one
 
 
+@pytest.mark.skipif(tree.SWEEP_PROCESSES < 2, reason="one CPU: the sweep after the stop runs in one process")
+def test_a_process_of_the_split_sweep_that_fails_fails_the_sweep_with_its_error(tmp_path):
+    # A fault injected (root reads every directory, so an unreadable one cannot be made):
+    # the second process's share raises.
+    class Failing(tree.Survey):
+        def sweep_share(self, share, forced, cutoff, write):
+            if share == 1:
+                raise OSError(5, "Input/output error")
+            super().sweep_share(share, forced, cutoff, write)
+
+    (tmp_path / "d").mkdir()
+    survey = Failing(str(tmp_path))
+    survey.scan(lambda line: None)
+    with pytest.raises(
+        tree.SyncError, match=r"a process of the sweep failed \(status 1\): OSError: .*Input/output"
+    ):
+        survey.sweep(set(), lambda line: None, last=True)
+
+
 def test_without_its_survey_the_final_pass_lists_the_stopped_source_in_full(pair):
     # As after a connection to the source that dropped between the two passes.
     source, data, copy, _ = pair

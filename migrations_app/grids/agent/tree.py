@@ -33,7 +33,6 @@ import os
 import stat
 import threading
 import time
-import traceback
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -542,6 +541,10 @@ def walk_dirs(base, look: Callable[[str, int], list[str]]):
             os.close(fd)
 
 
+# What a process of a split sweep writes before its error (a line never starts with it).
+SWEEP_FAILED = "\0sweep failed: "
+
+
 def read_all(fd, into: list):
     with os.fdopen(fd) as f:
         into.append(f.read())
@@ -624,10 +627,11 @@ class Survey:
                 try:
                     os.close(read_end)
                     with os.fdopen(write_end, "w") as out:
-                        self.sweep_share(share, forced, cutoff, out.write)
-                    status = 0
-                except BaseException:
-                    traceback.print_exc()
+                        try:
+                            self.sweep_share(share, forced, cutoff, out.write)
+                            status = 0
+                        except BaseException as error:  # what failed, for the parent to say
+                            out.write(f"{SWEEP_FAILED}{type(error).__name__}: {error}")
                 finally:
                     os._exit(status)
             os.close(write_end)
@@ -638,14 +642,15 @@ class Survey:
         try:
             self.sweep_share(0, forced, cutoff, write)
         finally:
-            statuses = []
-            for pid, reader, _ in children:
+            for pid, reader, found in children:
                 reader.join()
-                statuses.append(os.waitpid(pid, 0)[1])
-        if any(statuses):
-            raise SyncError(f"a process of the sweep failed (status {max(statuses)}): see its error above")
-        for _, _, found in children:
-            write(found[0])
+                found.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+        for _, _, (lines, status) in children:
+            if status != 0:
+                said = lines.rpartition(SWEEP_FAILED)[2] if SWEEP_FAILED in lines else "no message"
+                raise SyncError(f"a process of the sweep failed (status {status}): {said}")
+        for _, _, (lines, _) in children:
+            write(lines)
 
     def sweep_share(self, share, forced, cutoff, write):
         def look(rel_dir, fd):
