@@ -242,7 +242,7 @@ def build_index(source, source_app, target_base, index, copy_began_ns=None, on_p
             try:
                 with copy.open(rel) as f:
                     st = os.fstat(f.fileno())
-                    hashes, digest = block_hashes(f)
+                    hashes, digest = block_hashes(f, st.st_size)
                 with lock:
                     db.execute(
                         "INSERT INTO dst VALUES (?, ?, ?, ?, ?)",

@@ -329,12 +329,14 @@ THREADED_FROM = 16 << 20
 HASHING_THREADS = 4
 
 
-def block_hashes(f, on_block=None):
-    """(block hashes, file digest) of an open file, read to its end; on_block(index, data,
-    hash) sees each block, one at a time, not necessarily in order."""
+def block_hashes(f, size, on_block=None):
+    """(block hashes, file digest) of an open file, read to its end; `size`: as the caller
+    last saw it, None if it did not (it only says whether threads read the file);
+    on_block(index, data, hash) sees each block, one at a time, not necessarily in order."""
     hashes = []
     threads = min(HASHING_THREADS, os.cpu_count() or 1)
-    size = os.fstat(f.fileno()).st_size
+    if size is None:
+        size = os.fstat(f.fileno()).st_size
     if size >= THREADED_FROM and threads > 1:
         hashes = threaded_hashes(f.fileno(), -(-size // BLOCK), threads, on_block)
         while hashes and not hashes[-1]:  # it shrank while read (the app runs)
@@ -382,7 +384,7 @@ def hashed(entry: Entry, dir_fd, name) -> Entry | None:
     longer a file (changed while the app runs: the final pass will see)."""
     try:
         with open_regular(name, dir_fd) as f:
-            hashes, entry.digest = block_hashes(f)
+            hashes, entry.digest = block_hashes(f, entry.size)
             entry.ctime_ns = os.fstat(f.fileno()).st_ctime_ns
     except OSError as e:
         if not_there(e):
@@ -748,7 +750,7 @@ def send_deltas(base, requests: Iterable[bytes], out, check_path):
             continue
         out.write(b"F " + json.dumps(rel).encode() + b"\n")
         with os.fdopen(data_fd, "rb") as f:
-            _, end.digest = block_hashes(f, send)
+            _, end.digest = block_hashes(f, end.size, send)
         out.write(b"E " + end.to_wire().encode() + b"\n")
     out.flush()
 
