@@ -636,11 +636,12 @@ class Helper:
         # tree.RACY_NS), up to the stop. Each is taken at the rate the app changed files
         # since the hashing began, and is at most all of those files (one changed twice is
         # read once).
+        changed_since_hashing = forecast.bytes / self.read_rate
+        since_hashing = max(time.monotonic() - self.hashing_began, 1e-3)
+
         def changed_within(seconds):
             return changed_since_hashing * min(1.0, seconds / since_hashing)
 
-        changed_since_hashing = forecast.bytes / self.read_rate
-        since_hashing = max(time.monotonic() - self.hashing_began, 1e-3)
         measured = {k: v for k, v in self.recent_timings.items() if isinstance(v, int | float)}
         stop = measured.get("stop", DEFAULT_PARTS["stop"])
         live_pass = forecast.listing_seconds * LIVE_PASS_PER_LISTING + changed_since_hashing
