@@ -230,3 +230,15 @@ def test_a_killed_helpers_control_directory_is_removed_by_the_next(
     finally:
         running.communicate("")
     assert not os.path.exists(running_dir)  # closed as a helper closes it: by its own exit
+
+
+def test_a_started_command_streams_both_ways(transport):
+    proc = transport.popen(["sh", "-c", 'while read -r line; do echo "got $line"; done; echo bye >&2'])
+    proc.stdin.write(b"one\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline() == b"got one\n"
+    proc.stdin.write(b"two\n")
+    proc.stdin.close()  # end of its input: it ends
+    assert proc.stdout.read() == b"got two\n"
+    assert proc.stderr.read() == b"bye\n"
+    assert proc.wait(10) == 0

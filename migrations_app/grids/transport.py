@@ -9,6 +9,7 @@ connection; use it as a context manager.
 
 import base64
 import hashlib
+import io
 import os
 import re
 import selectors
@@ -504,14 +505,55 @@ def sftp_makedirs(sftp, directory):
             sftp.stat(directory)  # made meanwhile by someone else: fine; otherwise say why
 
 
+class ChannelReader(io.RawIOBase):
+    """One of a channel's output streams (`recv`: its stdout's or stderr's) as a raw file."""
+
+    def __init__(self, recv):
+        self._recv = recv
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        data = self._recv(len(buffer))  # b"" once the channel is closed: end of file
+        buffer[: len(data)] = data
+        return len(data)
+
+
+class ChannelWriter(io.RawIOBase):
+    """A channel's stdin as a raw file; closing it sends end of file."""
+
+    def __init__(self, chan):
+        self._chan = chan
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        self._chan.sendall(bytes(data))
+        return len(data)
+
+    def close(self):
+        if not self.closed:
+            try:
+                self._chan.shutdown_write()
+            finally:
+                super().close()
+
+
 class ChannelProcess:
-    """A command on an SSH channel, with the part of subprocess.Popen that streaming uses."""
+    """A command on an SSH channel, with the part of subprocess.Popen that streaming uses.
+
+    Its streams are io's, not paramiko's makefile()s: those flush again in __del__, and when
+    the garbage collector takes one in the same cycle as its buffer, that second flush
+    prints a traceback to stderr ("Exception ignored in BufferedFile.__del__").
+    """
 
     def __init__(self, chan):
         self.chan = chan
-        self.stdin = chan.makefile_stdin("wb")
-        self.stdout = chan.makefile("rb", PIPE_BUFFER)
-        self.stderr = chan.makefile_stderr("rb")
+        self.stdin = ChannelWriter(chan)
+        self.stdout = io.BufferedReader(ChannelReader(chan.recv), PIPE_BUFFER)
+        self.stderr = io.BufferedReader(ChannelReader(chan.recv_stderr))
         self.returncode = None
 
     def poll(self):
