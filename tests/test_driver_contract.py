@@ -409,6 +409,29 @@ def test_rsync_reads_an_app_where_the_grid_says(any_grid, web_port, tmp_path, cl
     assert (tmp_path / "copy/data").is_dir()
 
 
+def test_a_prepared_start_runs_nothing_until_the_start(any_grid):
+    shell_app(any_grid, "shop", "echo started >> {volume:data}/runs; sleep 600")
+    prepared = any_grid.prepare_start("shop", wait=60)
+    assert set(prepared.ready) | set(prepared.cold) == {"main"}
+    assert all(prepared.cold.values())  # each component started afresh says why
+    assert any_grid.state("shop") == AppState.STOPPED
+    assert any_grid.read_file("shop", "volumes/data/runs") == ("", 0)
+    any_grid.start("shop")
+    assert wait_for(lambda: any_grid.read_file("shop", "volumes/data/runs")[0] == "started\n")
+    assert any_grid.state("shop") == AppState.RUNNING
+    # Preparing a running app prepares nothing, and runs nothing twice.
+    assert any_grid.prepare_start("shop").cold == {"main": "it runs already"}
+    any_grid.stop("shop")
+    assert any_grid.read_file("shop", "volumes/data/runs")[0] == "started\n"
+
+
+def test_preparing_a_start_needs_the_app(any_grid):
+    with pytest.raises(AppNotFound):
+        any_grid.prepare_start("ghost")
+    with pytest.raises(InvalidName):
+        any_grid.prepare_start("$(id)")
+
+
 def test_an_unknown_app_is_not_found(any_grid):
     for operation in (
         lambda: any_grid.state("ghost"),

@@ -146,3 +146,107 @@ def test_a_template_that_does_not_fit_says_disk_full(tmp_path, client_key):
                 grid.ensure_template("MigHelper", files, version)
     finally:
         subprocess.run(["umount", "-l", str(root)], check=False)
+
+
+# An app whose one component says, as its first act, its pid, whether what the manifest
+# preloads was imported before it ran, and its arguments.
+REPORTER = """import sys, os, json
+preloaded = "http.server" in sys.modules
+with open(sys.argv[1] + "/runs", "a") as f:
+    f.write(json.dumps([os.getpid(), preloaded, sys.argv[1:], __name__]) + "\\n")
+import time
+time.sleep(600)
+"""
+
+
+def reporting_app(grid, name="shop", preload=("http.server",), program=("{volume:code}/reporter.py",)):
+    component = {
+        "name": "main",
+        "command": [GRID_PYTHON, *program, "{volume:data}"],
+        "cwd": "{volume:code}",
+        "preload": list(preload),
+    }
+    grid.define(name, {"volumes": ["code", "data"], "start_settle": 0.1, "components": [component]})
+    grid.put_file(name, "volumes/code/reporter.py", REPORTER.encode())
+
+
+def runs_of(grid, name="shop"):
+    text, _ = grid.read_file(name, "volumes/data/runs")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def warm_pid(grid, name="shop"):
+    return int(Path(grid.grid.root, f"apps/{name}/run/main.warm").read_text().split()[0])
+
+
+@pytest.mark.parametrize(
+    "program", [["{volume:code}/reporter.py"], ["-m", "reporter"]], ids=["script", "module"]
+)
+def test_a_prepared_start_is_its_waiting_process_told_to_go(grid, program):
+    reporting_app(grid, program=program)
+    prepared = grid.prepare_start("shop", wait=120)
+    assert (prepared.ready, prepared.cold) == (("main",), {})
+    waiting = warm_pid(grid)
+    assert not process_gone(waiting) and runs_of(grid) == []
+    grid.start("shop")
+    assert wait_for(lambda: runs_of(grid))
+    pid, preloaded, argv, run_name = runs_of(grid)[0]
+    data = str(Path(grid.grid.root, "apps/shop/volumes/data"))
+    assert (pid, preloaded, argv, run_name) == (waiting, True, [data], "__main__")
+    assert component_pid(grid, "shop") == waiting
+    text, _ = grid.read_file("shop", "logs/main.log")
+    assert f"starting main (its prepared process, pid {waiting})" in text
+    grid.stop("shop")
+    assert process_gone(waiting)
+
+
+def test_a_prepared_process_without_time_left_is_not_taken(grid):
+    reporting_app(grid)
+    # Less than the margin a prepared process must have left (processes.WARM_MARGIN).
+    assert grid.prepare_start("shop", wait=4).ready == ("main",)
+    waiting = warm_pid(grid)
+    grid.start("shop")
+    assert wait_for(lambda: runs_of(grid))
+    pid, preloaded, _, _ = runs_of(grid)[0]
+    assert pid != waiting and not preloaded  # started afresh
+    assert wait_for(lambda: process_gone(waiting))
+    assert not Path(grid.grid.root, "apps/shop/run/main.warm").exists()
+
+
+def test_a_module_of_the_apps_own_files_is_never_preloaded(grid):
+    reporting_app(grid, preload=["json", "reporter"])
+    prepared = grid.prepare_start("shop", wait=120)
+    assert prepared.ready == ()
+    assert "cannot preload reporter: reporter is one of the app's own files" in prepared.cold["main"]
+    assert runs_of(grid) == []  # the app's module was found, not run
+    grid.start("shop")
+    assert wait_for(lambda: runs_of(grid))
+    assert runs_of(grid)[0][1] is False
+
+
+def test_a_missing_preload_or_another_kind_of_program_starts_cold(grid):
+    reporting_app(grid, preload=["no_such_module_here"])
+    assert "there is no module no_such_module_here" in grid.prepare_start("shop").cold["main"]
+    grid.define(
+        "shell",
+        {"volumes": [], "components": [{"name": "main", "command": ["sleep", "60"], "preload": ["json"]}]},
+    )
+    assert "not a Python script or module" in grid.prepare_start("shell").cold["main"]
+    grid.define("plain", {"volumes": [], "components": [{"name": "main", "command": [GRID_PYTHON, "x.py"]}]})
+    assert grid.prepare_start("plain").cold == {"main": "its manifest names no modules to preload"}
+
+
+def test_a_destroyed_app_leaves_no_prepared_process(grid):
+    reporting_app(grid)
+    grid.prepare_start("shop", wait=120)
+    waiting = warm_pid(grid)
+    grid.destroy("shop")
+    assert process_gone(waiting)
+
+
+def test_bad_preload_lists_are_refused(grid):
+    for preload in (["os; rm -rf /"], "json", [1], ["a..b"]):
+        with pytest.raises(GridError, match="preload must be a list of Python module names"):
+            grid.define(
+                "bad", {"volumes": [], "components": [{"name": "m", "command": ["x"], "preload": preload}]}
+            )

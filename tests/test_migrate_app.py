@@ -73,6 +73,12 @@ def test_migrate(world):
         assert any(m.startswith(expected) for m in messages), (expected, messages)
     assert messages[-1] == "Migration complete: shop runs on west"
     assert job["source_stopped"] and job["app_up"] and job["app_up"] > job["source_stopped"]
+    # MIG's start was prepared before the stop (its libraries imported); the data writer's not.
+    assert (
+        "Prepared the start of shop on west: mig ready; data will start afresh: its manifest names no "
+        "modules to preload" in messages
+    ), messages
+    assert "shop started on west (mig from its prepared start)" in messages
 
     # Running startup again changes nothing.
     again = world.manage("west", "shop", "startup")

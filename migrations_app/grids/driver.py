@@ -105,6 +105,15 @@ class Image:
 
 
 @dataclass(frozen=True)
+class Prepared:
+    """What a prepared start readied: the components whose start is now as short as an
+    exec (or a container start), and, for the others, why they will start afresh."""
+
+    ready: tuple[str, ...]
+    cold: dict[str, str]
+
+
+@dataclass(frozen=True)
 class RsyncSource:
     """Where rsync reads an app's volumes from: its SRC (ending in /), its -e remote shell
     (None: the volumes are on the host rsync runs on), and whether --protect-args may be
@@ -249,6 +258,14 @@ class Driver(abc.ABC):
         "listening" is False if nothing listened within `timeout`. A component that exits at
         start fails the start, and the app is stopped again. Refused (OperationFailed) while
         the app's cut-over record forbids it to run. Idempotent."""
+
+    @abc.abstractmethod
+    def prepare_start(self, app: str, wait: float = 1800.0) -> Prepared:
+        """Ready the stopped app's next start ahead of it, running nothing of the app: what
+        can be done before its data is final (a Python component's interpreter and the
+        modules its manifest's `preload` names, outside the app's files; a container
+        created). A start within `wait` seconds, of the same manifest, uses it; a stop or
+        destroy ends it; after `wait` it ends by itself. Raises AppNotFound."""
 
     @abc.abstractmethod
     def stop(self, app: str, grace: float | None = None, force: bool = False) -> dict:

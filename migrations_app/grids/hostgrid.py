@@ -28,7 +28,7 @@ import zlib
 from pathlib import Path
 
 from .agent import base as agent_base
-from .driver import App, AppState, Component, Cutover, Driver, GridInfo, RsyncSource, Volume
+from .driver import App, AppState, Component, Cutover, Driver, GridInfo, Prepared, RsyncSource, Volume
 from .errors import AppExists, AppNotFound, CommandTimeout, GridError, InvalidName, OperationFailed
 from .gridinfo import GridConfig
 from .names import validate_name
@@ -347,6 +347,10 @@ class HostGridDriver(Driver):
         if listen:
             args += ["--listen", "--timeout", str(float(timeout))]
         return self._call("start", *args, timeout=timeout + 30 if listen else None)
+
+    def prepare_start(self, app, wait=1800.0):
+        result = self._call("prepare", validate_name(app), "--wait", str(float(wait)))
+        return Prepared(tuple(result["ready"]), dict(result["cold"]))
 
     def stop(self, app, grace=None, force=False):
         args = [validate_name(app)]

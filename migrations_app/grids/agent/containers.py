@@ -206,7 +206,22 @@ class Containers:
             return 0  # between two runs: the engine starts it again
         return state["Pid"] if state["Running"] and state["Pid"] else None
 
+    def prepare(self, app, manifest, component, command, cwd, env, wait):
+        """Create the component's container ahead of its start (start() then only starts
+        it); a container runs nothing until started. Returns None: it is ready."""
+        self.container(app, manifest, component, command, cwd, env)
+        return None
+
     def start(self, app, manifest, component, command, cwd, env):
+        container = self.container(app, manifest, component, command, cwd, env)
+        try:
+            container.start()
+        except self.errors.APIError as e:
+            raise AgentError(f"component {component['name']!r} cannot start: {e.explanation}") from None
+        return ContainerProcess(container)
+
+    def container(self, app, manifest, component, command, cwd, env):
+        """The component's container, made (again, if what it is made from changed)."""
         name = component["name"]
         mounts = self.app_mounts(app, manifest, secrets_read_only=True)
         if reaches := manifest.get("reaches"):
@@ -251,11 +266,7 @@ class Containers:
                 raise AgentError(
                     f"component {name!r}: the image {spec['image']!r} is not on this engine: {IMAGE_HINT}"
                 ) from None
-        try:
-            container.start()
-        except self.errors.APIError as e:
-            raise AgentError(f"component {name!r} cannot start: {e.explanation}") from None
-        return ContainerProcess(container)
+        return container
 
     def stop(self, app, manifest, grace, force):
         """SIGTERM every component's container (a stop, which the engine's restart policy

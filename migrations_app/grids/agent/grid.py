@@ -29,6 +29,7 @@ from .processes import Processes
 from .procs import have_proc, pid_alive, proc_stat
 
 PLACEHOLDER_RE = re.compile(r"\{([a-z_]+)(?::([A-Za-z0-9_-]+))?\}")
+MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
 MANIFEST_FORMAT = 1
 DEFAULT_STOP_GRACE = 10.0
 DEFAULT_START_SETTLE = 0.5
@@ -252,6 +253,14 @@ def validate_manifest(manifest):
             raise AgentError(f"component {c['name']!r}: image must be an image reference")
         if not isinstance(c.get("engine", False), bool):
             raise AgentError(f"component {c['name']!r}: engine must be true or false")
+        # Python modules a prepared start imports ahead (see processes.Processes.prepare).
+        preload = c.get("preload", [])
+        if (
+            not isinstance(preload, list)
+            or len(preload) > 100
+            or not all(isinstance(m, str) and MODULE_RE.match(m) for m in preload)
+        ):
+            raise AgentError(f"component {c['name']!r}: preload must be a list of Python module names")
     props = manifest.get("properties", {})
     if not isinstance(props, dict) or not all(v is None or isinstance(v, str) for v in props.values()):
         raise AgentError("manifest properties must be an object of strings (or null: required)")

@@ -41,7 +41,7 @@ from .grid import (
     listening,
     validate_manifest,
 )
-from .processes import RESTART_DELAYS, Processes, supervise
+from .processes import RESTART_DELAYS, Prepared, Processes, supervise
 
 WATCH_INTERVAL = 0.2
 WATCHDOG_START_ATTEMPTS = 5
@@ -241,21 +241,51 @@ def op_define(grid, args):
     return {"defined": args.app}
 
 
-def start_component(grid, app, manifest, component):
-    """Start one component as the grid's runtime runs them, telling it where it runs (the
-    grid's variables) and its manifest's environment."""
+def component_launch(grid, app, manifest, component):
+    """(command, cwd, env) of one component: its manifest's, placeholders expanded, and
+    the grid's variables telling it where it runs."""
     config = grid.config()
     env = {"MIG_GRID": config.get("name", ""), "MIG_APP": app, "MIG_APP_URL": grid.app_url(app, manifest)}
     name = component["name"]
     for key, value in component.get("env", {}).items():
         env[key] = grid.expand(app, manifest, value, name)
+    command = [grid.expand(app, manifest, a, name) for a in component["command"]]
+    cwd = grid.expand(app, manifest, component.get("cwd", "{app_dir}"), name)
+    return command, cwd, env
+
+
+def start_component(grid, app, manifest, component):
+    """Start one component as the grid's runtime runs them."""
+    command, cwd, env = component_launch(grid, app, manifest, component)
     # What the component is told, for an operator who runs a command as it would
     # (`set -a; . run/NAME.env`): the grid's variables and the manifest's, no secrets.
     env_text = "".join(f"{k}={shlex.quote(v)}\n" for k, v in sorted(env.items()))
-    write_private(os.path.join(grid.app_dir(app), "run", f"{name}.env"), env_text.encode())
-    command = [grid.expand(app, manifest, a, name) for a in component["command"]]
-    cwd = grid.expand(app, manifest, component.get("cwd", "{app_dir}"), name)
+    write_private(os.path.join(grid.app_dir(app), "run", f"{component['name']}.env"), env_text.encode())
     return grid.runtime.start(app, manifest, component, command, cwd, env)
+
+
+def op_prepare(grid, args):
+    """Prepare the start of the app's stopped components (see the runtimes' prepare()):
+    {"ready": [components], "cold": {component: why it will start afresh}}. Runs nothing
+    of the app."""
+    manifest = grid.manifest(args.app)
+    fd = grid.lock(args.app)
+    try:
+        ready, cold = [], {}
+        for component in manifest["components"]:
+            name = component["name"]
+            if grid.component_pid(args.app, name) is not None:
+                cold[name] = "it runs already"
+                continue
+            command, cwd, env = component_launch(grid, args.app, manifest, component)
+            why = grid.runtime.prepare(args.app, manifest, component, command, cwd, env, args.wait)
+            if why is None:
+                ready.append(name)
+            else:
+                cold[name] = why
+        return {"ready": ready, "cold": cold}
+    finally:
+        os.close(fd)
 
 
 def op_start(grid, args):
@@ -308,7 +338,8 @@ def op_start(grid, args):
                 f"{grid.runtime.log_tail(args.app, name) or 'no output'}"
             )
         grid.set_state(args.app, "running")
-        return {"started": [n for n, _ in started], "listening": listens}
+        warm = [n for n, p in started if isinstance(p, Prepared)]
+        return {"started": [n for n, _ in started], "listening": listens, "warm": warm}
     finally:
         os.close(fd)
 
@@ -679,6 +710,7 @@ OPERATIONS = {
     "create": op_create,
     "define": op_define,
     "start": op_start,
+    "prepare": op_prepare,
     "stop": op_stop,
     "destroy": op_destroy,
     "install-template": op_install_template,
@@ -762,6 +794,9 @@ def parser():
     s.add_argument("app")
     s.add_argument("--listen", action="store_true")
     s.add_argument("--timeout", type=SECONDS, default=60.0)
+    s = sub.add_parser("prepare")
+    s.add_argument("app")
+    s.add_argument("--wait", type=number(1.0, 86400.0), default=1800.0)
     s = sub.add_parser("describe")
     s.add_argument("app")
     s.add_argument("--sizes", action="store_true")

@@ -5,9 +5,19 @@ A component runs as a detached process in a session of its own, with a pid file
 (`run/<component>.pid`: "<pid> <start time>") and a log (`logs/<component>.log`); its
 volumes are directories under the app's. A component with `restarts` runs under a
 supervisor (the agent's `supervise`), which starts it again when it dies.
+
+A Python component whose manifest names modules to `preload` can be prepared ahead of its
+start (prepare()): its interpreter starts, imports those modules and waits, running nothing
+of the app, until start() tells it to go through a fifo (`run/<component>.go`) or its
+deadline passes. `run/<component>.warm` says which process waits, until when, and for which
+command, directory and environment: a start with any other runs the component afresh.
 """
 
+import hashlib
+import json
 import os
+import re
+import select
 import shutil
 import signal
 import subprocess
@@ -20,6 +30,68 @@ from .procs import have_proc, pid_alive, proc_stat, session_members, session_of,
 # What a component inherits from the agent's environment, beside what the grid tells it.
 PASSED_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ")
 RESTART_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0)
+# A prepared process is taken only with this long left before its deadline: it must not
+# leave by the deadline between being told to go and reading it.
+WARM_MARGIN = 5.0
+# How long a prepared process may take to import what it preloads and say it is ready.
+WARM_READY_WAIT = 60.0
+PYTHON_RE = re.compile(r"^python[0-9.]*\Z")
+
+# What a prepared process runs, in the component's own interpreter (MIG's code is not
+# there): preload, refuse a module of the app's own files (the copy may still change
+# them), say ready, wait for "go" on the fifo or the deadline, then run the component's
+# script or module as `python SCRIPT ARGS` / `python -m MODULE ARGS` would.
+WARM_STUB = r"""
+import importlib, importlib.util, os, select, sys, time
+go, ready, deadline, app_dir, preload = sys.argv[1:6]
+go, ready, deadline, argv = int(go), int(ready), float(deadline), sys.argv[6:]
+inside = os.path.realpath(app_dir) + os.sep
+def report(line):
+    os.write(ready, line.encode() + b"\n")
+    os.close(ready)
+    if line != "ready":
+        sys.exit(1)
+def of_the_app(name):
+    return f"{name} is one of the app's own files, which the copy may still change"
+for name in preload.split(","):
+    try:
+        parts = name.split(".")
+        for prefix in (".".join(parts[: i + 1]) for i in range(len(parts))):
+            # Found before it is imported: a module of the app's is never run.
+            spec = importlib.util.find_spec(prefix)
+            if spec is None:
+                report(f"cannot preload {name}: there is no module {prefix}")
+            where = [spec.origin or "", *(spec.submodule_search_locations or [])]
+            if any(p and os.path.realpath(p).startswith(inside) for p in where):
+                report(f"cannot preload {name}: {of_the_app(prefix)}")
+        importlib.import_module(name)
+    except Exception as e:
+        report(f"cannot preload {name}: {type(e).__name__}: {e}")
+for module in list(sys.modules.values()):
+    path = getattr(module, "__file__", None)
+    if path and os.path.realpath(path).startswith(inside):
+        report(f"preloading imported {of_the_app(module.__name__)}")
+report("ready")
+while True:
+    left = deadline - time.time()
+    if left <= 0:
+        sys.exit(0)
+    if select.select([go], [], [], left)[0] and os.read(go, 16).startswith(b"go"):
+        break
+os.close(go)
+import runpy
+if argv[0] == "-m":
+    sys.argv = argv[1:]
+    runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+else:
+    sys.argv = argv
+    sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
+    runpy.run_path(argv[0], run_name="__main__")
+"""
+
+# The prepared processes this agent started, by pid: it reaps them (and learns their exit
+# status) when they end, as it does the components it starts.
+WARM_CHILDREN = {}
 
 
 class Processes:
@@ -76,16 +148,22 @@ class Processes:
         return members[0] if members else None
 
     def start(self, app, manifest, component, command, cwd, env):
-        """Start one component; returns its process (poll(), returncode)."""
+        """Start one component; returns its process (poll(), returncode). A process
+        prepared for this very command, directory and environment is told to go instead."""
         name = component["name"]
-        env = {**{k: os.environ[k] for k in PASSED_ENV if k in os.environ}, **env}
-        env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+        env = full_env(env)
+        digest = launch_digest(command, cwd, env, component.get("preload", []))
+        if (prepared := self.take_warm(app, name, digest)) is not None:
+            line = f"--- {now()} starting {name} (its prepared process, pid {prepared.pid})\n"
+            with open(self.log_path(app, name), "ab") as log:
+                log.write(line.encode())
+            self.write_pidfile(app, name, prepared.pid)
+            return prepared
         if component.get("restarts"):
             # A supervisor runs it, and runs it again if it dies (see supervise()).
             command = agent_argv(self.grid.root, "supervise", app, name)
-        log_path = os.path.join(self.grid.app_dir(app), "logs", f"{name}.log")
-        with open(log_path, "ab") as log:
-            log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting {name}\n".encode())
+        with open(self.log_path(app, name), "ab") as log:
+            log.write(f"--- {now()} starting {name}\n".encode())
             log.flush()
             try:
                 # Its own session: the component outlives this agent and the SSH connection,
@@ -102,10 +180,128 @@ class Processes:
                 )
             except OSError as e:
                 raise AgentError(f"component {name!r} cannot start {command[0]!r}: {e.strerror}") from None
-        info = proc_stat(proc.pid) if have_proc() else None
-        with open(self.pidfile(app, name), "w") as f:
-            f.write(f"{proc.pid} {info[2] if info else 0}\n")
+        self.write_pidfile(app, name, proc.pid)
         return proc
+
+    def write_pidfile(self, app, name, pid):
+        info = proc_stat(pid) if have_proc() else None
+        with open(self.pidfile(app, name), "w") as f:
+            f.write(f"{pid} {info[2] if info else 0}\n")
+
+    def log_path(self, app, name):
+        return os.path.join(self.grid.app_dir(app), "logs", f"{name}.log")
+
+    # --- prepared starts ----------------------------------------------------------------
+
+    def warm_paths(self, app, name):
+        run = os.path.join(self.grid.app_dir(app), "run")
+        return os.path.join(run, f"{name}.warm"), os.path.join(run, f"{name}.go")
+
+    def prepare(self, app, manifest, component, command, cwd, env, wait):
+        """Start the component's interpreter ahead of its start, its `preload` modules
+        imported, running nothing of the app until start() or `wait` seconds pass. Returns
+        None once it is ready, or why the component will start cold."""
+        name = component["name"]
+        preload = component.get("preload", [])
+        if component.get("restarts"):
+            return "it runs under a supervisor, which starts it afresh"
+        if not preload:
+            return "its manifest names no modules to preload"
+        script = command[1:2] and command[1]
+        if (
+            not PYTHON_RE.match(os.path.basename(command[0]))
+            or not script
+            or (script.startswith("-") and (script != "-m" or len(command) < 3))
+        ):
+            return "it is not a Python script or module (python SCRIPT, python -m MODULE)"
+        self.end_warm(app, name)
+        env = full_env(env)
+        warm_file, fifo = self.warm_paths(app, name)
+        os.mkfifo(fifo, 0o600)
+        # Read and write, so that the fifo never reads as ended while it waits.
+        go = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+        ready_r, ready_w = os.pipe()
+        deadline = time.time() + wait
+        argv = [command[0], "-c", WARM_STUB, str(go), str(ready_w), repr(deadline), self.grid.app_dir(app)]
+        argv += [",".join(preload), *command[1:]]
+        try:
+            with open(self.log_path(app, name), "ab") as log:
+                log.write(f"--- {now()} preparing the start of {name}\n".encode())
+                log.flush()
+                proc = subprocess.Popen(
+                    argv,
+                    cwd=cwd,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    pass_fds=(go, ready_w),
+                )
+        except OSError as e:
+            os.unlink(fifo)
+            return f"its interpreter cannot start: {e.strerror}"
+        finally:
+            for fd in (go, ready_w):
+                os.close(fd)
+        WARM_CHILDREN[proc.pid] = proc
+        with os.fdopen(ready_r, "rb") as ready:
+            said = ready.readline().decode("utf-8", "replace").strip() if wait_readable(ready) else ""
+        if said != "ready":
+            forget_warm(proc)
+            os.unlink(fifo)
+            tail = self.log_tail(app, name, 2) or "no output"
+            return said or f"its prepared process did not get ready: {tail}"
+        info = proc_stat(proc.pid) if have_proc() else None
+        digest = launch_digest(command, cwd, env, preload)
+        with open(warm_file, "w") as f:
+            f.write(f"{proc.pid} {info[2] if info else 0} {deadline!r} {digest}\n")
+        return None
+
+    def take_warm(self, app, name, digest):
+        """The component's prepared process, told to go, if there is one for `digest` with
+        time left; None otherwise (a prepared process of another launch ends here)."""
+        warm_file, fifo = self.warm_paths(app, name)
+        try:
+            with open(warm_file) as f:
+                pid, start_time, deadline, prepared_for = f.read().split()
+            pid, deadline = int(pid), float(deadline)
+        except (FileNotFoundError, ValueError):
+            return None
+        if prepared_for != digest or deadline - time.time() < WARM_MARGIN or not pid_alive(pid, start_time):
+            self.end_warm(app, name)
+            return None
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO: nothing reads it any more
+        except OSError:
+            self.end_warm(app, name)
+            return None
+        try:
+            os.write(fd, b"go\n")
+        finally:
+            os.close(fd)
+        for path in (warm_file, fifo):
+            os.unlink(path)
+        return Prepared(pid, start_time)
+
+    def end_warm(self, app, name):
+        """End the component's prepared process, if it has one; it ran nothing of the app."""
+        warm_file, fifo = self.warm_paths(app, name)
+        try:
+            with open(warm_file) as f:
+                pid, start_time = f.read().split()[:2]
+            if pid_alive(int(pid), start_time):
+                os.kill(int(pid), signal.SIGKILL)
+                proc = WARM_CHILDREN.get(int(pid))
+                if proc is not None:
+                    forget_warm(proc)
+        except (FileNotFoundError, ValueError, ProcessLookupError):
+            pass
+        for path in (warm_file, fifo):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
     def stop(self, app, manifest, grace, force):
         """SIGTERM every component's session, wait, then SIGKILL only if forced. Returns
@@ -115,6 +311,8 @@ class Processes:
             pid = self.component_pid(app, c["name"])
             if pid is not None:
                 leaders[c["name"]] = pid
+        for c in manifest["components"]:
+            self.end_warm(app, c["name"])
         members = {name: session_members(session_of(pid)) or [pid] for name, pid in leaders.items()}
         for pids in members.values():
             signal_all(pids, signal.SIGTERM)
@@ -149,6 +347,51 @@ class Processes:
         except OSError:
             return ""
         return " | ".join(text.strip().splitlines()[-lines:])
+
+
+class Prepared:
+    """A prepared process told to go: the part of subprocess.Popen that op_start uses. The
+    agent that prepared it is its parent and knows its status; another one knows only that
+    it ended."""
+
+    def __init__(self, pid, start_time):
+        self.pid, self.start_time = pid, start_time
+        self.returncode = None
+
+    def poll(self):
+        if self.returncode is None:
+            if (child := WARM_CHILDREN.get(self.pid)) is not None:
+                self.returncode = child.poll()
+            elif not pid_alive(self.pid, self.start_time):
+                self.returncode = "unknown"
+        return self.returncode
+
+
+def full_env(env):
+    """A component's environment: what it inherits from the agent's, and what it is told."""
+    env = {**{k: os.environ[k] for k in PASSED_ENV if k in os.environ}, **env}
+    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    return env
+
+
+def launch_digest(command, cwd, env, preload):
+    launch = {"command": command, "cwd": cwd, "env": env, "preload": preload}
+    return hashlib.sha256(json.dumps(launch, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def wait_readable(f, timeout=WARM_READY_WAIT):
+    return bool(select.select([f], [], [], timeout)[0])
+
+
+def forget_warm(proc):
+    """Kill a prepared process of this agent's and reap it."""
+    proc.kill()
+    proc.wait()
+    WARM_CHILDREN.pop(proc.pid, None)
+
+
+def now():
+    return time.strftime("%Y-%m-%d %H:%M:%S")
 
 
 def supervise(component, command, cwd):
