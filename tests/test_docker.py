@@ -114,6 +114,9 @@ def test_an_app_of_containers_is_snapshotted_moved_and_moved_back(docker_world):
 
     move(world, "east", "west", "shop", job=2)
     assert world.state("east", "shop") is None  # the source is gone, with its volumes
+    # Its containers were made before the stop: the start only started them.
+    messages = [e["message"] for e in world.events("west", "shop", 2)]
+    assert "Prepared the start of shop on west: mig, data ready" in messages, messages
     assert world.drivers["west"].describe("shop", sizes=False).url == world.url("west")
     assert_nothing_lost(world)
 

@@ -79,6 +79,11 @@ def test_migrate(world):
         "modules to preload" in messages
     ), messages
     assert "shop started on west (mig from its prepared start)" in messages
+    # The running source is swept again only after a live round of a second or more.
+    events = world.events("west", "shop", 1)
+    live_pass = next(e for e in events if e["message"].startswith("Settled the copy while the source runs"))
+    swept = any(m.startswith("Swept the running source") for m in messages)
+    assert swept == (json.loads(live_pass["data"])["seconds"] >= 1.0), messages
 
     # Running startup again changes nothing.
     again = world.manage("west", "shop", "startup")

@@ -222,6 +222,7 @@ class Helper:
         self.source = self.target = self.live = self.final = self.standby = self.heartbeat = None
         self.forced = set()  # entries the next sweep describes again (see live_round)
         self.started_warm = []  # the components the start found prepared (step_prepare_start)
+        self.round_seconds = 0.0  # how long the last live round took (see live_round)
         self.target_created = self.journal.has(protocol.TARGET_DEFINING)
         # A refresh writes into an earlier snapshot copy: the app of this owner is kept.
         self.refresh_owner = self.config.get("refresh_owner") or None
@@ -637,7 +638,7 @@ class Helper:
 
         # What changed since the hashing, the live pass settles; the live sweeps, what the
         # app changes meanwhile. What the final pass then reads is what the app changed
-        # since the last live sweep looked (and in the second before: see the agent's
+        # since the last live round looked (and in the second before: see the agent's
         # tree.RACY_NS), up to the stop. Each is taken at the rate the app changed files
         # since the hashing began, and is at most all of those files (one changed twice is
         # read once).
@@ -652,7 +653,9 @@ class Helper:
         live_pass = forecast.listing_seconds * LIVE_PASS_PER_LISTING + changed_since_hashing
         sweep = forecast.listing_seconds * SWEEP_PER_LISTING
         live_sweep = sweep + forecast.listing_seconds * VERIFY_PER_LISTING + changed_within(live_pass)
-        changed_seconds = changed_within(RACY_NS / 1e9 + live_sweep + stop)
+        # No live sweep follows a live pass shorter than RACY_MARGIN (see step_live_sweeps).
+        last_round = live_sweep if live_pass >= RACY_MARGIN else live_pass
+        changed_seconds = changed_within(RACY_NS / 1e9 + last_round + stop)
         parts = {
             "stop": stop,
             "final_pass": sweep + changed_seconds,
@@ -822,22 +825,27 @@ class Helper:
         what = "settling the copy while the source runs"
         files, received, entries, changing = self.live_round(started, what)
         self.log.event(
-            f"Settled the copy while the source runs in {time.monotonic() - started:.1f}s: {files} "
+            f"Settled the copy while the source runs in {self.round_seconds:.1f}s: {files} "
             f"file(s) fetched ({human_bytes(received)} of changed blocks), {entries} entries verified, "
             f"{changing} of them changing meanwhile (looked at again)",
             files=files,
             changed_bytes=received,
             changing=changing,
-            seconds=round(time.monotonic() - started, 3),
+            seconds=round(self.round_seconds, 3),
         )
 
     def step_live_sweeps(self):
         """Sweep the running source for what changed since the last look, and settle and
         verify that, until a sweep finds no less than three quarters of what the one before
         found: the sweep after the stop then finds what the app changed during the last of
-        these (a second, say, with many files), not during the live pass (many seconds)."""
+        these (a second, say, with many files), not during the live pass (many seconds).
+        None after a round shorter than RACY_MARGIN: there is little left to gain."""
         found_before = None
         for number in range(1, LIVE_SWEEPS + 1):
+            if self.round_seconds < RACY_MARGIN:
+                # The sweep after the stop finds what changed in less than this round took:
+                # another round would cost about as much as it could save.
+                return
             survey = self.live.scan
             if survey is None or survey.poll() is not None:
                 return  # the connection dropped: the final pass lists the stopped source in full
@@ -848,13 +856,13 @@ class Helper:
             found = self.live.described
             self.log.event(
                 f"Swept the running source ({number} of {LIVE_SWEEPS} at most) in "
-                f"{time.monotonic() - started:.1f}s: {found} entries changed since the last look, "
+                f"{self.round_seconds:.1f}s: {found} entries changed since the last look, "
                 f"{files} file(s) fetched ({human_bytes(received)}), {changing} changing meanwhile",
                 files=files,
                 changed_bytes=received,
                 described=found,
                 changing=changing,
-                seconds=round(time.monotonic() - started, 3),
+                seconds=round(self.round_seconds, 3),
             )
             if found == 0 or (found_before is not None and found > found_before * 3 / 4):
                 return
@@ -875,6 +883,10 @@ class Helper:
             survey=survey,
             forced=self.forced if survey is not None else (),
         )
+        self.live.open()
+        # The next pass's senders of changed blocks (this one's end with it) start now, and
+        # are up by the time it needs them, not after it.
+        self.standby.start(sync.Reader.DELTA, sync.Reader.DELTA)
         files, received = self.live.run(live=True)
         self.moved += received
         self.check_cancel()
@@ -882,8 +894,7 @@ class Helper:
         swept = survey is not None
         entries, _ = sync.verify(self.volumes_path, self.index, swept=swept, problem_paths=changing)
         self.forced = changing
-        # The next pass's senders of changed blocks: these ended with this one.
-        self.standby.start(sync.Reader.DELTA, sync.Reader.DELTA)
+        self.round_seconds = time.monotonic() - started
         return files, received, entries, len(changing)
 
     def pass_progress(self, started, what):
