@@ -239,23 +239,24 @@ class Processes:
                     pass_fds=(go, ready_w),
                 )
         except OSError as e:
+            os.close(ready_r)
             os.unlink(fifo)
             return f"its interpreter cannot start: {e.strerror}"
         finally:
             for fd in (go, ready_w):
                 os.close(fd)
         WARM_CHILDREN[proc.pid] = proc
-        with os.fdopen(ready_r, "rb") as ready:
-            said = ready.readline().decode("utf-8", "replace").strip() if wait_readable(ready) else ""
-        if said != "ready":
-            forget_warm(proc)
-            os.unlink(fifo)
-            tail = self.log_tail(app, name, 2) or "no output"
-            return said or f"its prepared process did not get ready: {tail}"
+        # Recorded at once, so that a stop finds it even before it is ready.
         info = proc_stat(proc.pid) if have_proc() else None
         digest = launch_digest(command, cwd, env, preload)
         with open(warm_file, "w") as f:
             f.write(f"{proc.pid} {info[2] if info else 0} {deadline!r} {digest}\n")
+        with os.fdopen(ready_r, "rb") as ready:
+            said = ready.readline().decode("utf-8", "replace").strip() if wait_readable(ready) else ""
+        if said != "ready":
+            self.end_warm(app, name)
+            tail = self.log_tail(app, name, 2) or "no output"
+            return said or f"its prepared process did not get ready: {tail}"
         return None
 
     def take_warm(self, app, name, digest):
@@ -290,11 +291,10 @@ class Processes:
         try:
             with open(warm_file) as f:
                 pid, start_time = f.read().split()[:2]
-            if pid_alive(int(pid), start_time):
+            if (proc := WARM_CHILDREN.get(int(pid))) is not None:
+                forget_warm(proc)  # this agent's: killed and reaped, even if it had ended
+            elif pid_alive(int(pid), start_time):
                 os.kill(int(pid), signal.SIGKILL)
-                proc = WARM_CHILDREN.get(int(pid))
-                if proc is not None:
-                    forget_warm(proc)
         except (FileNotFoundError, ValueError, ProcessLookupError):
             pass
         for path in (warm_file, fifo):
