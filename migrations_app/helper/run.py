@@ -223,6 +223,7 @@ class Helper:
         self.forced = set()  # entries the next sweep describes again (see live_round)
         self.started_warm = []  # the components the start found prepared (step_prepare_start)
         self.round_seconds = 0.0  # how long the last live round took (see live_round)
+        self.preparing = None  # the thread preparing the target's start (step_prepare_start)
         self.target_created = self.journal.has(protocol.TARGET_DEFINING)
         # A refresh writes into an earlier snapshot copy: the app of this owner is kept.
         self.refresh_owner = self.config.get("refresh_owner") or None
@@ -430,6 +431,7 @@ class Helper:
     def close(self):
         """Let go of the grids: the source's agents, then the connections."""
         self.stop_readers()
+        self.prepared()
         for grid in (self.source, self.target):
             if grid is not None:
                 try:
@@ -799,14 +801,27 @@ class Helper:
     def step_prepare_start(self):
         """Ready the target's start ahead of the stop (its interpreters up, their libraries
         imported: see Driver.prepare_start), so that its start, inside the downtime, is as
-        short as an exec. Only an optimisation: if it fails, the target starts afresh."""
-        if self.action != "migrate":
-            return
+        short as an exec. Beside the live rounds, which do not use the target's grid: it
+        takes a while (imports), and is done before the arm (see prepared())."""
+        if self.action == "migrate":
+            self.preparing = threading.Thread(target=self.prepare_start, name="prepare-start", daemon=True)
+            self.preparing.start()
+
+    def prepared(self):
+        """Wait for the target's prepared start, if one is under way: nothing else may use
+        the target's grid meanwhile (the stop, a rollback's removal, the end)."""
+        if self.preparing is not None:
+            self.preparing.join()
+            self.preparing = None
+
+    def prepare_start(self):
+        # Only an optimisation: whatever goes wrong, the target starts afresh, and says why.
         try:
             prepared = self.target.prepare_start(self.target_app, wait=PREPARED_WAIT)
-        except GridError as e:
+        except Exception as e:
+            why = e if isinstance(e, GridError) else f"{type(e).__name__}: {e}"
             self.log.event(
-                f"Could not prepare the start of {self.target_app}: {e}; it starts afresh", level="warning"
+                f"Could not prepare the start of {self.target_app}: {why}; it starts afresh", level="warning"
             )
             return
         said = [f"{', '.join(prepared.ready)} ready"] if prepared.ready else []
@@ -919,6 +934,7 @@ class Helper:
         self.final.open()
 
     def step_arm(self):
+        self.prepared()
         self.wait_hands_off_ack()
         target = f"{self.target_grid.name}/{self.target_app}"
         self.retrying(
@@ -1206,6 +1222,7 @@ class Helper:
                 notes.append(("error", f"Could not restart the source app: {e}"))
         keep_copy = record is not None and record.decision == Decision.COMMIT and not record.abandoned
         if self.target_created and not keep_copy:
+            self.prepared()
             try:
                 result = self.target.destroy(self.target_app, owner=self.owner)
                 leftovers = result.get("leftovers") or []

@@ -162,26 +162,30 @@ class Processes:
         if component.get("restarts"):
             # A supervisor runs it, and runs it again if it dies (see supervise()).
             command = agent_argv(self.grid.root, "supervise", app, name)
-        with open(self.log_path(app, name), "ab") as log:
-            log.write(f"--- {now()} starting {name}\n".encode())
-            log.flush()
-            try:
-                # Its own session: the component outlives this agent and the SSH connection,
-                # and stop can find everything it spawned.
-                proc = subprocess.Popen(
-                    command,
-                    cwd=cwd,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    close_fds=True,
-                )
-            except OSError as e:
-                raise AgentError(f"component {name!r} cannot start {command[0]!r}: {e.strerror}") from None
+        try:
+            proc = self.spawn(app, name, command, cwd, env, f"starting {name}")
+        except OSError as e:
+            raise AgentError(f"component {name!r} cannot start {command[0]!r}: {e.strerror}") from None
         self.write_pidfile(app, name, proc.pid)
         return proc
+
+    def spawn(self, app, name, argv, cwd, env, saying, pass_fds=()):
+        """Run a component's process, its output in the component's log after a line
+        `saying` what it is. Its own session: it outlives this agent and the SSH
+        connection, and a stop finds everything it spawned. Raises OSError."""
+        with open(self.log_path(app, name), "ab") as log:
+            log.write(f"--- {now()} {saying}\n".encode())
+            log.flush()
+            return subprocess.Popen(
+                argv,
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                pass_fds=pass_fds,
+            )
 
     def write_pidfile(self, app, name, pid):
         info = proc_stat(pid) if have_proc() else None
@@ -225,19 +229,7 @@ class Processes:
         argv = [command[0], "-c", WARM_STUB, str(go), str(ready_w), repr(deadline), self.grid.app_dir(app)]
         argv += [",".join(preload), *command[1:]]
         try:
-            with open(self.log_path(app, name), "ab") as log:
-                log.write(f"--- {now()} preparing the start of {name}\n".encode())
-                log.flush()
-                proc = subprocess.Popen(
-                    argv,
-                    cwd=cwd,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    pass_fds=(go, ready_w),
-                )
+            proc = self.spawn(app, name, argv, cwd, env, f"preparing the start of {name}", (go, ready_w))
         except OSError as e:
             os.close(ready_r)
             os.unlink(fifo)
