@@ -132,6 +132,11 @@ def now():
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
+def log_line(message):
+    """`message` as a line of a component's log (what the agent writes there, and say())."""
+    return f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n"
+
+
 def say(message):
     """A line in the log this process writes to (a component's, the watchdog's)."""
-    print(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {message}", flush=True)
+    print(log_line(message), end="", flush=True)

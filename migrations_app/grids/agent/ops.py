@@ -41,7 +41,7 @@ from .grid import (
     listening,
     validate_manifest,
 )
-from .processes import RESTART_DELAYS, Prepared, Processes, supervise
+from .processes import RESTART_DELAYS, PreparedProcess, Processes, supervise
 
 WATCH_INTERVAL = 0.2
 WATCHDOG_START_ATTEMPTS = 5
@@ -338,7 +338,7 @@ def op_start(grid, args):
                 f"{grid.runtime.log_tail(args.app, name) or 'no output'}"
             )
         grid.set_state(args.app, "running")
-        warm = [n for n, p in started if isinstance(p, Prepared)]
+        warm = [n for n, p in started if isinstance(p, PreparedProcess)]
         return {"started": [n for n, _ in started], "listening": listens, "warm": warm}
     finally:
         os.close(fd)

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 
-from .base import AgentError, agent_argv, ensure_dir, say
+from .base import AgentError, agent_argv, ensure_dir, log_line, say
 from .procs import have_proc, pid_alive, proc_stat, session_members, session_of, signal_all
 
 # What a component inherits from the agent's environment, beside what the grid tells it.
@@ -154,9 +154,8 @@ class Processes:
         env = full_env(env)
         digest = launch_digest(command, cwd, env, component.get("preload", []))
         if (prepared := self.take_warm(app, name, digest)) is not None:
-            line = f"--- {now()} starting {name} (its prepared process, pid {prepared.pid})\n"
             with open(self.log_path(app, name), "ab") as log:
-                log.write(line.encode())
+                log.write(log_line(f"starting {name} (its prepared process, pid {prepared.pid})").encode())
             self.write_pidfile(app, name, prepared.pid)
             return prepared
         if component.get("restarts"):
@@ -174,7 +173,7 @@ class Processes:
         `saying` what it is. Its own session: it outlives this agent and the SSH
         connection, and a stop finds everything it spawned. Raises OSError."""
         with open(self.log_path(app, name), "ab") as log:
-            log.write(f"--- {now()} {saying}\n".encode())
+            log.write(log_line(saying).encode())
             log.flush()
             return subprocess.Popen(
                 argv,
@@ -188,9 +187,8 @@ class Processes:
             )
 
     def write_pidfile(self, app, name, pid):
-        info = proc_stat(pid) if have_proc() else None
         with open(self.pidfile(app, name), "w") as f:
-            f.write(f"{pid} {info[2] if info else 0}\n")
+            f.write(f"{pid} {start_time_of(pid)}\n")
 
     def log_path(self, app, name):
         return os.path.join(self.grid.app_dir(app), "logs", f"{name}.log")
@@ -239,10 +237,9 @@ class Processes:
                 os.close(fd)
         WARM_CHILDREN[proc.pid] = proc
         # Recorded at once, so that a stop finds it even before it is ready.
-        info = proc_stat(proc.pid) if have_proc() else None
         digest = launch_digest(command, cwd, env, preload)
         with open(warm_file, "w") as f:
-            f.write(f"{proc.pid} {info[2] if info else 0} {deadline!r} {digest}\n")
+            f.write(f"{proc.pid} {start_time_of(proc.pid)} {deadline!r} {digest}\n")
         with os.fdopen(ready_r, "rb") as ready:
             said = ready.readline().decode("utf-8", "replace").strip() if wait_readable(ready) else ""
         if said != "ready":
@@ -275,7 +272,7 @@ class Processes:
             os.close(fd)
         for path in (warm_file, fifo):
             os.unlink(path)
-        return Prepared(pid, start_time)
+        return PreparedProcess(pid, start_time)
 
     def end_warm(self, app, name):
         """End the component's prepared process, if it has one; it ran nothing of the app."""
@@ -300,11 +297,10 @@ class Processes:
         the survivors, {component: [pids]}."""
         leaders = {}
         for c in manifest["components"]:
+            self.end_warm(app, c["name"])
             pid = self.component_pid(app, c["name"])
             if pid is not None:
                 leaders[c["name"]] = pid
-        for c in manifest["components"]:
-            self.end_warm(app, c["name"])
         members = {name: session_members(session_of(pid)) or [pid] for name, pid in leaders.items()}
         for pids in members.values():
             signal_all(pids, signal.SIGTERM)
@@ -341,7 +337,7 @@ class Processes:
         return " | ".join(text.strip().splitlines()[-lines:])
 
 
-class Prepared:
+class PreparedProcess:
     """A prepared process told to go: the part of subprocess.Popen that op_start uses. The
     agent that prepared it is its parent and knows its status; another one knows only that
     it ended."""
@@ -357,6 +353,13 @@ class Prepared:
             elif not pid_alive(self.pid, self.start_time):
                 self.returncode = "unknown"
         return self.returncode
+
+
+def start_time_of(pid):
+    """What tells a process from a later one with its pid (see procs.pid_alive); 0 where
+    there is no /proc."""
+    info = proc_stat(pid) if have_proc() else None
+    return info[2] if info else 0
 
 
 def full_env(env):
@@ -380,10 +383,6 @@ def forget_warm(proc):
     proc.kill()
     proc.wait()
     WARM_CHILDREN.pop(proc.pid, None)
-
-
-def now():
-    return time.strftime("%Y-%m-%d %H:%M:%S")
 
 
 def supervise(component, command, cwd):
