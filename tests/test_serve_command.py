@@ -1,0 +1,86 @@
+"""`manage.py serve`: MIG's component command, as its grid starts and stops it."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+from .conftest import ROOT, mig_env
+from .sshd import free_port
+
+
+def wait_for(condition, what, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not (found := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+    return found
+
+
+def answers(url):
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def accepted(server_port, client_port):
+    """Whether the server side of this loopback connection has been accepted: a socket
+    still in the listen backlog has no inode in /proc/net/tcp."""
+    with open("/proc/net/tcp") as table:
+        for line in list(table)[1:]:
+            fields = line.split()
+            local, remote, inode = fields[1], fields[2], int(fields[9])
+            if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == client_port:
+                return inode != 0
+    return False
+
+
+def session_alive(sid):
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == sid and zombie_free(int(entry)):
+                    return True
+            except OSError:
+                pass
+    return False
+
+
+def zombie_free(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rpartition(")")[2].split()[0] != "Z"
+
+
+def test_a_stop_answers_the_request_under_way_then_every_process_ends(config_dir):
+    port = free_port("127.0.0.1")
+    serve = subprocess.Popen(
+        [sys.executable, str(ROOT / "manage.py"), "serve"],
+        cwd=ROOT,
+        env=mig_env(config_dir, MIG_BIND=f"127.0.0.1:{port}", MIG_NO_LOGIN="true"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # as a grid starts a component: its own session
+    )
+    try:
+        wait_for(lambda: answers(f"http://127.0.0.1:{port}/ping/"), "MIG to answer")
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(b"GET /ping/ HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            wait_for(lambda: accepted(port, client.getsockname()[1]), "a worker to take the connection")
+            os.killpg(serve.pid, signal.SIGTERM)  # as a grid stops an app: its whole session
+            client.sendall(b"\r\n")
+            reply = b""
+            while chunk := client.recv(65536):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(b'{"ok": true}')
+        assert serve.wait(timeout=30) == 0
+        wait_for(lambda: not session_alive(serve.pid), "every process of MIG's session to end")
+        assert "Shutting down: Master" in serve.stderr.read().decode()
+    finally:
+        if serve.poll() is None:
+            os.killpg(serve.pid, signal.SIGKILL)
+            serve.wait()
