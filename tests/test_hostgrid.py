@@ -200,6 +200,31 @@ def test_a_prepared_start_is_its_waiting_process_told_to_go(grid, program):
     assert process_gone(waiting)
 
 
+# Imports two modules of the app's own, and says what they hold and how they were loaded.
+IMPORTER = """import sys, json
+import same, changed
+with open(sys.argv[1] + "/runs", "a") as f:
+    f.write(json.dumps([same.VALUE, changed.VALUE, type(same.__loader__).__name__]) + "\\n")
+import time
+time.sleep(600)
+"""
+
+
+def test_the_apps_code_compiled_ahead_is_taken_only_while_its_file_holds_the_same(grid):
+    reporting_app(grid)
+    grid.put_file("shop", "volumes/code/reporter.py", IMPORTER.encode())
+    grid.put_file("shop", "volumes/code/same.py", b'VALUE = "as prepared"\n')
+    grid.put_file("shop", "volumes/code/changed.py", b'VALUE = "the old one"\n')
+    # Nothing writes to it: reading it would hold the prepared process up for good.
+    os.mkfifo(Path(grid.grid.root, "apps/shop/volumes/code/fifo.py"))
+    assert grid.prepare_start("shop", wait=120).ready == ("main",)
+    # The copy changes a file compiled ahead: same size, and likely within the same second.
+    grid.put_file("shop", "volumes/code/changed.py", b'VALUE = "a new one!!"\n')
+    grid.start("shop")
+    assert wait_for(lambda: runs_of(grid))
+    assert runs_of(grid) == [["as prepared", "a new one!!", "CompiledAhead"]]
+
+
 def test_a_prepared_process_without_time_left_is_not_taken(grid):
     reporting_app(grid)
     # Less than the margin a prepared process must have left (processes.WARM_MARGIN).

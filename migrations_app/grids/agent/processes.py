@@ -11,6 +11,9 @@ start (prepare()): its interpreter starts, imports those modules and waits, runn
 of the app, until start() tells it to go through a fifo (`run/<component>.go`) or its
 deadline passes. `run/<component>.warm` says which process waits, until when, and for which
 command, directory and environment: a start with any other runs the component afresh.
+Meanwhile it compiles the app's Python files under the script's directory (compiling runs
+nothing) and keeps the code with the source it came from: an import whose file still holds
+that source takes it, one the copy changed since is compiled then, as ever.
 """
 
 import hashlib
@@ -37,14 +40,20 @@ WARM_MARGIN = 5.0
 WARM_READY_WAIT = 60.0
 PYTHON_RE = re.compile(r"^python[0-9.]*\Z")
 
+# How much of the app's code a prepared process compiles ahead: the script's directory may
+# hold the app's data too.
+COMPILE_AHEAD_ENTRIES = 20_000
+COMPILE_AHEAD_BYTES = 32 << 20
+
 # What a prepared process runs, in the component's own interpreter (MIG's code is not
 # there): preload, refuse a module of the app's own files (the copy may still change
-# them), say ready, wait for "go" on the fifo or the deadline, then run the component's
-# script or module as `python SCRIPT ARGS` / `python -m MODULE ARGS` would.
+# them), compile the app's Python files ahead, say ready, wait for "go" on the fifo or the
+# deadline, then run the component's script or module as `python SCRIPT ARGS` /
+# `python -m MODULE ARGS` would.
 WARM_STUB = r"""
-import importlib, importlib.util, os, select, sys, time
-go, ready, deadline, app_dir, preload = sys.argv[1:6]
-go, ready, deadline, argv = int(go), int(ready), float(deadline), sys.argv[6:]
+import importlib, importlib.machinery, importlib.util, os, select, stat, sys, time
+go, ready, deadline, app_dir, entries, size, preload = sys.argv[1:8]
+go, ready, deadline, argv = int(go), int(ready), float(deadline), sys.argv[8:]
 inside = os.path.realpath(app_dir) + os.sep
 def report(line):
     os.write(ready, line.encode() + b"\n")
@@ -71,6 +80,39 @@ for module in list(sys.modules.values()):
     path = getattr(module, "__file__", None)
     if path and os.path.realpath(path).startswith(inside):
         report(f"preloading imported {of_the_app(module.__name__)}")
+# The app's code, compiled ahead (it runs nothing): {path: (source, code)}.
+ahead = {}
+code_dir = os.getcwd() if argv[0] == "-m" else os.path.dirname(os.path.abspath(argv[0]))
+entries, size = int(entries), int(size)
+for top, dirs, files in os.walk(code_dir) if os.path.realpath(code_dir).startswith(inside) else ():
+    dirs[:] = [d for d in dirs if d != "__pycache__"]
+    if (entries := entries - len(dirs) - len(files)) < 0 or size < 0:
+        break
+    for name in files:
+        path = os.path.join(top, name)
+        if name.endswith(".py"):
+            try:
+                # Not blocking, and files only: a fifo named *.py must not hold the start up.
+                with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+                    source = f.read(size + 1) if stat.S_ISREG(os.fstat(f.fileno()).st_mode) else b""
+                if source and (size := size - len(source)) >= 0:
+                    ahead[path] = source, compile(source, path, "exec", dont_inherit=True)
+            except Exception:
+                pass  # its import says what is wrong with it, as it would have
+class CompiledAhead(importlib.machinery.SourceFileLoader):
+    def get_code(self, fullname):
+        source, code = ahead[self.path]
+        # Taken only while the file holds what was compiled: the copy may have changed it.
+        return code if self.get_data(self.path) == source else super().get_code(fullname)
+class FindCompiledAhead:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        spec = importlib.machinery.PathFinder.find_spec(name, path, target)
+        if spec and type(spec.loader) is importlib.machinery.SourceFileLoader and spec.origin in ahead:
+            spec.loader = CompiledAhead(spec.loader.name, spec.loader.path)
+        return spec
+if ahead:
+    sys.meta_path.insert(sys.meta_path.index(importlib.machinery.PathFinder), FindCompiledAhead)
 report("ready")
 while True:
     left = deadline - time.time()
@@ -225,7 +267,7 @@ class Processes:
         ready_r, ready_w = os.pipe()
         deadline = time.time() + wait
         argv = [command[0], "-c", WARM_STUB, str(go), str(ready_w), repr(deadline), self.grid.app_dir(app)]
-        argv += [",".join(preload), *command[1:]]
+        argv += [str(COMPILE_AHEAD_ENTRIES), str(COMPILE_AHEAD_BYTES), ",".join(preload), *command[1:]]
         try:
             proc = self.spawn(app, name, argv, cwd, env, f"preparing the start of {name}", (go, ready_w))
         except OSError as e:

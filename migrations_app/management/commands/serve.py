@@ -64,6 +64,10 @@ class Command(BaseCommand):
         "(grids, login user, and finishing any job that travelled with the app) in the background."
     )
 
+    # Django's checks are run by the `startup` this starts in the background, as gunicorn
+    # serving Django runs none: the app is down until it answers.
+    requires_system_checks = []
+
     def handle(self, *args, **options):
         since = time.time()
         # Only what answering needs happens before serving: the app is down until it answers,
