@@ -218,6 +218,9 @@ def test_the_apps_code_compiled_ahead_is_taken_only_while_its_file_holds_the_sam
     # Nothing writes to it: reading it would hold the prepared process up for good.
     os.mkfifo(Path(grid.grid.root, "apps/shop/volumes/code/fifo.py"))
     assert grid.prepare_start("shop", wait=120).ready == ("main",)
+    assert wait_for(
+        lambda: "compiled 3 Python file(s) of the app ahead\n" in grid.read_file("shop", "logs/main.log")[0]
+    )
     # The copy changes a file compiled ahead: same size, and likely within the same second.
     grid.put_file("shop", "volumes/code/changed.py", b'VALUE = "a new one!!"\n')
     grid.start("shop")

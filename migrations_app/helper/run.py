@@ -83,8 +83,10 @@ RETRY_DELAYS = (1, 2, 4, 8, 16)
 LIVE_PASS_PER_LISTING = 1.3
 SWEEP_PER_LISTING = 0.15
 VERIFY_PER_LISTING = 0.02
-# The other parts of a downtime, in seconds, when no earlier job of this MIG measured them.
-DEFAULT_PARTS = {"stop": 0.3, "start": 0.5, "health": 0.2}
+# The other parts of a downtime, in seconds, when no earlier job of this MIG measured them:
+# about twice what ./dev bench measured of MIG's own app (2026-12-05: stop 0.04-0.06 s, a
+# prepared start 0.12-0.14 s, first answer 0.08-0.12 s); another app's may take longer.
+DEFAULT_PARTS = {"stop": 0.1, "start": 0.25, "health": 0.2}
 # The final pass reads each changed file whole on the source to find the blocks that
 # differ (few, usually, and sent at once): about as fast as the hashing read everything,
 # if that read enough to tell; otherwise this many bytes per second.

@@ -47,8 +47,8 @@ COMPILE_AHEAD_BYTES = 32 << 20
 
 # What a prepared process runs, in the component's own interpreter (MIG's code is not
 # there): preload, refuse a module of the app's own files (the copy may still change
-# them), compile the app's Python files ahead, say ready, wait for "go" on the fifo or the
-# deadline, then run the component's script or module as `python SCRIPT ARGS` /
+# them), say ready, compile the app's Python files ahead while it waits for "go" on the
+# fifo or the deadline, then run the component's script or module as `python SCRIPT ARGS` /
 # `python -m MODULE ARGS` would.
 WARM_STUB = r"""
 import importlib, importlib.machinery, importlib.util, os, select, stat, sys, time
@@ -80,25 +80,34 @@ for module in list(sys.modules.values()):
     path = getattr(module, "__file__", None)
     if path and os.path.realpath(path).startswith(inside):
         report(f"preloading imported {of_the_app(module.__name__)}")
-# The app's code, compiled ahead (it runs nothing): {path: (source, code)}.
-ahead = {}
+report("ready")
+def told_to_go(wait):  # within `wait` seconds; it leaves at its deadline
+    if (left := deadline - time.time()) <= 0:
+        sys.exit(0)
+    return bool(select.select([go], [], [], min(wait, left))[0]) and os.read(go, 16).startswith(b"go")
+# While it waits, the app's code compiled ahead (it runs nothing), a file at a time, until
+# the go: {path: (source, code)}. After the ready, which then comes sooner.
+ahead, gone = {}, False
 code_dir = os.getcwd() if argv[0] == "-m" else os.path.dirname(os.path.abspath(argv[0]))
 entries, size = int(entries), int(size)
 for top, dirs, files in os.walk(code_dir) if os.path.realpath(code_dir).startswith(inside) else ():
     dirs[:] = [d for d in dirs if d != "__pycache__"]
     if (entries := entries - len(dirs) - len(files)) < 0 or size < 0:
         break
-    for name in files:
+    for name in (n for n in files if n.endswith(".py")):
+        if gone := told_to_go(0):
+            break
         path = os.path.join(top, name)
-        if name.endswith(".py"):
-            try:
-                # Not blocking, and files only: a fifo named *.py must not hold the start up.
-                with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
-                    source = f.read(size + 1) if stat.S_ISREG(os.fstat(f.fileno()).st_mode) else b""
-                if source and (size := size - len(source)) >= 0:
-                    ahead[path] = source, compile(source, path, "exec", dont_inherit=True)
-            except Exception:
-                pass  # its import says what is wrong with it, as it would have
+        try:
+            # Not blocking, and files only: a fifo named *.py must not hold the start up.
+            with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+                source = f.read(size + 1) if stat.S_ISREG(os.fstat(f.fileno()).st_mode) else b""
+            if source and (size := size - len(source)) >= 0:
+                ahead[path] = source, compile(source, path, "exec", dont_inherit=True)
+        except Exception:
+            pass  # its import says what is wrong with it, as it would have
+    if gone:
+        break
 class CompiledAhead(importlib.machinery.SourceFileLoader):
     def get_code(self, fullname):
         source, code = ahead[self.path]
@@ -111,15 +120,11 @@ class FindCompiledAhead:
         if spec and type(spec.loader) is importlib.machinery.SourceFileLoader and spec.origin in ahead:
             spec.loader = CompiledAhead(spec.loader.name, spec.loader.path)
         return spec
+print(f"compiled {len(ahead)} Python file(s) of the app ahead{', then told to go' * gone}", flush=True)
 if ahead:
     sys.meta_path.insert(sys.meta_path.index(importlib.machinery.PathFinder), FindCompiledAhead)
-report("ready")
-while True:
-    left = deadline - time.time()
-    if left <= 0:
-        sys.exit(0)
-    if select.select([go], [], [], left)[0] and os.read(go, 16).startswith(b"go"):
-        break
+while not gone:
+    gone = told_to_go(3600)
 os.close(go)
 import runpy
 if argv[0] == "-m":
