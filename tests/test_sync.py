@@ -703,11 +703,24 @@ survey = tree.Survey({str(tmp_path)!r})
 survey.scan(lambda line: None)
 found = []
 survey.sweep({{"many/d007"}}, found.append)
-print(len(found))
+print(sum(text.count("\\n") for text in found))
 """
     run = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["2"]  # the directory described again, and its directory's names
+
+
+def test_what_a_process_of_the_split_sweep_writes_is_passed_on_in_whole_lines_but_its_error():
+    read_end, write_end = os.pipe()
+    passed, said = [], []
+    reader = threading.Thread(target=tree.pass_lines_on, args=(read_end, passed.append, said))
+    reader.start()
+    for piece in (b"one\ntw", b"o\n", b"three\n", (tree.SWEEP_FAILED + "OSError: gone").encode()):
+        os.write(write_end, piece)
+    os.close(write_end)
+    reader.join()
+    assert "".join(passed) == "one\ntwo\nthree\n" and all(text.endswith("\n") for text in passed)
+    assert said == [tree.SWEEP_FAILED + "OSError: gone"]
 
 
 def test_the_last_sweep_in_processes_side_by_side_finds_what_one_would(tmp_path):

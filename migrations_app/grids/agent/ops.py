@@ -675,12 +675,17 @@ def op_scan(grid, args):
     survey.scan(sys.stdout.write)
     sys.stdout.write(tree.LISTED.decode() + "\n")
     sys.stdout.flush()
+
+    def write_now(text):  # a directory's finds: the final pass fetches them meanwhile
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
     while line := sys.stdin.readline():
         request = json.loads(line)
         again = request.get("sweep")
         if not isinstance(again, list) or not all(isinstance(rel, str) for rel in again):
             raise Invalid(f"not a sweep request: {line[:200]!r}")
-        survey.sweep(set(again), sys.stdout.write, last=request.get("last") is True)
+        survey.sweep(set(again), write_now, last=request.get("last") is True)
         sys.stdout.write(tree.SWEPT.decode() + "\n")
         sys.stdout.flush()
 

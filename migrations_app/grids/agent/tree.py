@@ -547,9 +547,16 @@ def walk_dirs(base, look: Callable[[str, int], list[str]]):
 SWEEP_FAILED = "\0sweep failed: "
 
 
-def read_all(fd, into: list):
-    with os.fdopen(fd) as f:
-        into.append(f.read())
+def pass_lines_on(fd, write, said: list):
+    """Pass on what a process of a split sweep writes, whole lines at a time as they come
+    (the final pass fetches what they name meanwhile), but its error: into `said`."""
+    with os.fdopen(fd, "rb") as f:
+        rest = b""
+        while chunk := f.read1(1 << 16):
+            lines, _, rest = (rest + chunk).rpartition(b"\n")
+            if lines:
+                write(lines.decode() + "\n")
+        said.append(rest.decode(errors="replace"))
 
 
 # Processes of the sweep after the stop (see Survey.split_sweep): it is what the stopped
@@ -618,9 +625,16 @@ class Survey:
         """The sweep after the stop, in SWEEP_PROCESSES processes: each looks at its share
         of the directories (by a hash of their path, the same in each: a fork keeps the
         seed) and only lists the others, with no stat, to find its own. The stopped time
-        is the sweep's. What each finds goes out whole lines at a time; in no particular
-        order, which the helper does not need of a stopped source (see sync.FinalPass)."""
+        is the sweep's. What each finds goes out a directory at a time, as it is found (the
+        final pass fetches what changed meanwhile); in no particular order, which the
+        helper does not need of a stopped source (see sync.FinalPass)."""
         children = []
+        one_at_a_time = threading.Lock()
+
+        def write_lines(text):
+            with one_at_a_time:
+                write(text)
+
         for share in range(1, SWEEP_PROCESSES):
             read_end, write_end = os.pipe()
             pid = os.fork()
@@ -629,30 +643,35 @@ class Survey:
                 try:
                     os.close(read_end)
                     with os.fdopen(write_end, "w") as out:
+
+                        def write_now(text):
+                            out.write(text)
+                            out.flush()
+
                         try:
-                            self.sweep_share(share, forced, cutoff, out.write)
+                            self.sweep_share(share, forced, cutoff, write_now)
                             status = 0
                         except BaseException as error:  # what failed, for the parent to say
                             out.write(f"{SWEEP_FAILED}{type(error).__name__}: {error}")
                 finally:
                     os._exit(status)
             os.close(write_end)
-            found = []
-            reader = threading.Thread(target=read_all, args=(read_end, found), name=f"sweep-{share}")
+            said = []
+            reader = threading.Thread(
+                target=pass_lines_on, args=(read_end, write_lines, said), name=f"sweep-{share}"
+            )
             reader.start()  # a pipe holds 64 KiB: the child must never wait for the parent
-            children.append((pid, reader, found))
+            children.append((pid, reader, said))
         try:
-            self.sweep_share(0, forced, cutoff, write)
+            self.sweep_share(0, forced, cutoff, write_lines)
         finally:
-            for pid, reader, found in children:
+            for pid, reader, said in children:
                 reader.join()
-                found.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
-        for _, _, (lines, status) in children:
+                said.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+        for _, _, (last_words, status) in children:
             if status != 0:
-                said = lines.rpartition(SWEEP_FAILED)[2] if SWEEP_FAILED in lines else "no message"
-                raise SyncError(f"a process of the sweep failed (status {status}): {said}")
-        for _, _, (lines, _) in children:
-            write(lines)
+                why = last_words.rpartition(SWEEP_FAILED)[2] if SWEEP_FAILED in last_words else "no message"
+                raise SyncError(f"a process of the sweep failed (status {status}): {why}")
 
     def sweep_share(self, share, forced, cutoff, write):
         def look(rel_dir, fd):
@@ -665,12 +684,13 @@ class Survey:
 
     def look(self, rel_dir, fd, forced, cutoff, seen, write) -> list[str]:
         """Sweep one directory (see sweep()); returns its subdirectories' names, in order.
-        The inner loop of a sweep: every entry the app has goes through it."""
+        What it finds goes to `write` at once, in one piece. The inner loop of a sweep:
+        every entry the app has goes through it."""
         before = self.seen.get(rel_dir, NOTHING_SEEN)
         again = forced.get(rel_dir, ())
         # A set for the look up: memory for one directory at a time, as its listing takes.
         known = frozenset(before.fingerprints)
-        names, marks, subdirs, kept = [], array("q"), [], 0
+        names, marks, subdirs, kept, found = [], array("q"), [], 0, []
         for name in sorted(os.listdir(fd)):
             try:
                 st = os.stat(name, dir_fd=fd, follow_symlinks=False)
@@ -678,7 +698,7 @@ class Survey:
                 if mark in known and name not in again:
                     kept += 1
                 else:
-                    write(Entry.of(join(rel_dir, name), st, fd, name).to_wire() + "\n")
+                    found.append(Entry.of(join(rel_dir, name), st, fd, name).to_wire() + "\n")
             except OSError as e:
                 if not_there(e):
                     continue
@@ -690,7 +710,9 @@ class Survey:
                 subdirs.append(name)
         seen[rel_dir] = Seen(marks, len(names))
         if kept < before.names or again:
-            write(json.dumps({"names": rel_dir, "n": names}) + "\n")
+            found.append(json.dumps({"names": rel_dir, "n": names}) + "\n")
+        if found:
+            write("".join(found))
         return subdirs
 
 
