@@ -1,5 +1,6 @@
 """`manage.py serve`: MIG's component command, as its grid starts and stops it."""
 
+import http.client
 import os
 import signal
 import socket
@@ -7,6 +8,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+
+import pytest
 
 from .conftest import ROOT, mig_env
 from .sshd import free_port
@@ -56,7 +59,9 @@ def zombie_free(pid):
         return f.read().rpartition(")")[2].split()[0] != "Z"
 
 
-def test_a_stop_answers_the_request_under_way_then_every_process_ends(config_dir):
+@pytest.fixture
+def serving(config_dir):
+    """`manage.py serve` as a grid starts it, on a free loopback port: (process, port)."""
     port = free_port("127.0.0.1")
     serve = subprocess.Popen(
         [sys.executable, str(ROOT / "manage.py"), "serve"],
@@ -68,19 +73,41 @@ def test_a_stop_answers_the_request_under_way_then_every_process_ends(config_dir
     )
     try:
         wait_for(lambda: answers(f"http://127.0.0.1:{port}/ping/"), "MIG to answer")
-        with socket.create_connection(("127.0.0.1", port)) as client:
-            client.sendall(b"GET /ping/ HTTP/1.1\r\nHost: 127.0.0.1\r\n")
-            wait_for(lambda: accepted(port, client.getsockname()[1]), "a worker to take the connection")
-            os.killpg(serve.pid, signal.SIGTERM)  # as a grid stops an app: its whole session
-            client.sendall(b"\r\n")
-            reply = b""
-            while chunk := client.recv(65536):
-                reply += chunk
-        assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(b'{"ok": true}')
-        assert serve.wait(timeout=30) == 0
-        wait_for(lambda: not session_alive(serve.pid), "every process of MIG's session to end")
-        assert "Shutting down: Master" in serve.stderr.read().decode()
+        yield serve, port
     finally:
         if serve.poll() is None:
             os.killpg(serve.pid, signal.SIGKILL)
             serve.wait()
+
+
+def test_a_stop_answers_the_request_under_way_then_every_process_ends(serving):
+    serve, port = serving
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        client.sendall(b"GET /ping/ HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        wait_for(lambda: accepted(port, client.getsockname()[1]), "a worker to take the connection")
+        os.killpg(serve.pid, signal.SIGTERM)  # as a grid stops an app: its whole session
+        client.sendall(b"\r\n")
+        reply = b""
+        while chunk := client.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(b'{"ok": true}')
+    assert serve.wait(timeout=30) == 0
+    wait_for(lambda: not session_alive(serve.pid), "every process of MIG's session to end")
+    assert "Shutting down: Master" in serve.stderr.read().decode()
+
+
+def test_no_connection_is_kept_open_after_its_answer(serving):
+    # A stopping worker waits for its kept-alive connections (up to 2 s), and an operator's
+    # browser on the job page would hold one: the migration's downtime grew by that much.
+    _, port = serving
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    connection.request("GET", "/ping/")
+    response = connection.getresponse()
+    assert response.read() == b'{"ok": true}' and response.getheader("Connection") == "close"
+    assert connection.sock is None  # http.client closes it when the server says it will
+    with socket.create_connection(("127.0.0.1", port)) as raw:
+        raw.sendall(b"GET /ping/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        reply = b""
+        while chunk := raw.recv(65536):  # ends: the server closes it
+            reply += chunk
+    assert reply.endswith(b'{"ok": true}')
