@@ -110,9 +110,10 @@ for top, dirs, files in os.walk(code_dir) if os.path.realpath(code_dir).startswi
         break
 class CompiledAhead(importlib.machinery.SourceFileLoader):
     def get_code(self, fullname):
-        source, code = ahead[self.path]
-        # Taken only while the file holds what was compiled: the copy may have changed it.
-        return code if self.get_data(self.path) == source else super().get_code(fullname)
+        # Used once (let go of), and only while the file holds what was compiled: the copy
+        # may have changed it since.
+        source, code = ahead.pop(self.path, (None, None))
+        return code if code and self.get_data(self.path) == source else super().get_code(fullname)
 class FindCompiledAhead:
     @staticmethod
     def find_spec(name, path=None, target=None):
