@@ -92,7 +92,7 @@ code_dir = os.getcwd() if argv[0] == "-m" else os.path.dirname(os.path.abspath(a
 entries, size = int(entries), int(size)
 for top, dirs, files in os.walk(code_dir) if os.path.realpath(code_dir).startswith(inside) else ():
     dirs[:] = [d for d in dirs if d != "__pycache__"]
-    if (entries := entries - len(dirs) - len(files)) < 0 or size < 0:
+    if (entries := entries - len(dirs) - len(files)) < 0 or size < 0 or (gone := told_to_go(0)):
         break
     for name in (n for n in files if n.endswith(".py")):
         if gone := told_to_go(0):
