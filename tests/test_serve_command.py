@@ -6,24 +6,18 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
 
+from migrations_app.grids.agent.procs import session_members
+
 from .conftest import ROOT, mig_env
 from .sshd import free_port
+from .test_driver_contract import wait_for
 
 
-def wait_for(condition, what, timeout=60):
-    deadline = time.monotonic() + timeout
-    while not (found := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-    return found
-
-
-def answers(url):
+def pings(url):
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
             return response.status == 200
@@ -43,22 +37,6 @@ def accepted(server_port, client_port):
     return False
 
 
-def session_alive(sid):
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.getsid(int(entry)) == sid and zombie_free(int(entry)):
-                    return True
-            except OSError:
-                pass
-    return False
-
-
-def zombie_free(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rpartition(")")[2].split()[0] != "Z"
-
-
 @pytest.fixture
 def serving(config_dir):
     """`manage.py serve` as a grid starts it, on a free loopback port: (process, port)."""
@@ -72,7 +50,7 @@ def serving(config_dir):
         start_new_session=True,  # as a grid starts a component: its own session
     )
     try:
-        wait_for(lambda: answers(f"http://127.0.0.1:{port}/ping/"), "MIG to answer")
+        assert wait_for(lambda: pings(f"http://127.0.0.1:{port}/ping/"), timeout=60)
         yield serve, port
     finally:
         if serve.poll() is None:
@@ -84,7 +62,7 @@ def test_a_stop_answers_the_request_under_way_then_every_process_ends(serving):
     serve, port = serving
     with socket.create_connection(("127.0.0.1", port)) as client:
         client.sendall(b"GET /ping/ HTTP/1.1\r\nHost: 127.0.0.1\r\n")
-        wait_for(lambda: accepted(port, client.getsockname()[1]), "a worker to take the connection")
+        assert wait_for(lambda: accepted(port, client.getsockname()[1]), timeout=60)  # a worker has it
         os.killpg(serve.pid, signal.SIGTERM)  # as a grid stops an app: its whole session
         client.sendall(b"\r\n")
         reply = b""
@@ -92,7 +70,7 @@ def test_a_stop_answers_the_request_under_way_then_every_process_ends(serving):
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(b'{"ok": true}')
     assert serve.wait(timeout=30) == 0
-    wait_for(lambda: not session_alive(serve.pid), "every process of MIG's session to end")
+    assert wait_for(lambda: not session_members(serve.pid), timeout=60)  # every process of it ended
     assert "Shutting down: Master" in serve.stderr.read().decode()
 
 
