@@ -675,11 +675,7 @@ def op_scan(grid, args):
     survey.scan(sys.stdout.write)
     sys.stdout.write(tree.LISTED.decode() + "\n")
     sys.stdout.flush()
-
-    def write_now(text):  # a directory's finds: the final pass fetches them meanwhile
-        sys.stdout.write(text)
-        sys.stdout.flush()
-
+    write_now = tree.flushing(sys.stdout)
     while line := sys.stdin.readline():
         request = json.loads(line)
         again = request.get("sweep")

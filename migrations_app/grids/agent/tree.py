@@ -547,6 +547,17 @@ def walk_dirs(base, look: Callable[[str, int], list[str]]):
 SWEEP_FAILED = "\0sweep failed: "
 
 
+def flushing(stream) -> Callable[[str], object]:
+    """A write to `stream` that sends at once: a sweep's finds go out a directory at a
+    time, and the final pass fetches what they name meanwhile."""
+
+    def write(text):
+        stream.write(text)
+        stream.flush()
+
+    return write
+
+
 def pass_lines_on(fd, write, said: list):
     """Pass on what a process of a split sweep writes, whole lines at a time as they come
     (the final pass fetches what they name meanwhile), but its error: into `said`."""
@@ -643,13 +654,8 @@ class Survey:
                 try:
                     os.close(read_end)
                     with os.fdopen(write_end, "w") as out:
-
-                        def write_now(text):
-                            out.write(text)
-                            out.flush()
-
                         try:
-                            self.sweep_share(share, forced, cutoff, write_now)
+                            self.sweep_share(share, forced, cutoff, flushing(out))
                             status = 0
                         except BaseException as error:  # what failed, for the parent to say
                             out.write(f"{SWEEP_FAILED}{type(error).__name__}: {error}")
