@@ -283,6 +283,38 @@ def test_copies_of_files_changed_since_the_copy_began_are_read(pair):
     assert (files, read, differing) == (3, 1, 1)
 
 
+def test_the_source_hashed_beside_the_copy_lends_its_hashes_to_the_copy_made_after(pair):
+    # The helper hashes the source while rsync still copies: the copy's side is taken once
+    # the copy is done, from the source's hashes wherever the source was untouched since
+    # the copy began, and by reading the copy wherever it was not.
+    source, data, copy, tmp_path = pair
+    shutil.rmtree(copy)
+    began = time.time_ns()
+    index = sync.Index(str(tmp_path / "i.sqlite3"))
+    hashing = sync.SourceHashing(source, "app", index, source.open_scan("app", hashes=True, wait=True))
+    assert hashing.wait(60) == 3
+    (data / "dir/small.txt").write_text("SMALL\n")  # after it was hashed, before it was copied
+    shutil.copytree(tmp_path / "east/apps/app/volumes", copy, symlinks=True, copy_function=shutil.copy2)
+    assert sync.take_copies(str(copy), index, began) == (1, 1)
+    with open(copy / "data/big.bin", "rb") as f:
+        blocks, _ = tree.block_hashes(f, None)
+    kept = index.db.execute("SELECT blocks FROM dst WHERE path = 'data/big.bin'").fetchone()[0]
+    assert kept == b"".join(blocks)
+
+
+def test_a_hashing_beside_the_copy_that_fails_says_why(pair):
+    source, data, copy, tmp_path = pair
+    index = sync.Index(str(tmp_path / "i.sqlite3"))
+    agent = source.open_scan("app", hashes=True, wait=True)
+    source.destroy("app")
+    hashing = sync.SourceHashing(source, "app", index, agent)
+    with pytest.raises(sync.SyncError, match="does not exist"):
+        hashing.wait(60)
+    with pytest.raises(sync.SyncError, match="does not exist"):
+        hashing.check()  # what the copy beside it looks at, every second
+    assert index.db.execute("SELECT count(*) FROM src").fetchone()[0] == 0
+
+
 def test_a_file_written_while_hashed_says_so(tmp_path):
     # Its change time once read is what the index trusts (see build_index): a write during
     # the read must show in it.

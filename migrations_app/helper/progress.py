@@ -40,11 +40,11 @@ class RateMeter:
     # 5 s of 30,000 files a second kept every one took 15 MiB at 200,000 files.
     RESOLUTION = 0.1
 
-    def __init__(self, total, clock=time.monotonic):
+    def __init__(self, total, clock=time.monotonic, done=0):
         self.total = max(int(total), 1)
         self.clock = clock
         self.started = clock()
-        self.samples = deque([(self.started, 0)])
+        self.samples = deque([(self.started, done)])
 
     def update(self, done):
         """(bytes per second, seconds left or None) after `done` bytes."""

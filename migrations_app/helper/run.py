@@ -222,6 +222,7 @@ class Helper:
         self.recent_timings = self.config.get("recent_timings") or {}
         self.read_rate = DEFAULT_READ_RATE
         self.source = self.target = self.live = self.final = self.standby = self.heartbeat = None
+        self.hashing = None  # the source's hashing, begun beside the copy (start_hashing)
         self.forced = set()  # entries the next sweep describes again (see live_round)
         self.started_warm = []  # the components the start found prepared (step_prepare_start)
         self.round_seconds = 0.0  # how long the last live round took (see live_round)
@@ -563,6 +564,17 @@ class Helper:
         target = self.define_target()
         self.apps["target"] = "copying"
         self.volumes_path = target.volumes_dir
+        self.hashing = self.start_hashing()
+        try:
+            self.copy_passes()
+        except BaseException:
+            self.hashing.stop()
+            raise
+        self.step_index()
+        self.step_budget()
+
+    def copy_passes(self):
+        """rsync the volumes while the app runs, again while it pays off."""
         previous = None
         for number in range(1, self.max_passes + 1):
             fresh = number == 1 and not self.refresh_owner and not self.journal.has(protocol.TARGET_DEFINED)
@@ -586,8 +598,6 @@ class Helper:
             if number > 1 and (changed <= max(1 << 20, self.total_bytes // 1000) or changed >= previous / 2):
                 break
             previous = changed
-        self.step_index()
-        self.step_budget()
 
     def step_budget(self):
         """With a downtime budget: predict the downtime. While what changed since the hashing
@@ -614,6 +624,7 @@ class Helper:
             )
             stats = self.copy_pass(f"pre-copy round {round_number + 1}")
             self.moved += stats.literal_bytes
+            self.hashing = self.start_hashing()
             self.step_index()
         over = (
             f"The downtime would be about {prediction.seconds:.1f}s ({prediction.describe()}), over "
@@ -739,42 +750,42 @@ class Helper:
         self.log.event(said, fact=protocol.TARGET_DEFINED, url=target.url)
         return target
 
+    def start_hashing(self) -> sync.SourceHashing:
+        """Begin hashing the source for the final pass (see sync.hash_source), in a thread:
+        beside the copy, or just before step_index waits for it."""
+        self.hashing_began = time.monotonic()
+        self.clean_before_ns = int((time.time() + self.source_clock_offset - RACY_MARGIN) * 1e9)
+        self.index = sync.Index(os.path.join(self.work_dir, "index.sqlite3"))
+        agent = self.standby.take(sync.Reader.HASHING)
+        return sync.SourceHashing(self.source, self.source_app, self.index, agent)
+
     def step_index(self):
         """Take both sides' block hashes now, while the app runs, so the stopped app is read
-        only once (see sync.build_index)."""
+        only once: the source's, from the hashing begun beside the copy, then the copy's
+        (see sync.take_copies)."""
         self.log.event(
             "Hashing for the final pass; MIG leaves the source's volumes alone", fact=protocol.HANDS_OFF
         )
-        started = time.time()
-        self.hashing_began = time.monotonic()
-        self.clean_before_ns = int((started + self.source_clock_offset - RACY_MARGIN) * 1e9)
-        self.index = sync.Index(os.path.join(self.work_dir, "index.sqlite3"))
-        meter = RateMeter(self.total_bytes)
-
-        hashed_bytes = 0
-
-        def on_progress(hashed):
-            nonlocal hashed_bytes
-            hashed_bytes = hashed
-            self.check_cancel(every=0.5)
-            rate, eta = meter.update(hashed)
-            self.log.progress(hashed, self.total_bytes, rate, eta, "hashing for the final pass")
-
-        files, read, differing = sync.build_index(
-            self.source,
-            self.source_app,
-            self.volumes_path,
-            self.index,
-            self.copy_began_ns,
-            on_progress,
-            self.standby.take(sync.Reader.HASHING),
-        )
-        seconds = time.time() - started
-        if hashed_bytes >= 16 << 20:  # enough to tell how fast the source reads
-            self.read_rate = hashed_bytes / max(seconds, 1e-3)
+        hashing, self.hashing = self.hashing, None
+        beside = " beside the copy" if hashing.hashed else ""
+        waited_from, hashed_before = time.monotonic(), hashing.hashed
+        meter = RateMeter(self.total_bytes, done=hashed_before)
+        try:
+            while (files := hashing.wait(0.5)) is None:  # a cancel is looked for as often
+                self.check_cancel()
+                rate, eta = meter.update(hashing.hashed)
+                self.log.progress(hashing.hashed, self.total_bytes, rate, eta, "hashing for the final pass")
+        except BaseException:
+            hashing.stop()
+            raise
+        hashed_alone = hashing.hashed - hashed_before
+        if hashed_alone >= 16 << 20:  # enough to tell how fast the source reads with nothing beside
+            self.read_rate = hashed_alone / max(time.monotonic() - waited_from, 1e-3)
+        read, differing = sync.take_copies(self.volumes_path, self.index, self.copy_began_ns)
+        seconds = time.monotonic() - self.hashing_began
         self.log.event(
-            f"Hashed {files} files in {seconds:.1f}s, and the copies of the {read} changed since the "
-            f"copy began (rsync checked the rest as it sent them); {differing} differ (written to "
+            f"Hashed {files} files in {seconds:.1f}s{beside}, and the copies of the {read} changed since "
+            f"the copy began (rsync checked the rest as it sent them); {differing} differ (written to "
             "while copied)",
             fact=protocol.INDEXED,
             files=files,
@@ -1257,6 +1268,12 @@ class Helper:
                 )
                 time.sleep(delay)
 
+    def check_copying(self):
+        """A cancel, or the hashing beside the copy failing, ends the copy."""
+        self.check_cancel()
+        if self.hashing is not None:
+            self.hashing.check()
+
     def rsync_once(self, label, fresh=False):
         total = max(self.total_bytes, 1)
         meter = RateMeter(total)
@@ -1277,7 +1294,7 @@ class Helper:
             self.stall_timeout,
             protect_args=source.protect_args,
         )
-        stats = run_rsync(argv, on_progress, self.stall_timeout, self.rsync_pid_file, self.check_cancel)
+        stats = run_rsync(argv, on_progress, self.stall_timeout, self.rsync_pid_file, self.check_copying)
         self.log.progress(total, total, total / max(stats.seconds, 1e-3), 0, label, force=True)
         return stats
 

@@ -1,9 +1,10 @@
 """
 The final pass and the verification, on block hashes kept from the pre-copy.
 
-rsync moves the bulk while the app runs. Then, still before the stop, `build_index` hashes
-the source in 64 KiB blocks (by its agent), and the copies of the files that changed since
-the copy began (here, at the same time), and keeps, per file, the source's metadata (its
+rsync moves the bulk while the app runs. Beside it, `hash_source` hashes the source in 64
+KiB blocks (by its agent), and once rsync is done, `take_copies` takes the copy's hashes
+from the source's, or reads the copies of the files that changed since the copy began
+(`build_index` does both in turn). The index keeps, per file, the source's metadata (its
 change time too), the copy's block hashes, and whether the two matched. `FinalPass` then
 lists the source and sends for only the files that changed since (or might have: changed
 too close to the hashing) the blocks that differ: the source is read once, the copy not at
@@ -114,8 +115,11 @@ class Index:
         self.db = self.connect()
         self.db.executescript(
             """
-            -- ctime: the change time once hashed.
-            CREATE TABLE src (path TEXT PRIMARY KEY, size INT, mtime INT, digest TEXT, ctime INT);
+            -- ctime: the change time once hashed; blocks: its block hashes, which the
+            -- copy's are where rsync sent what was hashed (see take_copies).
+            CREATE TABLE src (
+                path TEXT PRIMARY KEY, size INT, mtime INT, digest TEXT, ctime INT, blocks BLOB
+            );
             CREATE TABLE dst (path TEXT PRIMARY KEY, size INT, mtime INT, digest TEXT, blocks BLOB);
             -- The source as the final pass listed it, in listing order (key: order_key),
             -- for verify; ino: "dev:inode" of files with more than one name; dir: the
@@ -152,7 +156,7 @@ class Index:
 class Reader(enum.Enum):
     """The source's agents the steps read with."""
 
-    HASHING = "hashing"  # build_index
+    HASHING = "hashing"  # hash_source
     LISTING = "listing"  # the final pass's listing: a survey (see FinalPass)
     DELTA = "delta"  # the final pass's senders of changed blocks
 
@@ -216,19 +220,100 @@ def go(scan, survey=False):
 
 
 def build_index(source, source_app, target_base, index, copy_began_ns=None, on_progress=None, scan=None):
-    """Hash the source (its agent does, streaming) and take the copy's block hashes,
-    calling on_progress(bytes hashed) as the source's listing goes (what it raises ends
-    the hashing). `scan`: the hashing agent, if one was started ahead (Standby).
+    """Hash the source (`hash_source`), then take the copy's block hashes (`take_copies`).
+    Returns (files, copies read, files differing)."""
+    files = hash_source(source, source_app, index, on_progress, scan)
+    read, differing = take_copies(target_base, index, copy_began_ns)
+    return files, read, differing
+
+
+def hash_source(source, source_app, index, on_progress=None, scan=None) -> int:
+    """Hash the source into the index (its agent does, streaming): each file's metadata,
+    its change time once read, its digest and block hashes. Calls on_progress(bytes hashed)
+    as the listing goes (what it raises ends the hashing). `scan`: the hashing agent, if
+    one was started ahead (Standby); stopping it ends the hashing with an error.
+
+    It reads only the source, so it may run while rsync still copies: the copy's side
+    comes after (take_copies). Returns how many files it hashed."""
+    proc = scan or source.open_scan(source_app, hashes=True, wait=True)
+    go(proc)
+    db = index.db
+    files = hashed = 0
+    try:
+        db.execute("BEGIN")
+        for e in entries(proc, "hashing the source"):
+            if e.kind != Kind.FILE:
+                continue
+            files, hashed = files + 1, hashed + e.size
+            if on_progress is not None:
+                on_progress(hashed)
+            db.execute(
+                "INSERT INTO src VALUES (?, ?, ?, ?, ?, ?)",
+                (e.path, e.size, e.mtime_ns, e.digest, e.ctime_ns, e.blocks),
+            )
+    except BaseException:
+        stop(proc)  # a listing cut short (a cancel, an error) is not needed any more
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+    return files
+
+
+class SourceHashing:
+    """hash_source in a thread of its own, so that it runs beside the copy: it reads only
+    the source, where rsync reads the same files, and it keeps a CPU busy that rsync leaves
+    idle a quarter of the time. `hashed`: the bytes hashed so far."""
+
+    def __init__(self, source, source_app, index, scan):
+        self.proc = scan
+        self.hashed = 0
+        self.files = None
+        self.error = None
+        self.thread = threading.Thread(
+            target=self.run, args=(source, source_app, index), name="hashing", daemon=True
+        )
+        self.thread.start()
+
+    def run(self, source, source_app, index):
+        try:
+            self.files = hash_source(source, source_app, index, self.progress, self.proc)
+        except BaseException as error:  # never a silent death: check() and wait() raise it
+            self.error = error
+
+    def progress(self, hashed):
+        self.hashed = hashed
+
+    def check(self):
+        """Raise what ended the hashing, if it failed."""
+        if self.error is not None:
+            raise self.error
+
+    def wait(self, timeout=None) -> int | None:
+        """The files hashed, once the hashing is done (None if not within `timeout`); what
+        ended it raised."""
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            return None
+        self.check()
+        return self.files
+
+    def stop(self):
+        """End it early (the copy failed, a cancel): its agent is stopped, its thread waited for."""
+        stop(self.proc)
+        self.thread.join()
+
+
+def take_copies(target_base, index, copy_began_ns=None) -> tuple[int, int]:
+    """The copy's block hashes of each file the source's hashing saw, once rsync is done
+    with the copy. Returns (copies read, files whose digests differ).
 
     A copy file is read only if its source may have changed since the copy began
     (`copy_began_ns`, in the source's clock). One whose change time, which no program can
     set back, was older still once it was hashed, and whose copy has its size and time, is
     what rsync sent; rsync checks each file it sends against a whole-file checksum, so the
-    source's hashes are the copy's. The others are hashed here, in a thread, while the
-    source's hashes stream in. Returns (files, copies read, files differing).
+    source's hashes are the copy's. The others are read here, in a thread, while the
+    trusted ones are taken.
     """
-    proc = scan or source.open_scan(source_app, hashes=True, wait=True)
-    go(proc)
     copy = Copy(target_base)
     db = index.db
     lock = threading.Lock()  # one connection, one transaction, two threads
@@ -238,7 +323,7 @@ def build_index(source, source_app, target_base, index, copy_began_ns=None, on_p
     def read_copies():
         while (rel := to_read.get()) is not None:
             if failure:
-                continue  # keep taking requests, so the listing never waits on a full queue
+                continue  # keep taking requests, so the loop below never waits on a full queue
             try:
                 with copy.open(rel) as f:
                     st = os.fstat(f.fileno())
@@ -252,49 +337,41 @@ def build_index(source, source_app, target_base, index, copy_began_ns=None, on_p
                 if not not_there(error):  # never a silent death: the hashing fails with it
                     failure.append(error)
 
-    def untouched_since_copied(entry: Entry):
-        if copy_began_ns is None or entry.ctime_ns >= copy_began_ns:
+    def untouched_since_copied(rel, size, mtime_ns, ctime_ns):
+        if copy_began_ns is None or ctime_ns is None or ctime_ns >= copy_began_ns:
             return False
         try:
-            st = copy.lstat(entry.path)
+            st = copy.lstat(rel)
         except OSError as e:
             if not_there(e):
                 return False
             raise
-        return stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (entry.size, entry.mtime_ns)
+        return stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (size, mtime_ns)
 
     reader = threading.Thread(target=read_copies, name="index-reader")
     reader.start()
-    read = hashed = 0
+    hashed_files = index.connect()  # a reader of its own: the inserts go through `db`
+    read = 0
     try:
         with lock:
             db.execute("BEGIN")
-        for e in entries(proc, "hashing the source"):
-            if e.kind != Kind.FILE:
-                continue
-            hashed += e.size
-            if on_progress is not None:
-                on_progress(hashed)
-            trusted = untouched_since_copied(e)
-            with lock:
-                db.execute(
-                    "INSERT INTO src VALUES (?, ?, ?, ?, ?)",
-                    (e.path, e.size, e.mtime_ns, e.digest, e.ctime_ns),
-                )
-                if trusted:
-                    db.execute(
-                        "INSERT INTO dst VALUES (?, ?, ?, ?, ?)",
-                        (e.path, e.size, e.mtime_ns, e.digest, e.blocks),
-                    )
-            if not trusted:
-                to_read.put(e.path)
+        for rel, size, mtime_ns, digest, ctime_ns, blocks in hashed_files.execute(
+            "SELECT path, size, mtime, digest, ctime, blocks FROM src"
+        ):
+            if untouched_since_copied(rel, size, mtime_ns, ctime_ns):
+                with lock:
+                    row = (rel, size, mtime_ns, digest, blocks)
+                    db.execute("INSERT INTO dst VALUES (?, ?, ?, ?, ?)", row)
+            else:
+                to_read.put(rel)
                 read += 1
     except BaseException:
-        stop(proc)  # a listing cut short (a cancel, an error) is not needed any more
         to_read.put(None)
         reader.join()
         db.execute("ROLLBACK")
         raise
+    finally:
+        hashed_files.close()
     to_read.put(None)
     reader.join()
     if failure:
@@ -305,7 +382,7 @@ def build_index(source, source_app, target_base, index, copy_began_ns=None, on_p
     same = db.execute(
         "SELECT count(*) FROM src JOIN dst USING (path) WHERE src.digest = dst.digest AND src.size = dst.size"
     ).fetchone()[0]
-    return files, read, files - same
+    return read, files - same
 
 
 @dataclass(frozen=True)
