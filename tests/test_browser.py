@@ -19,6 +19,7 @@ from migrations_app.helper.progress import human_bytes
 from migrations_app.models import MigrationJob
 
 from .conftest import ROOT, mig_env
+from .world import processes
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = ROOT / "test-artifacts"
@@ -354,4 +355,41 @@ def test_every_kind_of_job_in_the_browser(world, browser):
     assert len(time_text) == 19 and time_text[4] == "-" and time_text[10] == " "  # ISO-8601, local
     assert rows.nth(0).locator("time").get_attribute("title").endswith(" UTC")
     watch.shot("history")
+    assert errors == []
+
+
+def test_the_page_shows_what_the_helper_did_while_migs_record_lags(world, browser):
+    """MIG's record of a job is filed by its runner, and the page asks the helper as well:
+    with the runner stalled during the pre-copy (SIGSTOP), the page still shows the
+    hashing and the live pass while MIG answers with what it had, and once the runner goes
+    on, the job ends as ever."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    world.provision(padding=2 << 20)
+    east = world.url("east")
+    page = browser.new_page(viewport={"width": 1100, "height": 900})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    log_in(page, east)
+    submit(page, east, "copy", "snapshot", bwlimit=200)  # about 15 s of pre-copy
+    page.wait_for_url(f"{east}jobs/1/")
+    watch = Watch(page, "runner-stalled")
+    watch.until(
+        lambda s: s == "precopy" and page.eval_on_selector("#progress", "e => e.value > 0"),
+        what="progress in the pre-copy",
+    )
+    (runner,) = processes(b"run_job", world.app_dir("east", "shop") / "volumes/code")
+    os.kill(runner, signal.SIGSTOP)
+    try:
+        # The helper waits for the runner's word before the stop (up to 30 s): meanwhile
+        # only it can say how far it got.
+        live_pass = "Settling the copy while the source runs"
+        watch.until(lambda s: live_pass in watch.text("#log"), timeout=60, what="the helper's live pass")
+        assert watch.sample() == "precopy"
+        assert not any(live_pass in e["message"] for e in world.events("east", "shop", 1))
+        watch.shot("live-pass")
+    finally:
+        os.kill(runner, signal.SIGCONT)
+    watch.until(lambda s: s == "done", what="the snapshot to end")
+    watch.never_went_back()
+    assert "Snapshot complete" in watch.text("#log")  # MIG's final record, whole
     assert errors == []

@@ -14,7 +14,6 @@ import subprocess
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 
@@ -22,7 +21,7 @@ from migrations_app.grids import AppState, OperationFailed, open_grid
 from migrations_app.helper import protocol
 
 from .conftest import needs_root
-from .world import MANY_FILES, journal, many_files, wait_for
+from .world import MANY_FILES, journal, many_files, processes, wait_for
 
 HELPER = "MigHelper_shop"
 UP = (AppState.RUNNING, AppState.STARTING)
@@ -200,18 +199,6 @@ def test_helper_killed(faulty, phase):
         assert world.state("west", "shop") is None
     assert world.state("west", HELPER) is None
     migrate_on(world, assert_nothing_lost(world))
-
-
-def processes(marker, cwd):
-    """Pids of the processes whose command line has `marker` and who run in `cwd`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if marker in (entry / "cmdline").read_bytes() and os.readlink(entry / "cwd") == str(cwd):
-                found.append(int(entry.name))
-        except (OSError, ValueError):
-            continue
-    return found
 
 
 def test_helper_gone_for_good_after_the_stop(faulty):

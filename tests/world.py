@@ -226,6 +226,18 @@ class World:
         return self.state(grid, app) == AppState.RUNNING
 
 
+def processes(marker, cwd):
+    """Pids of the processes whose command line has `marker` and who run in `cwd`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if marker in (entry / "cmdline").read_bytes() and os.readlink(entry / "cwd") == str(cwd):
+                found.append(int(entry.name))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
 def wait_for(predicate, timeout=30.0, interval=0.1):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
