@@ -377,7 +377,7 @@ def test_the_page_shows_what_the_helper_did_while_migs_record_lags(world, browse
         lambda s: s == "precopy" and page.eval_on_selector("#progress", "e => e.value > 0"),
         what="progress in the pre-copy",
     )
-    (runner,) = processes(b"run_job", world.app_dir("east", "shop") / "volumes/code")
+    (runner,) = processes(b"run_job", cwd=world.app_dir("east", "shop") / "volumes/code")
     os.kill(runner, signal.SIGSTOP)
     try:
         # The helper waits for the runner's word before the stop (up to 30 s): meanwhile

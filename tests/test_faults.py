@@ -213,7 +213,7 @@ def test_helper_gone_for_good_after_the_stop(faulty):
     start_migration(world)
     wait_journal(world, lambda line: line.get("fact") == protocol.SOURCE_STOPPED)
     world.kill_helper_app("west", HELPER)
-    for pid in processes(b"run_job", world.app_dir("east", "shop") / "volumes/code"):
+    for pid in processes(b"run_job", cwd=world.app_dir("east", "shop") / "volumes/code"):
         os.kill(pid, signal.SIGKILL)
     grid, job = settle(world)
     assert (grid, job["state"]) == ("east", "failed"), job
@@ -309,6 +309,27 @@ def test_target_sshd_killed_and_restarted(faulty, ssh_hosts):
     messages = [e["message"] for e in world.events("west", "shop", 1)]
     assert any("Lost the helper's progress" in m for m in messages), messages
     migrate_on(world, assert_nothing_lost(world))
+
+
+def test_the_source_hashing_killed_beside_the_copy(faulty):
+    """The agent hashing the source beside the copy dies (kill -9) while rsync still
+    copies: the copy goes on, the source is hashed again once it is done, and the move
+    finishes."""
+    world = faulty
+    world.provision_acked(padding=4 << 20, fill=many_files)  # hashing 20,000 files takes a while
+    start_migration(world, bwlimit=1500)
+    east_root = str(world.app_dir("east", "shop").parent.parent).encode()
+
+    # Started as the pre-copy begins (it waits for its go meanwhile): found while it runs.
+    found = wait_for(lambda: processes(b"\0scan\0", b"--hashes", east_root), 60, interval=0.01)
+    assert found, "no agent hashed the source"
+    os.kill(found[0], signal.SIGKILL)
+    grid, job = settle(world)
+    assert (grid, job["state"]) == ("west", "done"), job
+    said = [line.get("message", "") for line in world.filed_journal("west", "shop", 1)]
+    assert any(m.startswith("The hashing beside the copy stopped") for m in said), said
+    assert any(m.startswith("Hashed ") for m in said)
+    assert_nothing_lost(world)
 
 
 def test_source_sshd_killed_during_the_copy(faulty, ssh_hosts):
@@ -411,7 +432,7 @@ def test_target_config_volume_full_before_the_start(faulty, small_target_config)
 
 def startup_of(world, grid):
     """The pid of the background `startup --keep-trying` of MIG in shop on `grid`."""
-    found = processes(b"startup\0--keep-trying", world.app_dir(grid, "shop") / "volumes/code")
+    found = processes(b"startup\0--keep-trying", cwd=world.app_dir(grid, "shop") / "volumes/code")
     return found[0] if found else None
 
 

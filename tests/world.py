@@ -226,12 +226,14 @@ class World:
         return self.state(grid, app) == AppState.RUNNING
 
 
-def processes(marker, cwd):
-    """Pids of the processes whose command line has `marker` and who run in `cwd`."""
+def processes(*markers, cwd=None):
+    """Pids of the processes whose command line has every one of `markers` (and who run in
+    `cwd`, if given)."""
     found = []
     for entry in Path("/proc").iterdir():
         try:
-            if marker in (entry / "cmdline").read_bytes() and os.readlink(entry / "cwd") == str(cwd):
+            command = (entry / "cmdline").read_bytes()
+            if all(m in command for m in markers) and (cwd is None or os.readlink(entry / "cwd") == str(cwd)):
                 found.append(int(entry.name))
         except (OSError, ValueError):
             continue

@@ -570,7 +570,7 @@ class Helper:
         except BaseException:
             self.hashing.stop()
             raise
-        self.step_index()
+        self.step_index(beside_copy=True)
         self.step_budget()
 
     def copy_passes(self):
@@ -759,15 +759,41 @@ class Helper:
         agent = self.standby.take(sync.Reader.HASHING)
         return sync.SourceHashing(self.source, self.source_app, self.index, agent)
 
-    def step_index(self):
+    def step_index(self, beside_copy=False):
         """Take both sides' block hashes now, while the app runs, so the stopped app is read
-        only once: the source's, from the hashing begun beside the copy, then the copy's
-        (see sync.take_copies)."""
+        only once: the source's, from the hashing begun (beside the copy, or just now), then
+        the copy's (see sync.take_copies).
+
+        A hashing beside the copy that failed is done again, alone: its connection may have
+        dropped while rsync's pass was tried again (the copy goes on after such a drop, so
+        must the hashing). Another failure fails the job, as ever."""
         self.log.event(
             "Hashing for the final pass; MIG leaves the source's volumes alone", fact=protocol.HANDS_OFF
         )
         hashing, self.hashing = self.hashing, None
-        beside = " beside the copy" if hashing.hashed else ""
+        try:
+            files, beside = self.hashed(hashing), " beside the copy" if beside_copy else ""
+        except Exception as error:
+            if not beside_copy:
+                raise
+            self.log.event(f"The hashing beside the copy stopped ({error}): hashing again", level="warning")
+            files, beside = self.hashed(self.start_hashing()), ""
+        read, differing = sync.take_copies(self.volumes_path, self.index, self.copy_began_ns)
+        seconds = time.monotonic() - self.hashing_began
+        self.log.event(
+            f"Hashed {files} files in {seconds:.1f}s{beside}, and the copies of the {read} changed since "
+            f"the copy began (rsync checked the rest as it sent them); {differing} differ (written to "
+            "while copied)",
+            fact=protocol.INDEXED,
+            files=files,
+            copies_read=read,
+            differing=differing,
+            seconds=round(seconds, 3),
+        )
+
+    def hashed(self, hashing: sync.SourceHashing) -> int:
+        """Wait for the source's hashing, showing its progress and looking for a cancel;
+        returns the files it hashed, or raises what ended it."""
         waited_from, hashed_before = time.monotonic(), hashing.hashed
         meter = RateMeter(self.total_bytes, done=hashed_before)
         try:
@@ -781,18 +807,7 @@ class Helper:
         hashed_alone = hashing.hashed - hashed_before
         if hashed_alone >= 16 << 20:  # enough to tell how fast the source reads with nothing beside
             self.read_rate = hashed_alone / max(time.monotonic() - waited_from, 1e-3)
-        read, differing = sync.take_copies(self.volumes_path, self.index, self.copy_began_ns)
-        seconds = time.monotonic() - self.hashing_began
-        self.log.event(
-            f"Hashed {files} files in {seconds:.1f}s{beside}, and the copies of the {read} changed since "
-            f"the copy began (rsync checked the rest as it sent them); {differing} differ (written to "
-            "while copied)",
-            fact=protocol.INDEXED,
-            files=files,
-            copies_read=read,
-            differing=differing,
-            seconds=round(seconds, 3),
-        )
+        return files
 
     def wait_hands_off_ack(self):
         """Until MIG's runner has filed every line before HANDS_OFF, it may still write to the
@@ -1268,12 +1283,6 @@ class Helper:
                 )
                 time.sleep(delay)
 
-    def check_copying(self):
-        """A cancel, or the hashing beside the copy failing, ends the copy."""
-        self.check_cancel()
-        if self.hashing is not None:
-            self.hashing.check()
-
     def rsync_once(self, label, fresh=False):
         total = max(self.total_bytes, 1)
         meter = RateMeter(total)
@@ -1294,7 +1303,7 @@ class Helper:
             self.stall_timeout,
             protect_args=source.protect_args,
         )
-        stats = run_rsync(argv, on_progress, self.stall_timeout, self.rsync_pid_file, self.check_copying)
+        stats = run_rsync(argv, on_progress, self.stall_timeout, self.rsync_pid_file, self.check_cancel)
         self.log.progress(total, total, total / max(stats.seconds, 1e-3), 0, label, force=True)
         return stats
 

@@ -277,16 +277,11 @@ class SourceHashing:
     def run(self, source, source_app, index):
         try:
             self.files = hash_source(source, source_app, index, self.progress, self.proc)
-        except BaseException as error:  # never a silent death: check() and wait() raise it
+        except BaseException as error:  # never a silent death: wait() raises it
             self.error = error
 
     def progress(self, hashed):
         self.hashed = hashed
-
-    def check(self):
-        """Raise what ended the hashing, if it failed."""
-        if self.error is not None:
-            raise self.error
 
     def wait(self, timeout=None) -> int | None:
         """The files hashed, once the hashing is done (None if not within `timeout`); what
@@ -294,7 +289,8 @@ class SourceHashing:
         self.thread.join(timeout)
         if self.thread.is_alive():
             return None
-        self.check()
+        if self.error is not None:
+            raise self.error
         return self.files
 
     def stop(self):

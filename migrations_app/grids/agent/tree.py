@@ -437,7 +437,7 @@ def agent_lines(proc, what) -> Iterator[bytes]:
         yield raw
     err = proc.stderr.read().decode("utf-8", "replace").strip()
     if proc.wait() != 0:
-        raise SyncError(f"{what} failed (status {proc.returncode}): {err[-400:]}")
+        raise SyncError(f"{what} failed (status {proc.returncode})" + (f": {err[-400:]}" if err else ""))
 
 
 def entries(proc, what) -> Iterator[Entry]:
