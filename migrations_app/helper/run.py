@@ -774,7 +774,7 @@ class Helper:
         try:
             files, beside = self.hashed(hashing), " beside the copy" if beside_copy else ""
         except Exception as error:
-            if not beside_copy:
+            if not beside_copy or error is not hashing.error:  # a cancel is no hashing's failure
                 raise
             self.log.event(f"The hashing beside the copy stopped ({error}): hashing again", level="warning")
             files, beside = self.hashed(self.start_hashing()), ""
