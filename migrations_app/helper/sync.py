@@ -261,8 +261,8 @@ def hash_source(source, source_app, index, on_progress=None, scan=None) -> int:
 
 class SourceHashing:
     """hash_source in a thread of its own, so that it runs beside the copy: it reads only
-    the source, where rsync reads the same files, and it keeps a CPU busy that rsync leaves
-    idle a quarter of the time. `hashed`: the bytes hashed so far."""
+    the source, where rsync reads the same files, and it keeps busy the CPUs that rsync leaves
+    idle a fifth to a quarter of the time. `hashed`: the bytes hashed so far."""
 
     def __init__(self, source, source_app, index, scan):
         self.proc = scan
