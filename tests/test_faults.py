@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -318,12 +319,23 @@ def test_the_source_hashing_killed_beside_the_copy(faulty):
     world = faulty
     world.provision_acked(padding=4 << 20, fill=many_files)  # hashing 20,000 files takes a while
     start_migration(world, bwlimit=1500)
-    east_root = str(world.app_dir("east", "shop").parent.parent).encode()
+    volumes = world.app_dir("east", "shop") / "volumes"
+    east_root = str(volumes.parent.parent.parent).encode()
 
-    # Started as the pre-copy begins (it waits for its go meanwhile): found while it runs.
-    found = wait_for(lambda: processes(b"\0scan\0", b"--hashes", east_root), 60, interval=0.01)
-    assert found, "no agent hashed the source"
-    os.kill(found[0], signal.SIGKILL)
+    def hashing_now():
+        """The hashing agent, once it walks the volumes (before its go, a kill would only
+        have it replaced by another, as any agent that ended before its step)."""
+        for pid in processes(b"\0scan\0", b"--hashes", east_root):
+            try:
+                if any(os.readlink(fd).startswith(str(volumes)) for fd in Path(f"/proc/{pid}/fd").iterdir()):
+                    return pid
+            except OSError:
+                continue
+        return None
+
+    pid = wait_for(hashing_now, 60, interval=0.005)
+    assert pid, "no agent hashed the source"
+    os.kill(pid, signal.SIGKILL)
     grid, job = settle(world)
     assert (grid, job["state"]) == ("west", "done"), job
     said = [line.get("message", "") for line in world.filed_journal("west", "shop", 1)]
