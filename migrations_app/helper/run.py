@@ -222,7 +222,6 @@ class Helper:
         self.recent_timings = self.config.get("recent_timings") or {}
         self.read_rate = DEFAULT_READ_RATE
         self.source = self.target = self.live = self.final = self.standby = self.heartbeat = None
-        self.hashing = None  # the source's hashing, begun beside the copy (start_hashing)
         self.forced = set()  # entries the next sweep describes again (see live_round)
         self.started_warm = []  # the components the start found prepared (step_prepare_start)
         self.round_seconds = 0.0  # how long the last live round took (see live_round)
@@ -564,13 +563,13 @@ class Helper:
         target = self.define_target()
         self.apps["target"] = "copying"
         self.volumes_path = target.volumes_dir
-        self.hashing = self.start_hashing()
+        hashing = self.start_hashing()
         try:
             self.copy_passes()
         except BaseException:
-            self.hashing.stop()
+            hashing.stop()
             raise
-        self.step_index(beside_copy=True)
+        self.step_index(hashing, beside_copy=True)
         self.step_budget()
 
     def copy_passes(self):
@@ -624,8 +623,7 @@ class Helper:
             )
             stats = self.copy_pass(f"pre-copy round {round_number + 1}")
             self.moved += stats.literal_bytes
-            self.hashing = self.start_hashing()
-            self.step_index()
+            self.step_index(self.start_hashing())
         over = (
             f"The downtime would be about {prediction.seconds:.1f}s ({prediction.describe()}), over "
             f"the budget of {budget:g}s"
@@ -763,9 +761,9 @@ class Helper:
         agent = self.standby.take(sync.Reader.HASHING)
         return sync.SourceHashing(self.source, self.source_app, self.index, agent)
 
-    def step_index(self, beside_copy=False):
+    def step_index(self, hashing: sync.SourceHashing, beside_copy: bool = False):
         """Take both sides' block hashes now, while the app runs, so the stopped app is read
-        only once: the source's, from the hashing begun (beside the copy, or just now), then
+        only once: the source's, from the hashing given (begun beside the copy, or just now), then
         the copy's (see sync.take_copies).
 
         A hashing beside the copy that failed is done again, alone: its connection may have
@@ -774,7 +772,6 @@ class Helper:
         self.log.event(
             "Hashing for the final pass; MIG leaves the source's volumes alone", fact=protocol.HANDS_OFF
         )
-        hashing, self.hashing = self.hashing, None
         try:
             files, beside = self.hashed(hashing), " beside the copy" if beside_copy else ""
         except Exception as error:
