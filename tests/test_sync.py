@@ -700,6 +700,38 @@ def test_after_the_stop_a_big_file_and_small_ones_are_fetched_side_by_side(pair)
     assert tree_state(data.parent) == tree_state(copy)
 
 
+def test_after_the_stop_a_file_patched_in_place_is_fetched_as_the_sweep_finds_it(pair, monkeypatch):
+    # A big file is read whole to find its changed blocks: that must not wait for the end
+    # of a sweep of many entries. A new file waits: its name goes through a temporary one.
+    source, data, copy, _ = pair
+    with open(data / "huge.bin", "wb") as f:
+        f.write(os.urandom(tree.THREADED_FROM + 3 * BLOCK))
+    shutil.copy2(data / "huge.bin", copy / "data/huge.bin")
+    asked = []  # (path, entries the final pass's sweep had described by then)
+    request = sync.FinalPass.request
+
+    def noting(final_pass, src, known):
+        if not final_pass.live:
+            asked.append((src.path, final_pass.described))
+        request(final_pass, src, known)
+
+    monkeypatch.setattr(sync.FinalPass, "request", noting)
+
+    def change(survey):
+        with open(data / "huge.bin", "r+b") as f:
+            f.seek(BLOCK)
+            f.write(b"changed after the live pass")
+        # Described after huge.bin: a directory's entries come in the order of their names.
+        (data / "zz-new.txt").write_text("new after the live pass\n")
+
+    final_pass, files, sent, (entries, problems) = live_then_swept(pair, change)
+    assert final_pass.swept and problems == []
+    assert tree_state(data.parent) == tree_state(copy)
+    when = dict(asked)
+    assert set(when) == {"data/huge.bin", "data/zz-new.txt"}
+    assert when["data/huge.bin"] < when["data/zz-new.txt"] == final_pass.described
+
+
 def test_a_name_listed_just_after_it_was_made_and_then_removed_goes_from_the_copy(pair):
     # Made within the clock-tick margin of the listing, it has no fingerprint (tree.RACY_NS):
     # its going must still be noticed, though every fingerprint of its directory matches.

@@ -402,6 +402,15 @@ def hashed(db, path):
     ).fetchone()
 
 
+def known_blocks(dst: Entry | None, row) -> bytes:
+    """The copy's block hashes, if the index has them for what the copy holds (`row` from
+    hashed()); else nothing: the file is sent whole."""
+    if dst is not None and dst.kind == Kind.FILE and row is not None and row[5] is not None:
+        if (row[3], row[4]) == (dst.size, dst.mtime_ns):
+            return row[6]
+    return b""
+
+
 def same_content(src: Entry, dst: Entry | None, row, clean_before_ns: int) -> bool:
     """Both sides hashed equal (`row` from hashed()), and neither changed since: the copy's
     content is right. The source's change time says so (an app may set a file's time back
@@ -614,9 +623,11 @@ class FinalPass:
 
     def reconcile_swept(self):
         """Ask the survey what changed since it last looked, record it in `final`, and make
-        the copy's tree like it, file contents aside (see FinalPass). After the stop, the
+        the copy's tree like it, file contents aside (see FinalPass); files that can be
+        patched in place are asked for as they come (fetch_at_once). After the stop, the
         survey is asked nothing more: its agent ends."""
         db = self.index.db
+        asked = set()
         request = {"sweep": sorted(self.forced), "last": not self.live}  # see tree.Survey.sweep
         self.scan.stdin.write(json.dumps(request).encode() + b"\n")
         if self.live:
@@ -636,6 +647,8 @@ class FinalPass:
                 self.forget(record.path, unless_kind=record.kind)
                 self.record(record)
                 self.touch(record.path, described=True)
+                if self.fetch_at_once(record):
+                    asked.add(record.path)
         except BaseException:
             db.execute("ROLLBACK")
             raise
@@ -645,11 +658,13 @@ class FinalPass:
         described = self.index.connect()  # read while this connection writes
         try:
             db.execute("BEGIN IMMEDIATE")
-            for (entry,) in described.execute(
-                "SELECT final.entry FROM touched JOIN final USING (key) WHERE described ORDER BY key"
+            for rel, entry in described.execute(
+                "SELECT final.path, final.entry FROM touched JOIN final USING (key) WHERE described "
+                "ORDER BY key"
             ):
-                src = Entry.from_wire(entry)
-                self.reconcile(src, self.copy.entry(src.path))
+                if rel not in asked:
+                    src = Entry.from_wire(entry)
+                    self.reconcile(src, self.copy.entry(rel))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -734,14 +749,29 @@ class FinalPass:
                 self.copy.settle(src)
                 db.execute("INSERT OR REPLACE INTO sent VALUES (?, 1)", (src.path,))
             return
-        known = b""
-        if (
-            dst is not None
-            and dst.kind == Kind.FILE
-            and hashed_both
-            and (row[3], row[4]) == (dst.size, dst.mtime_ns)
-        ):
-            known = row[6]
+        self.request(src, known_blocks(dst, row))
+
+    def fetch_at_once(self, src: Entry) -> bool:
+        """During a sweep: fetch the changed blocks of `src` now, while the sweep goes on
+        (a big file, read whole, need not wait for its end), if its copy can be patched in
+        place: a file with one name on both sides, whose blocks the index knows. Anything
+        else waits for the sweep's end (reconcile): a new name's directory may come later,
+        and a file written anew goes through a temporary name, which a directory's names
+        given meanwhile would not have. Returns whether it was asked for."""
+        if src.kind != Kind.FILE or src.inode:
+            return False
+        dst = self.copy.entry(src.path)
+        if dst is None or dst.kind != Kind.FILE or dst.inode:
+            return False
+        row = hashed(self.index.db, src.path)
+        known = known_blocks(dst, row)
+        if not known or same_content(src, dst, row, self.clean_before_ns):
+            return False  # (metadata only: settled with the rest)
+        self.request(src, known)
+        return True
+
+    def request(self, src: Entry, known: bytes):
+        """Ask for the blocks of `src` that differ from `known` (the copy's block hashes)."""
         big = self.swept and src.size >= THREADED_FROM
         (self.big_requests if big else self.requests).put((src.path, known))
 
@@ -753,9 +783,10 @@ class FinalPass:
         A file the source no longer has is an error, unless `gone_ok` (the listing then
         decides what becomes of it).
         """
-        db = self.index.connect()  # this runs in a thread of its own
         blocks = {}
         asking = []
+        # Written once the requests end: meanwhile the sweep's transaction holds the index.
+        sent, held = [], []
 
         def ask():
             try:
@@ -790,18 +821,11 @@ class FinalPass:
                     case FileEnd(entry):
                         ok = current.finish(entry, gone_ok)
                         if ok is not None:
-                            db.execute("INSERT OR REPLACE INTO sent VALUES (?, ?)", (current.rel, int(ok)))
+                            sent.append((current.rel, int(ok)))
                             # What the copy holds now: the pass after a live one sends only
                             # the blocks that differ from it.
-                            db.execute(
-                                "INSERT OR REPLACE INTO dst VALUES (?, ?, ?, ?, ?)",
-                                (
-                                    current.rel,
-                                    entry.size,
-                                    entry.mtime_ns,
-                                    entry.digest,
-                                    current.blocks(entry),
-                                ),
+                            held.append(
+                                (current.rel, entry.size, entry.mtime_ns, entry.digest, current.blocks(entry))
                             )
                             with self.counting:
                                 self.fetched += 1
@@ -813,8 +837,15 @@ class FinalPass:
         finally:
             if current is not None:
                 current.abandon()
-            db.close()
         writer.join()
+        db = self.index.connect()  # this runs in a thread of its own
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany("INSERT OR REPLACE INTO sent VALUES (?, ?)", sent)
+            db.executemany("INSERT OR REPLACE INTO dst VALUES (?, ?, ?, ?, ?)", held)
+            db.execute("COMMIT")
+        finally:
+            db.close()
         if asking:
             raise asking[0]
         err = proc.stderr.read().decode("utf-8", "replace").strip()
