@@ -79,6 +79,9 @@ def test_migrate(world):
         "modules to preload" in messages
     ), messages
     assert "shop started on west (mig from its prepared start)" in messages
+    # The heartbeat beat through the connection opened for it while the app ran.
+    warnings = [e["message"] for e in world.filed_journal("west", "shop", 1) if e.get("level") == "warning"]
+    assert not [w for w in warnings if "heartbeat" in w.lower()], warnings
     # The running source is swept again only after a live round of a second or more.
     events = world.events("west", "shop", 1)
     live_pass = next(e for e in events if e["message"].startswith("Settled the copy while the source runs"))
