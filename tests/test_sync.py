@@ -1,5 +1,6 @@
 """The helper's final pass and verify, step by step, on a real source app and a real copy."""
 
+import json
 import os
 import shutil
 import socket
@@ -808,6 +809,44 @@ def test_the_last_sweep_in_processes_side_by_side_finds_what_one_would(tmp_path)
     one = swept()
     assert any('"d03/f1"' in line for line in one) and any('"names": "d17"' in line for line in one)
     assert swept(last=True) == one
+
+
+def test_a_sweep_sends_the_names_only_of_directories_that_gained_or_lost_one(tmp_path):
+    # A file written to is described, but its directory lost no name: its 200 names are not
+    # sent (they were, for every directory with a changed file, 85,000 names at 200,000
+    # files). A name gone, or renamed, sends its directory's names, after the listing and
+    # after a sweep alike.
+    for name in ("written", "shrunk", "renamed", "swapped", "fresh"):
+        (tmp_path / name).mkdir()
+        for i in range(200):
+            (tmp_path / name / f"f{i:03d}").write_text(f"{i}\n")
+    (tmp_path / "other").mkdir()
+    settled(tmp_path)
+    survey = tree.Survey(str(tmp_path))
+    survey.scan(lambda line: None)
+
+    def sweep():
+        found = []
+        survey.sweep(set(), found.append)
+        lines = "".join(found).splitlines()
+        return {json.loads(line)["names"] for line in lines if line.startswith('{"names"')}, lines
+
+    (tmp_path / "written/f007").write_text("written to\n")
+    (tmp_path / "shrunk/f010").unlink()
+    os.rename(tmp_path / "renamed/f020", tmp_path / "renamed/g020")
+    os.rename(tmp_path / "swapped", tmp_path / "swapped-away")  # another in its place
+    os.rename(tmp_path / "other", tmp_path / "swapped")
+    named, lines = sweep()
+    assert any('"written/f007"' in line for line in lines)
+    assert named == {"", "shrunk", "renamed", "swapped"}
+
+    settled(tmp_path)
+    survey.sweep(set(), lambda line: None)  # the changes above, fingerprinted
+    (tmp_path / "fresh/f100").write_text("written to after a sweep\n")
+    (tmp_path / "shrunk/f011").unlink()
+    named, lines = sweep()
+    assert any('"fresh/f100"' in line for line in lines)
+    assert named == {"shrunk"}
 
 
 @pytest.mark.skipif(tree.SWEEP_PROCESSES < 2, reason="one CPU: the sweep after the stop runs in one process")

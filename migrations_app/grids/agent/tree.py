@@ -480,7 +480,8 @@ def merged(source: Iterator[Entry], target_base) -> Iterator[tuple[Entry | None,
 # requests, {"sweep": [entries to describe again], "last": bool}, one at a time, and
 # answers each with what changed since it last looked: an Entry line for each entry that
 # is new or changed (every entry of a directory it had not seen), and a Names line with a
-# directory's names now for each one that may have lost a name; then a SWEPT line. Each
+# directory's names now for each one that may have lost a name (fewer of its entries
+# match, and its own change time moved: see Seen); then a SWEPT line. Each
 # sweep remembers what it found, so the next one answers what changed since it. The
 # helper sweeps while the app runs until little changes between two sweeps, then once
 # more after the app stopped ("last": in processes side by side, its lines in no
@@ -577,15 +578,25 @@ SWEEP_PROCESSES = min(2, os.cpu_count() or 1) if hasattr(os, "fork") else 1
 
 @dataclass(frozen=True, slots=True)
 class Seen:
-    """What a survey found in one directory: its entries' fingerprints, and how many names
-    it had. An entry changed within RACY_NS of the look has no fingerprint, so it never
-    matches; the count still has it, so that its going is noticed."""
+    """What a survey found in one directory: its entries' fingerprints, how many names it
+    had, and its own stamp (directory_stamp) as it was before it was listed. An entry
+    changed within RACY_NS of the look has no fingerprint, so it never matches; the count
+    still has it, so that its going is noticed."""
 
     fingerprints: array  # 8 bytes an entry: a survey keeps one for every entry the app has
     names: int
+    stamp: int | None = None
 
 
 NOTHING_SEEN = Seen(array("q"), 0)
+
+
+def directory_stamp(st, cutoff) -> int | None:
+    """What changes whenever a directory gains or loses a name: every link, unlink, rename,
+    mkdir or rmdir in it sets its change time, which no program can set back; with its
+    inode, so that another directory put in its place never matches. None if it changed
+    within RACY_NS of the look (it may change again within the clock tick)."""
+    return hash((st.st_dev, st.st_ino, st.st_ctime_ns)) if st.st_ctime_ns < cutoff else None
 
 
 class Survey:
@@ -597,17 +608,17 @@ class Survey:
 
     def scan(self, write: Callable[[str], object]):
         """Every entry under the base, a line each, as scan() sends them; remembered."""
-        found = {"": (array("q"), [0])}  # directory: (fingerprints, [names])
+        found = {"": (array("q"), [0], None)}  # directory: (fingerprints, [names], stamp)
         cutoff = time.time_ns() - RACY_NS
         for entry, st, _, name in described_entries(self.base):
-            if entry.kind == Kind.DIRECTORY:
-                found[entry.path] = (array("q"), [0])
-            marks, names = found.setdefault(entry.path.rpartition("/")[0], (array("q"), [0]))
+            if entry.kind == Kind.DIRECTORY:  # its lstat comes before its listing
+                found[entry.path] = (array("q"), [0], directory_stamp(st, cutoff))
+            marks, names, _ = found.setdefault(entry.path.rpartition("/")[0], (array("q"), [0], None))
             names[0] += 1
             if st.st_ctime_ns < cutoff:
                 marks.append(fingerprint(name, st))
             write(entry.to_wire() + "\n")
-        self.seen = {rel: Seen(marks, names[0]) for rel, (marks, names) in found.items()}
+        self.seen = {rel: Seen(marks, names[0], stamp) for rel, (marks, names, stamp) in found.items()}
 
     def sweep(self, again: set[str], write: Callable[[str], object], last=False):
         """What changed since the last look (see above); `again`: entries described again
@@ -697,6 +708,7 @@ class Survey:
         # A set for the look up: memory for one directory at a time, as its listing takes.
         known = frozenset(before.fingerprints)
         names, marks, subdirs, kept, found = [], array("q"), [], 0, []
+        stamp = directory_stamp(os.fstat(fd), cutoff)  # before the listing: see Seen
         for name in sorted(os.listdir(fd)):
             try:
                 st = os.stat(name, dir_fd=fd, follow_symlinks=False)
@@ -714,8 +726,11 @@ class Survey:
                 marks.append(mark)
             if stat.S_ISDIR(st.st_mode):
                 subdirs.append(name)
-        seen[rel_dir] = Seen(marks, len(names))
-        if kept < before.names or again:
+        seen[rel_dir] = Seen(marks, len(names), stamp)
+        # A name may have gone: fewer match than it had, and it gained or lost one since
+        # (an entry that only changed, say a file written to, takes none away).
+        lost = kept < before.names and (stamp is None or stamp != before.stamp)
+        if lost or again:
             found.append(json.dumps({"names": rel_dir, "n": names}) + "\n")
         if found:
             write("".join(found))
