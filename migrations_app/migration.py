@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import threading
@@ -577,9 +578,11 @@ def provision_helper(job, target):
     raise GridError(f"{job.helper_app} did not start its status endpoint in {HELPER_START_TIMEOUT:g}s")
 
 
-def spawn_manage(*args, new_log=False, log=True):
+def spawn_manage(*args, new_log=False, log=True, yielding=False):
     """Run `manage.py ARGS` in the background, logging to the config volume's migration.log
-    (or, with log=False, to this process's own output).
+    (or, with log=False, to this process's own output). `yielding`: at a lower CPU
+    priority (nice 10, where `nice` is installed), for work that must not slow down what
+    runs beside it.
 
     The process stays in MIG's own session: when the helper stops this app, it stops with
     it, and never writes to the database while the final copy is taken.
@@ -589,8 +592,10 @@ def spawn_manage(*args, new_log=False, log=True):
     if log:
         log_path.parent.mkdir(exist_ok=True)
     with open(log_path, "w" if new_log else "a") if log else nullcontext(None) as out:
+        nice = shutil.which("nice") if yielding else None
+        command = [sys.executable, str(settings.BASE_DIR / "manage.py"), *args]
         proc = subprocess.Popen(
-            [sys.executable, str(settings.BASE_DIR / "manage.py"), *args],
+            [nice, "-n", "10", *command] if nice else command,
             cwd=settings.BASE_DIR,
             stdin=subprocess.DEVNULL,
             stdout=out,

@@ -10,6 +10,7 @@ import urllib.request
 
 import pytest
 
+from migrations_app import migration
 from migrations_app.grids.agent.procs import session_members
 
 from .conftest import ROOT, mig_env
@@ -89,3 +90,15 @@ def test_no_connection_is_kept_open_after_its_answer(serving):
         while chunk := raw.recv(65536):  # ends: the server closes it
             reply += chunk
     assert reply.endswith(b'{"ok": true}')
+
+
+@pytest.mark.parametrize("yielding, raised", [(True, 10), (False, 0)])
+def test_a_yielding_background_command_runs_at_a_lower_cpu_priority(settings, tmp_path, yielding, raised):
+    # serve runs `startup` beside its web workers, whose first answer ends a migrated app's
+    # downtime: it runs at a lower CPU priority (spawn_manage's `yielding`).
+    settings.CONFIG_DIR = tmp_path
+    (tmp_path / "logs").mkdir()
+    said = "import os; print('nice', os.nice(0))"
+    assert migration.spawn_manage("shell", "-c", said, new_log=True, yielding=yielding).wait(timeout=60) == 0
+    log = (tmp_path / "logs" / "migration.log").read_text()
+    assert f"nice {min(os.nice(0) + raised, 19)}\n" in log, log
