@@ -6,9 +6,9 @@ Appends a line to journal.log every 0.2 s (and fsyncs it) and rewrites counter.t
 on SIGTERM after finishing the current write, or at once between writes. With CHURN (bytes
 per second) it also rewrites, once it has listed them, that much of the data already in
 the volume, in 64 KiB pieces at random places, big files as often as their size says: the
-way a database changes its pages. With ACK_LOG (a file outside the app's volumes, or tcp:HOST:PORT for a client that
-listens there), each line is acknowledged there once it is on disk, as a server would answer
-its client: no acknowledged write may be lost.
+way a database changes its pages. With ACK_LOG (a file outside the app's volumes, or
+tcp:HOST:PORT for a client that listens there), each line is acknowledged there once it is
+on disk, as a server would answer its client: no acknowledged write may be lost.
 
 Two ways to misbehave, for tests of failed migrations: with FAIL_ON_GRID it refuses to
 start on that grid (an app tied to one place); with IGNORE_STOP=yes it ignores SIGTERM
