@@ -47,6 +47,32 @@ class Command(BaseCommand):
             raise CommandError("--port must be from 1024 to 65534")
         self.base = Path(options["dir"]).absolute()
         self.engine = None
+        self.grids = {}
+        stopping = threading.Event()
+        try:
+            grid = self.set_up(options)
+            # From here on Ctrl-C and SIGTERM only set a flag: an interrupt in the middle of a
+            # request to a grid would leave it half-asked.
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, lambda *a: stopping.set())
+            self.stdout.write(
+                self.style.SUCCESS(f"\nMIG runs inside {grid}/{APP}: open {self.grids[grid].grid.app_url}\n")
+                + f"  user: {USERNAME}\n  password: {self.password()}\n\n"
+                "Migrate the app to the other grid and back; this window shows where it runs.\n"
+                "Press Ctrl-C to stop the demo (run it again to resume).\n"
+            )
+            self.watch(stopping)
+        except KeyboardInterrupt:
+            # Ctrl-C before the flag took over: while setting up, or in the instant after.
+            self.stdout.write("\ninterrupted")
+        finally:
+            # Whatever ended it, nothing the demo started is left running.
+            self.stop_everything()
+
+    # --- set-up ---
+
+    def set_up(self, options):
+        """Start the grids and the demo app; return the grid it runs on once MIG answers."""
         if options["docker"]:
             self.base = self.base.with_name(self.base.name + "-docker")
             self.engine = self.start_engine()
@@ -62,15 +88,7 @@ class Command(BaseCommand):
         self.stdout.write(f"Waiting for MIG in {grid}/{APP} to answer…")
         if not migration.wait_until_answering(url, 60):
             raise CommandError(f"MIG did not answer at {url}; see the log of {grid}/{APP}'s component mig")
-        self.stdout.write(
-            self.style.SUCCESS(f"\nMIG runs inside {grid}/{APP}: open {url}\n")
-            + f"  user: {USERNAME}\n  password: {self.password()}\n\n"
-            "Migrate the app to the other grid and back; this window shows where it runs.\n"
-            "Press Ctrl-C to stop the demo (run it again to resume).\n"
-        )
-        self.serve(grid)
-
-    # --- set-up ---
+        return grid
 
     def start_engine(self):
         """The demo's Docker engine (its images and containers kept under --dir, so a demo
@@ -154,12 +172,8 @@ class Command(BaseCommand):
 
     # --- serving ---
 
-    def serve(self, grid):
-        # Ctrl-C and SIGTERM only set a flag: an interrupt in the middle of a request to a
-        # grid would leave it half-asked.
-        stopping = threading.Event()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, lambda *a: stopping.set())
+    def watch(self, stopping):
+        """Say where the apps are whenever that changes, until stopping is set."""
         last = None
         while not stopping.is_set():
             try:
@@ -172,6 +186,8 @@ class Command(BaseCommand):
                     self.report(apps)
                 last = apps
             stopping.wait(1)
+
+    def stop_everything(self):
         self.stdout.write("\nstopping the demo…")
         for name, driver in self.grids.items():
             for app in driver.list_apps():
