@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from migrations_app.grids.transport import cpu_has_aes  # noqa: E402
 from tests.sshd import keygen, start_sshd  # noqa: E402
-from tests.world import PYTHON, World, wait_for  # noqa: E402
+from tests.world import PYTHON, World, processes, wait_for  # noqa: E402
 
 MiB = 1 << 20
 # Where the two grids' sshd listen (loopback; the tests give each of their workers its own).
@@ -176,6 +176,11 @@ class Bench:
 
     def migrate(self, world, action="migrate", target_app="shop", timeout=900, options=()):
         """Run migrate_app --wait from the source app's MIG; returns (seconds, result)."""
+        # An operator migrates an app that has run a while: its MIG's background `startup`
+        # (checks, database) is over, and does not share the CPUs with the command.
+        code = world.app_dir("east", "shop") / "volumes" / "code"
+        if not wait_for(lambda: not processes(b"startup\0--keep-trying", cwd=code), 120):
+            raise RuntimeError("the source app's MIG did not finish its startup in 120 s")
         self.started_at = time.time()
 
         def run():

@@ -299,7 +299,6 @@ class Helper:
             if not self.resume_cutover():
                 for step in (
                     self.step_precopy,
-                    self.step_prepare_start,
                     self.step_live_pass,
                     self.step_live_sweeps,
                     self.step_prepare_final,
@@ -623,6 +622,8 @@ class Helper:
         except BaseException:
             hashing.stop()
             raise
+        # The code is there: the target's start gets ready while the hashing ends.
+        self.step_prepare_start()
         self.step_index(hashing, beside_copy=True)
         self.step_budget()
 
@@ -888,8 +889,10 @@ class Helper:
     def step_prepare_start(self):
         """Ready the target's start ahead of the stop (its interpreters up, their libraries
         imported: see Driver.prepare_start), so that its start, inside the downtime, is as
-        short as an exec. Beside the live rounds, which do not use the target's grid: it
-        takes a while (imports), and is done before the arm (see prepared())."""
+        short as an exec. Once the copy holds the app's code, beside the index, the budget's
+        rounds and the live rounds, none of which uses the target's grid: it takes a while
+        (imports), and is done before the arm (see prepared()). It imports libraries only, so
+        a file the later passes change is never one it ran."""
         if self.action == "migrate":
             self.preparing = threading.Thread(target=self.prepare_start, name="prepare-start", daemon=True)
             self.preparing.start()
