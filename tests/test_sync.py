@@ -977,3 +977,32 @@ def test_a_directory_swapped_for_a_symlink_again_and_again_never_leads_outside(p
         files, sent, (entries, problems) = final(pair, index, clean_before_ns=time.time_ns() + 10**9)
         assert snapshot_of(outside) == before, f"round {round}"
         assert problems == [], f"round {round}"
+
+
+def test_lstats_in_turn_answer_as_one_at_a_time_would_and_follow_no_symlinked_directory(tmp_path, outside):
+    base = tmp_path / "copy"
+    for d in ("a", "a/b", "c"):
+        (base / d).mkdir(parents=True)
+    for f in ("top", "a/f1", "a/f2", "a/b/g", "c/h"):
+        (base / f).write_text(f)
+    os.symlink(outside, base / "via")
+    copy = sync.Copy(str(base))
+    # A walk's order, with a directory left and come back to, and names that are not there.
+    paths = ["top", "a/f1", "a/f2", "a/b/g", "a/missing", "nowhere/x", "c/h", "a/f1", "via/f", "c/h"]
+
+    def answers(lstat):
+        found = []
+        for rel in paths:
+            try:
+                st = lstat(rel)
+                found.append((rel, st.st_ino, st.st_size))
+            except OSError as e:
+                found.append((rel, "not there" if sync.not_there(e) else type(e).__name__))
+        return found
+
+    with copy.in_turn() as copies:
+        in_turn = answers(copies.lstat)
+    assert in_turn == answers(copy.lstat)
+    # Through the symlink `via`, `f` is outside the copy: never reached.
+    assert ("via/f", "not there") in in_turn
+    assert ("c/h", (base / "c/h").stat().st_ino, 3) in in_turn
