@@ -36,6 +36,28 @@ def run_manage(config_dir, *args, env=None, timeout=120, check=False):
     return result
 
 
+def popen_demo(tmp_path, port, *options):
+    """`manage.py demo` as the README runs it, under `tmp_path`; its output in one text pipe."""
+    return subprocess.Popen(
+        [sys.executable, "manage.py", "demo", "--dir", str(tmp_path / "demo"), "--port", str(port), *options],
+        cwd=ROOT,
+        env=mig_env(tmp_path / "config"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def said_until(proc, marker) -> str:
+    """What `proc` printed up to the first line holding `marker` (or to its end)."""
+    said = []
+    for line in proc.stdout:
+        said.append(line)
+        if marker in line:
+            break
+    return "".join(said)
+
+
 @pytest.fixture
 def config_dir(tmp_path):
     path = tmp_path / "config"

@@ -9,7 +9,6 @@ import random
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 from migrations_app.helper.progress import human_bytes
 from migrations_app.models import MigrationJob
 
-from .conftest import ROOT, mig_env
+from .conftest import ROOT, popen_demo
 from .world import processes
 
 CHROMIUM = "/usr/bin/chromium"
@@ -52,14 +51,7 @@ def free_port_pair():
 def demo(tmp_path):
     """`manage.py demo`, as the README runs it; yields (url, password, port)."""
     port = free_port_pair()
-    proc = subprocess.Popen(
-        [sys.executable, "manage.py", "demo", "--dir", str(tmp_path / "demo"), "--port", str(port)],
-        cwd=ROOT,
-        env=mig_env(tmp_path / "config"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = popen_demo(tmp_path, port)
     lines, password = [], None
     deadline = time.monotonic() + 90
     while password is None and time.monotonic() < deadline:

@@ -261,34 +261,14 @@ def test_the_readme_puts_mig_in_an_app_on_a_docker_grid(tmp_path, ssh_hosts, cli
 
 
 def test_the_docker_demo_serves_an_app_and_stops(tmp_path):
-    from .conftest import ROOT, mig_env
+    from .conftest import popen_demo, said_until
     from .sshd import free_port
 
     port = free_port("127.0.0.1")
-    demo = subprocess.Popen(
-        [
-            sys.executable,
-            "manage.py",
-            "demo",
-            "--docker",
-            "--dir",
-            str(tmp_path / "demo"),
-            "--port",
-            str(port),
-        ],
-        cwd=ROOT,
-        env=mig_env(tmp_path / "config"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    said = []
+    demo = popen_demo(tmp_path, port, "--docker")
     try:
-        for line in demo.stdout:
-            said.append(line)
-            if "MIG runs inside" in line:
-                break
-        assert f"MIG runs inside east/shop: open http://127.0.0.1:{port}/" in "".join(said), "".join(said)
+        said = said_until(demo, "MIG runs inside")
+        assert f"MIG runs inside east/shop: open http://127.0.0.1:{port}/" in said, said
         assert answers(f"http://127.0.0.1:{port}/")
     finally:
         demo.send_signal(signal.SIGINT)
