@@ -458,8 +458,6 @@ class Helper:
         stops, taking 0.13 of the 0.8 CPU-seconds the bench's final pass had. (Opened as
         the live pass began, it was not up by the arm on the tiny app: waiting for it
         added 0.25 s before the stop.)"""
-        if self.heartbeat_opening is not None:
-            return
 
         def opening():
             driver = self.open_source()
