@@ -7,15 +7,19 @@ import socket
 import subprocess
 import sys
 import urllib.request
+from io import StringIO
 
 import pytest
 
 from migrations_app import migration
 from migrations_app.grids.agent.procs import session_members
+from migrations_app.management.commands.serve import Command as Serve
+from migrations_app.models import Grid
 
 from .conftest import ROOT, mig_env
 from .sshd import free_port
 from .test_driver_contract import wait_for
+from .test_startup import GRID_INFO
 
 
 def pings(url):
@@ -102,3 +106,25 @@ def test_a_yielding_background_command_runs_at_a_lower_cpu_priority(settings, tm
     assert migration.spawn_manage("shell", "-c", said, new_log=True, yielding=yielding).wait(timeout=60) == 0
     log = (tmp_path / "logs" / "migration.log").read_text()
     assert f"nice {min(os.nice(0) + raised, 19)}\n" in log, log
+
+
+@pytest.mark.django_db
+def test_the_grids_are_recorded_before_mig_answers(settings, tmp_path):
+    # The form lists the grids from the table: a browser that came at once once found the
+    # list empty, while the background startup had still to record them.
+    settings.MIG_GRID_INFO_FILE = tmp_path / "grid.info"
+    settings.MIG_GRID_INFO_FILE.write_text(GRID_INFO)
+    out = StringIO()
+    Serve(stdout=out, stderr=StringIO()).step_prepare()
+    assert list(Grid.objects.listed().values_list("name", flat=True)) == ["east", "west"]
+    assert "grids added: east, west" in out.getvalue()
+
+
+@pytest.mark.django_db
+def test_a_grid_info_it_cannot_read_leaves_mig_answering_and_saying_why(settings, tmp_path):
+    settings.MIG_GRID_INFO_FILE = tmp_path / "grid.info"
+    settings.MIG_GRID_INFO_FILE.write_text("[grids.east\n")
+    err = StringIO()
+    Serve(stdout=StringIO(), stderr=err).step_prepare()
+    assert "not valid TOML" in err.getvalue() and "MIG answers without its grids" in err.getvalue()
+    assert not Grid.objects.exists()

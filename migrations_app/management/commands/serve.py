@@ -5,7 +5,7 @@ import time
 
 from django import db
 from django.conf import settings
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 from gunicorn.app.base import Application
 from gunicorn.arbiter import Arbiter
 
@@ -59,9 +59,9 @@ def loopback(address):
 
 class Command(BaseCommand):
     help = (
-        "MIG's component command: prepare the config volume and database, serve the web "
+        "MIG's component command: prepare the config volume, database and grids, serve the web "
         "interface (gunicorn, conf/gunicorn.conf.py), and meanwhile run the rest of `startup` "
-        "(grids, login user, and finishing any job that travelled with the app) in the background."
+        "(the login's password, and finishing any job that travelled with the app) in the background."
     )
 
     # Django's checks are run by the `startup` this starts in the background, as gunicorn
@@ -72,7 +72,7 @@ class Command(BaseCommand):
         since = time.time()
         # Only what answering needs happens before serving: the app is down until it answers,
         # so a migrated app's downtime ends here, not after the remote clean-up.
-        Startup(stdout=self.stdout, stderr=self.stderr).prepare()
+        self.step_prepare()
         # A grid it cannot reach now, it tries again while MIG runs, not only at the next start.
         # MIG answers before this is done: jobs started meanwhile are not left-overs. It
         # yields the CPU to the web workers starting beside it, whose first answer ends a
@@ -83,6 +83,21 @@ class Command(BaseCommand):
         )
         db.connections.close_all()
         self.stdout.flush()
+        self.step_serve()
+
+    def step_prepare(self):
+        """Startup's preparation, with grid.info's grids: the form lists them from MIG's first
+        answer (the background startup got to them only after the first page had shown none).
+        A grid.info that cannot be read leaves MIG answering, saying why, without grids."""
+        startup = Startup(stdout=self.stdout, stderr=self.stderr)
+        try:
+            grids = startup.read_grid_info()
+        except CommandError as e:
+            startup.warn(f"{e}; MIG answers without its grids")
+            grids = None
+        startup.prepare(grids)
+
+    def step_serve(self):
         try:
             MigServer().run()
         except SystemExit as stop:

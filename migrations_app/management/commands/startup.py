@@ -105,9 +105,8 @@ class Command(BaseCommand):
         delays = itertools.chain(migration.RETRY_DELAYS, itertools.repeat(migration.RETRY_DELAYS[-1]))
         while True:
             try:
-                self.prepare()
-                with naming_a_full_volume("cannot record the grids and the login"):
-                    self.step_grids(grids)
+                self.prepare(grids)
+                with naming_a_full_volume("cannot record the login"):
                     self.step_login_user()
                 active = self.step_lock(options["keep_trying"], options["mig_since"])
                 break
@@ -124,16 +123,19 @@ class Command(BaseCommand):
         else:
             self.stdout.write("startup: nothing to do, everything was already in place.")
 
-    def prepare(self):
-        """What MIG needs before it can answer: the config volume, the database, and a login
-        user (someone may log in the moment it answers). Checking that user's password costs
-        a password hash (0.3 s), so an existing user is checked after, in the background."""
+    def prepare(self, grids: dict | None):
+        """What MIG needs before it can answer: the config volume, the database, grid.info's
+        grids (`grids`, from read_grid_info; the form lists them the moment MIG answers), and a
+        login user (someone may log in then too). Checking that user's password costs a
+        password hash (0.3 s), so an existing user is checked after, in the background."""
         self.changes = []
         with naming_a_full_volume("MIG cannot open its database"):
             self.step_config_dir()
             self.step_database()
             if settings.MIG_GRID and MigrationJob.objects.arrived(settings.MIG_GRID, settings.MIG_APP):
                 self.stdout.write("this is the target of the migration under way: its app has started here")
+        with naming_a_full_volume("cannot record the grids and the login"):
+            self.step_grids(grids)
             if not get_user_model().objects.filter(username=settings.MIG_USERNAME, is_active=True).exists():
                 self.step_login_user()
 
