@@ -16,6 +16,7 @@ from django.db.migrations.executor import MigrationExecutor
 
 from migrations_app import config, migration
 from migrations_app.grids import ConfigError
+from migrations_app.grids.gridinfo import GridConfig
 from migrations_app.helper.progress import human_bytes
 from migrations_app.migration import Outcome
 from migrations_app.models import Grid, Lock, MigrationJob
@@ -123,7 +124,7 @@ class Command(BaseCommand):
         else:
             self.stdout.write("startup: nothing to do, everything was already in place.")
 
-    def prepare(self, grids: dict | None):
+    def prepare(self, grids: dict[str, GridConfig] | None):
         """What MIG needs before it can answer: the config volume, the database, grid.info's
         grids (`grids`, from read_grid_info; the form lists them the moment MIG answers), and a
         login user (someone may log in then too). Checking that user's password costs a
