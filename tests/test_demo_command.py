@@ -4,10 +4,12 @@ The whole demo, served and driven in a browser, is tested in test_browser.py.
 """
 
 import signal
+import subprocess
+import sys
 
 from migrations_app.grids import AppState, gridinfo, open_grid
 
-from .conftest import popen_demo, said_until
+from .conftest import ROOT, mig_env, popen_demo, said_until
 from .sshd import free_port
 
 
@@ -29,3 +31,29 @@ def test_ctrl_c_while_the_demo_sets_up_stops_the_app_it_started(tmp_path):
         assert east.state("shop") == AppState.STOPPED
     finally:
         east.close()
+
+
+def test_a_stop_signal_wakes_the_demo_at_once(tmp_path):
+    # In a process of its own, as the handlers are the process's. The signal comes from
+    # another process, as Ctrl-C does, once the demo waits (its main thread asleep in the
+    # select): it sets the flag and ends the wait. A wait the signal did not wake would
+    # take its hour, and the run time out.
+    code = (
+        "import os, subprocess\n"
+        "from migrations_app.management.commands.demo import StopSignals\n"
+        "stop = StopSignals()\n"
+        "print('before', stop.wait(0))\n"
+        "subprocess.Popen(['sh', '-c', 'until grep -q poll_schedule /proc/$0/wchan; do sleep 0.01; done; "
+        "kill -TERM $0', str(os.getpid())])\n"
+        "print('woken', stop.wait(3600))\n"
+        "print('after', stop.wait(3600))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "manage.py", "shell", "-c", code],
+        cwd=ROOT,
+        env=mig_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.stdout.splitlines()[-3:] == ["before False", "woken True", "after True"], result

@@ -1,9 +1,10 @@
 import hashlib
 import os
 import secrets
+import select
 import signal
+import socket
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -16,6 +17,36 @@ from migrations_app.grids import AppState, GridError, gridinfo, open_grid
 APP = "shop"
 USERNAME = "demo"
 DOCKER_IMAGE = "mig:demo"
+
+
+class StopSignals:
+    """Ctrl-C and SIGTERM, once installed, only set a flag (an interrupt in the middle of a
+    request to a grid would leave it half-asked), and wake wait() through signal's wakeup
+    fd. The handler takes no lock: one that set a threading.Event hung the demo once, as
+    the signal came while the main thread's Event.wait held the event's lock, and set()
+    waited for it for ever (cpython#126434 is the same with multiprocessing.Event)."""
+
+    def __init__(self):
+        self.caught = False
+        self.wakeup, self.wakeup_end = socket.socketpair()
+        for end in (self.wakeup, self.wakeup_end):
+            end.setblocking(False)
+        signal.set_wakeup_fd(self.wakeup_end.fileno())
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self.catch)
+
+    def catch(self, signum, frame):
+        self.caught = True
+
+    def wait(self, seconds: float) -> bool:
+        """Until a stop signal comes or `seconds` pass; whether one came."""
+        if not self.caught:
+            select.select([self.wakeup], [], [], seconds)
+            try:
+                self.wakeup.recv(4096)
+            except BlockingIOError:
+                pass
+        return self.caught
 
 
 class Command(BaseCommand):
@@ -48,20 +79,16 @@ class Command(BaseCommand):
         self.base = Path(options["dir"]).absolute()
         self.engine = None
         self.grids = {}
-        stopping = threading.Event()
         try:
             grid = self.set_up(options)
-            # From here on Ctrl-C and SIGTERM only set a flag: an interrupt in the middle of a
-            # request to a grid would leave it half-asked.
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(signum, lambda *a: stopping.set())
+            stop = StopSignals()
             self.stdout.write(
                 self.style.SUCCESS(f"\nMIG runs inside {grid}/{APP}: open {self.grids[grid].grid.app_url}\n")
                 + f"  user: {USERNAME}\n  password: {self.password()}\n\n"
                 "Migrate the app to the other grid and back; this window shows where it runs.\n"
                 "Press Ctrl-C to stop the demo (run it again to resume).\n"
             )
-            self.watch(stopping)
+            self.watch(stop)
         except KeyboardInterrupt:
             # Ctrl-C before the flag took over: while setting up, or in the instant after.
             self.stdout.write("\ninterrupted")
@@ -172,10 +199,10 @@ class Command(BaseCommand):
 
     # --- serving ---
 
-    def watch(self, stopping):
-        """Say where the apps are whenever that changes, until stopping is set."""
+    def watch(self, stop: StopSignals):
+        """Say where the apps are whenever that changes, until a stop signal comes."""
         last = None
-        while not stopping.is_set():
+        while not stop.caught:
             try:
                 apps = self.apps()
             except GridError as e:
@@ -185,7 +212,7 @@ class Command(BaseCommand):
                 if last is not None:
                     self.report(apps)
                 last = apps
-            stopping.wait(1)
+            stop.wait(1)
 
     def stop_everything(self):
         self.stdout.write("\nstopping the demo…")
