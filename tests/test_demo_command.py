@@ -36,15 +36,16 @@ def test_ctrl_c_while_the_demo_sets_up_stops_the_app_it_started(tmp_path):
 def test_a_stop_signal_wakes_the_demo_at_once(tmp_path):
     # In a process of its own, as the handlers are the process's. The signal comes from
     # another process, as Ctrl-C does, once the demo waits (its main thread asleep in the
-    # select): it sets the flag and ends the wait. A wait the signal did not wake would
-    # take its hour, and the run time out.
+    # select, as the kernel's wchan says; where it says nothing, after 10 s): it sets the
+    # flag and ends the wait. A wait the signal did not wake would take its hour, and the
+    # run time out.
+    asleep = "for i in $(seq 1000); do grep -q poll_schedule /proc/$0/wchan && break; sleep 0.01; done"
     code = (
         "import os, subprocess\n"
         "from migrations_app.management.commands.demo import StopSignals\n"
         "stop = StopSignals()\n"
         "print('before', stop.wait(0))\n"
-        "subprocess.Popen(['sh', '-c', 'until grep -q poll_schedule /proc/$0/wchan; do sleep 0.01; done; "
-        "kill -TERM $0', str(os.getpid())])\n"
+        f"subprocess.Popen(['sh', '-c', '{asleep}; kill -TERM $0', str(os.getpid())])\n"
         "print('woken', stop.wait(3600))\n"
         "print('after', stop.wait(3600))\n"
     )
