@@ -41,7 +41,8 @@ def popen_demo(tmp_path, port, *options):
     return subprocess.Popen(
         [sys.executable, "manage.py", "demo", "--dir", str(tmp_path / "demo"), "--port", str(port), *options],
         cwd=ROOT,
-        env=mig_env(tmp_path / "config"),
+        # Its faulthandler says where each thread is when a test that waited in vain aborts it.
+        env=mig_env(tmp_path / "config", PYTHONFAULTHANDLER=1),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
