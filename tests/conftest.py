@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -36,8 +37,9 @@ def run_manage(config_dir, *args, env=None, timeout=120, check=False):
     return result
 
 
-def popen_demo(tmp_path, port, *options):
-    """`manage.py demo` as the README runs it, under `tmp_path`; its output in one text pipe."""
+def popen_demo(tmp_path, port, *options, sigint_ignored=False):
+    """`manage.py demo` as the README runs it, under `tmp_path`; its output in one text pipe.
+    `sigint_ignored`: started as a script's background job is, with SIGINT ignored."""
     return subprocess.Popen(
         [sys.executable, "manage.py", "demo", "--dir", str(tmp_path / "demo"), "--port", str(port), *options],
         cwd=ROOT,
@@ -46,6 +48,7 @@ def popen_demo(tmp_path, port, *options):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None,
     )
 
 

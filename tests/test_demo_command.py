@@ -27,8 +27,10 @@ def stopped_or_where_it_hangs(demo, timeout=120) -> str:
         pytest.fail(f"the demo did not end in {timeout}s; it said:\n{said}")
 
 
-def test_ctrl_c_while_the_demo_sets_up_stops_the_app_it_started(tmp_path):
-    demo = popen_demo(tmp_path, free_port("127.0.0.1"))
+@pytest.mark.parametrize("sigint_ignored", [False, True], ids=["from-a-terminal", "as-a-background-job"])
+def test_ctrl_c_while_the_demo_sets_up_stops_the_app_it_started(tmp_path, sigint_ignored):
+    # A background job of a script inherits SIGINT ignored: the demo still takes Ctrl-C.
+    demo = popen_demo(tmp_path, free_port("127.0.0.1"), sigint_ignored=sigint_ignored)
     try:
         # The app is provisioned and starting; MIG in it is not answering yet, or is just
         # beginning to: either way the demo has something to stop.

@@ -22,9 +22,9 @@ DOCKER_IMAGE = "mig:demo"
 class StopSignals:
     """Ctrl-C and SIGTERM, once installed, only set a flag (an interrupt in the middle of a
     request to a grid would leave it half-asked), and wake wait() through signal's wakeup
-    fd. The handler takes no lock: one that set a threading.Event hung the demo once, as
-    the signal came while the main thread's Event.wait held the event's lock, and set()
-    waited for it for ever (cpython#126434 is the same with multiprocessing.Event)."""
+    fd. The handler takes no lock: one that set a threading.Event could wait for ever on
+    the event's lock, were the signal to come while the main thread's Event.wait held it
+    (cpython#126434 is that deadlock with multiprocessing.Event)."""
 
     def __init__(self):
         self.caught = False
@@ -79,6 +79,11 @@ class Command(BaseCommand):
         self.base = Path(options["dir"]).absolute()
         self.engine = None
         self.grids = {}
+        # Until the watch takes them over, Ctrl-C and SIGTERM interrupt the set-up, and the
+        # `finally` stops what it started, whatever the parent left them as: a job a script
+        # starts in the background (`./dev demo &`) inherits SIGINT ignored.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.default_int_handler)
         try:
             grid = self.set_up(options)
             stop = StopSignals()
