@@ -52,6 +52,20 @@ def popen_demo(tmp_path, port, *options, sigint_ignored=False):
     )
 
 
+def ctrl_c(demo, timeout=120) -> str:
+    """Ctrl-C to a demo: what it printed until it ended; if it does not end, a failure with
+    where each of its threads is (popen_demo runs it with Python's faulthandler, which
+    SIGABRT wakes)."""
+    demo.send_signal(signal.SIGINT)
+    try:
+        return demo.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired as e:
+        said = e.output.decode() if isinstance(e.output, bytes) else e.output or ""
+        demo.send_signal(signal.SIGABRT)
+        said += demo.communicate(timeout=60)[0]
+        pytest.fail(f"the demo did not end in {timeout}s after a Ctrl-C; it said:\n{said}")
+
+
 def said_until(proc, marker) -> str:
     """What `proc` printed up to the first line holding `marker` (or to its end)."""
     said = []

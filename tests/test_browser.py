@@ -8,7 +8,6 @@ import os
 import random
 import signal
 import socket
-import subprocess
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 from migrations_app.helper.progress import human_bytes
 from migrations_app.models import MigrationJob
 
-from .conftest import ROOT, popen_demo
+from .conftest import ROOT, ctrl_c, popen_demo
 from .world import processes
 
 CHROMIUM = "/usr/bin/chromium"
@@ -63,12 +62,7 @@ def demo(tmp_path):
             password = line.split(":", 1)[1].strip()
     assert password, "the demo did not start:\n" + "".join(lines)
     yield f"http://127.0.0.1:{port}/", password, port
-    proc.send_signal(signal.SIGINT)
-    try:
-        out, _ = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
+    out = ctrl_c(proc, timeout=60)
     assert "stopped; run `./dev demo` again to resume" in out, out
 
 

@@ -3,7 +3,6 @@
 The whole demo, served and driven in a browser, is tested in test_browser.py.
 """
 
-import signal
 import subprocess
 import sys
 
@@ -11,20 +10,8 @@ import pytest
 
 from migrations_app.grids import AppState, gridinfo, open_grid
 
-from .conftest import ROOT, mig_env, popen_demo, said_until
+from .conftest import ROOT, ctrl_c, mig_env, popen_demo, said_until
 from .sshd import free_port
-
-
-def stopped_or_where_it_hangs(demo, timeout=120) -> str:
-    """What the demo printed until it ended; if it does not end, a failure with where each
-    of its threads is (popen_demo runs it with Python's faulthandler, which SIGABRT wakes)."""
-    try:
-        return demo.communicate(timeout=timeout)[0]
-    except subprocess.TimeoutExpired as e:
-        said = e.output.decode() if isinstance(e.output, bytes) else e.output or ""
-        demo.send_signal(signal.SIGABRT)
-        said += demo.communicate(timeout=60)[0]
-        pytest.fail(f"the demo did not end in {timeout}s; it said:\n{said}")
 
 
 @pytest.mark.parametrize("sigint_ignored", [False, True], ids=["from-a-terminal", "as-a-background-job"])
@@ -37,8 +24,7 @@ def test_ctrl_c_while_the_demo_sets_up_stops_the_app_it_started(tmp_path, sigint
         said = said_until(demo, "Waiting for MIG")
         assert "Waiting for MIG in east/shop" in said, said
     finally:
-        demo.send_signal(signal.SIGINT)
-        rest = stopped_or_where_it_hangs(demo)
+        rest = ctrl_c(demo)
     assert demo.returncode == 0, rest
     assert "Traceback" not in rest, rest
     assert "stopped east/shop" in rest and "stopped; run `./dev demo` again to resume" in rest, rest

@@ -261,7 +261,7 @@ def test_the_readme_puts_mig_in_an_app_on_a_docker_grid(tmp_path, ssh_hosts, cli
 
 
 def test_the_docker_demo_serves_an_app_and_stops(tmp_path):
-    from .conftest import popen_demo, said_until
+    from .conftest import ctrl_c, popen_demo, said_until
     from .sshd import free_port
 
     port = free_port("127.0.0.1")
@@ -271,6 +271,5 @@ def test_the_docker_demo_serves_an_app_and_stops(tmp_path):
         assert f"MIG runs inside east/shop: open http://127.0.0.1:{port}/" in said, said
         assert answers(f"http://127.0.0.1:{port}/")
     finally:
-        demo.send_signal(signal.SIGINT)
-        rest, _ = demo.communicate(timeout=120)
+        rest = ctrl_c(demo)
     assert "stopped east/shop" in rest and "stopped the demo's Docker engine" in rest, rest
