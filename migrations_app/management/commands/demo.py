@@ -95,7 +95,7 @@ class Command(BaseCommand):
             )
             self.watch(stop)
         except KeyboardInterrupt:
-            # Ctrl-C before the flag took over: while setting up, or in the instant after.
+            # Ctrl-C or SIGTERM before the flag took over: while setting up, or in the instant after.
             self.stdout.write("\ninterrupted")
         finally:
             # Whatever ended it, nothing the demo started is left running.
